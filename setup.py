@@ -1,0 +1,31 @@
+"""Build the plain-C kernel library (loaded with ctypes, no torch C++ ABI).
+
+It is built as an extension module so pip/wheels place it inside the package; Python never imports
+it, ``nmkit.kernels.native`` opens it with ctypes. No -march flag: each ISA path carries its own
+``target`` attribute and is chosen at run time. If the compiler fails, the package still installs and
+nmkit runs on the pure-torch reference kernels (with a warning).
+"""
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # the reference path still works without the native library
+            print(f"WARNING: nmkit native kernels not built ({exc}); using the torch reference path",
+                  file=sys.stderr)
+
+
+native = Extension(
+    "nmkit.kernels._native",
+    sources=["src/nmkit/kernels/csrc/nmkit_kernels.c"],
+    extra_compile_args=["-O3", "-fopenmp", "-std=gnu11"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,145 @@
+"""The canonical compressed N:M layout: kept values plus one mask bit per dense weight.
+
+For a 2-D weight (rows, cols) with groups of M along ``cols`` (the reduction dim of ``nn.Linear``):
+
+* ``values``: (rows, kp * N / M), the kept weights of each row in increasing column order;
+* ``mask``: uint8 (rows, kp / 8); bit j (LSB first) of byte b is column 8b + j, the same bit order
+  as ``numpy.packbits(..., bitorder="little")``. Two bytes are the mask of 16 fp32 columns (one
+  ``vexpandps``), four bytes of 32 bf16 columns (one ``vpexpandw``).
+
+``kp`` is ``cols`` rounded up to a multiple of lcm(32, M); the padding columns keep the first N of
+each group with value 0, so every group keeps exactly N and a kernel knows where each 16-column
+chunk's values start. Groups with fewer than N non-zeros store explicit zeros (as in
+compressed-tensors' sparse-24-bitmask), so the round trip dense -> compressed -> dense is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nmkit.patterns import NM, PatternError
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def padded_cols(cols: int, group: int) -> int:
+    """Columns after padding: a multiple of lcm(32, M) so fp32 and bf16 kernels see whole chunks."""
+    step = math.lcm(32, group)
+    return -(-cols // step) * step
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (..., K) with K % 8 == 0 -> uint8 (..., K/8), little bit order."""
+    m = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).to(torch.uint8)
+    return (m * _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """uint8 (..., K/8) -> bool (..., K) (or the first ``count`` columns), little bit order."""
+    bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
+    out = bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+    return out if count is None else out[..., :count]
+
+
+@dataclass
+class NMTensor:
+    """A 2-D weight in the canonical compressed N:M layout (see module docstring)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    shape: tuple[int, int]
+    pattern: NM
+
+    @property
+    def kp(self) -> int:
+        return self.mask.shape[-1] * 8
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def p16(self) -> int:
+        """Kept values per 16 columns (an integer only when M divides 16)."""
+        return 16 * self.pattern.keep // self.pattern.group
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.mask.numel()
+
+    def validate(self) -> None:
+        """Raise :class:`PatternError` if the buffers are inconsistent with shape and pattern."""
+        rows, cols = self.shape
+        n, m = self.pattern.keep, self.pattern.group
+        kp = padded_cols(cols, m)
+        if self.mask.dtype != torch.uint8 or tuple(self.mask.shape) != (rows, kp // 8):
+            raise PatternError(f"mask must be uint8 of shape {(rows, kp // 8)}, got {self.mask.dtype} "
+                               f"{tuple(self.mask.shape)}")
+        if tuple(self.values.shape) != (rows, kp * n // m):
+            raise PatternError(
+                f"values must have shape {(rows, kp * n // m)}, got {tuple(self.values.shape)}"
+            )
+        counts = unpack_bits(self.mask).reshape(rows, kp // m, m).sum(-1)
+        if not bool((counts == n).all()):
+            raise PatternError(f"mask must keep exactly {n} of every {m} columns (N:M = keep N of M)")
+
+    def to_dense(self) -> torch.Tensor:
+        return decompress(self)
+
+
+def compress(weight: torch.Tensor, pattern: NM | str, mask: torch.Tensor | None = None) -> NMTensor:
+    """Compress a 2-D weight that already follows ``pattern`` (keep N of every M along dim -1).
+
+    Without ``mask`` the kept positions are the non-zeros (plus the lowest-index zeros of groups
+    with fewer than N), and a group with more than N non-zeros is an error. With ``mask`` (exactly N
+    per group) the weights outside it are dropped.
+    """
+    pattern = NM.parse(pattern)
+    n, m = pattern.keep, pattern.group
+    if weight.dim() != 2:
+        raise PatternError(f"compress expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if cols % m:
+        raise PatternError(
+            f"in_features={cols} is not divisible by M={m} (pattern {pattern}: keep {n} of {m})"
+        )
+    w = weight.detach()
+    if mask is None:
+        nonzero = w != 0
+        # -0.0 ranks between a real non-zero and +0.0 so it survives the round trip when there is room.
+        negzero = (~nonzero) & torch.signbit(w) if w.is_floating_point() else torch.zeros_like(nonzero)
+        score = (nonzero.to(torch.int8) * 2 + negzero.to(torch.int8)).reshape(rows, cols // m, m)
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n]
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, cols)
+        lost = nonzero & ~mask
+        if bool(lost.any()):
+            r, c = (int(i) for i in lost.nonzero()[0])
+            raise PatternError(
+                f"weight does not follow {pattern} (keep {n} of every {m}): row {r}, columns "
+                f"{c - c % m}..{c - c % m + m - 1} have more than {n} non-zeros; prune it first"
+            )
+    else:
+        mask = mask.to(torch.bool)
+        if tuple(mask.shape) != (rows, cols):
+            raise PatternError(f"mask shape {tuple(mask.shape)} does not match weight shape {(rows, cols)}")
+        if not bool((mask.reshape(rows, cols // m, m).sum(-1) == n).all()):
+            raise PatternError(f"mask must keep exactly {n} of every {m} weights (pattern {pattern})")
+    kp = padded_cols(cols, m)
+    if kp > cols:
+        pad_mask = torch.zeros(rows, (kp - cols) // m, m, dtype=torch.bool, device=w.device)
+        pad_mask[..., :n] = True
+        mask = torch.cat([mask, pad_mask.reshape(rows, kp - cols)], dim=1)
+        w = torch.cat([w, torch.zeros(rows, kp - cols, dtype=w.dtype, device=w.device)], dim=1)
+    values = w[mask].reshape(rows, kp * n // m).contiguous()
+    return NMTensor(values=values, mask=pack_bits(mask).contiguous(), shape=(rows, cols), pattern=pattern)
+
+
+def decompress(t: NMTensor) -> torch.Tensor:
+    """Dense (rows, cols) weight with zeros at pruned positions; exact inverse of :func:`compress`."""
+    rows, cols = t.shape
+    mask = unpack_bits(t.mask)
+    out = torch.zeros(rows, t.kp, dtype=t.values.dtype, device=t.values.device)
+    out[mask] = t.values.reshape(-1)
+    return out[:, :cols].contiguous()

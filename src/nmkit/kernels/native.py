@@ -1,0 +1,129 @@
+"""ctypes loader and dispatch for the C kernels in ``csrc/nmkit_kernels.c``.
+
+ISA levels: ``portable`` < ``avx2`` < ``avx512`` < ``avx512bf16`` (AVX-512 plus VBMI2 and BF16).
+The best level the CPU has is used unless lowered by the ``isa=`` argument or the ``NMKIT_ISA``
+environment variable (tests use both to cover every path the machine has). If the library is missing
+or fails to load, :func:`available` is False and callers use :mod:`nmkit.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+from nmkit.formats.blocked import BlockedNM
+
+ISAS: tuple[str, ...] = ("portable", "avx2", "avx512", "avx512bf16")
+KINDS: dict[str, int] = {"auto": 0, "gemv": 1, "spmm": 2}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class NativeError(RuntimeError):
+    """The native library rejected a call (it should not happen for inputs that pass :func:`supports`)."""
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("NMKIT_NATIVE", "1") == "0":
+        return None
+    try:
+        spec = importlib.util.find_spec("nmkit.kernels._native")
+        if spec is None or spec.origin is None:
+            raise OSError("nmkit.kernels._native was not built")
+        # torch is imported first, so the library binds to torch's already-loaded libgomp (one OpenMP pool).
+        lib = ctypes.CDLL(spec.origin)
+    except OSError as exc:
+        warnings.warn(f"nmkit native kernels unavailable ({exc}); using the slower torch reference path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    lib.nmk_best_isa.restype = ctypes.c_int
+    lib.nmk_linear.restype = ctypes.c_int
+    i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+    lib.nmk_linear.argtypes = [i, i, i, p, p, i, i, i, p, i64, i, p, i64, i]
+    return lib
+
+
+def available() -> bool:
+    """True when the native library is loaded."""
+    return _lib() is not None
+
+
+def best_isa() -> str | None:
+    """Highest ISA level of this CPU that the library supports (None without the library)."""
+    lib = _lib()
+    return None if lib is None else ISAS[lib.nmk_best_isa()]
+
+
+def supported_isas() -> list[str]:
+    """Every ISA level this machine can run, lowest first (tests force each one)."""
+    best = best_isa()
+    return [] if best is None else list(ISAS[: ISAS.index(best) + 1])
+
+
+def _resolve_isa(isa: str | None) -> int:
+    best = ISAS.index(best_isa() or "portable")
+    want = isa or os.environ.get("NMKIT_ISA") or ISAS[best]
+    if want not in ISAS:
+        raise ValueError(f"unknown ISA {want!r}; choose one of {ISAS}")
+    return min(ISAS.index(want), best)
+
+
+def supports(weight: BlockedNM, x: torch.Tensor) -> bool:
+    """Whether the native kernels handle this weight and input (else use the reference)."""
+    return (
+        available()
+        and isinstance(weight, BlockedNM)
+        and 16 % weight.pattern.group == 0
+        and weight.values.dtype in _DTYPES
+        and x.dtype == weight.values.dtype
+        and x.device.type == "cpu"
+        and weight.values.device.type == "cpu"
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: BlockedNM,
+    *,
+    isa: str | None = None,
+    kind: str = "auto",
+    threads: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T`` for x (..., in) and a weight in the kernel layout (``formats.to_blocked``).
+
+    Returns (..., out) in x's dtype.
+
+    ``kind`` forces ``gemv`` or ``spmm`` (``auto`` picks by batch size); ``threads`` defaults to
+    ``torch.get_num_threads()``.
+    """
+    lib = _lib()
+    if lib is None or not supports(weight, x):
+        raise NativeError("native kernels unavailable for this input; use nmkit.kernels.reference")
+    rows, cols = weight.shape
+    if x.shape[-1] != cols:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {cols}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    if weight.kp != cols:  # the kernels read whole 32-column chunks
+        x2 = torch.nn.functional.pad(x2, (0, weight.kp - cols))
+    if x2.stride(-1) != 1 or x2.stride(0) < weight.kp:
+        x2 = x2.contiguous()
+    batch = x2.shape[0]
+    y = out if out is not None else torch.empty(batch, rows, dtype=x.dtype)
+    values, mask = weight.values, weight.mask
+    if not (values.is_contiguous() and mask.is_contiguous()):
+        raise NativeError("compressed weight buffers must be contiguous")
+    rc = lib.nmk_linear(
+        _resolve_isa(isa), KINDS[kind], _DTYPES[x.dtype], values.data_ptr(), mask.data_ptr(), rows,
+        weight.kp, weight.p16, x2.data_ptr(), x2.stride(0), batch, y.data_ptr(), y.stride(0),
+        threads or torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise NativeError(f"nmk_linear failed with code {rc}")
+    return y.reshape(*lead, rows)
