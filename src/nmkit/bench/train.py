@@ -1,0 +1,298 @@
+"""``nmkit bench train``: N:M training methods on a tiny character GPT trained from scratch on WikiText-2.
+
+Every method sees the same initial weights, batch order, optimiser and LR schedule for a given seed,
+so differences between methods are paired. The sparse methods are evaluated with the weights they
+would deploy (hard N:M, or beta * soft threshold for sste); ``srste_df`` ends with a dense phase and
+is evaluated dense (labelled so), with its N:M projection reported too. This measures optimisation
+quality, not speed: there are no sparse training kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nmkit.training import Schedule, SparseTraining, plot_history
+from nmkit.training.tinygpt import CharVocab, TinyGPT
+
+ALL_METHODS = ("dense", "ste", "srste", "sste", "decay", "srste_df")
+# Paired comparisons reported per pattern: (a, b) -> a - b.
+PAIRS = (
+    ("ste", "dense"),
+    ("srste", "ste"),
+    ("sste", "ste"),
+    ("decay", "ste"),
+    ("srste_df", "ste"),
+    ("sste", "decay"),
+    ("decay", "srste"),
+    ("sste", "srste"),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patterns", default="2:4,1:8", help="comma-separated N:M (keep N of M) (default 2:4,1:8)"
+    )
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (default 300)")
+    p.add_argument("--d", type=int, default=128, help="model width (default 128)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=64, help="context length in characters (default 64)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--srste-lambda", type=float, default=2e-4, help="masked decay for srste (default 2e-4)")
+    p.add_argument("--eval-batches", type=int, default=40, help="fixed validation batches (default 40)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/ (default $NMKIT_DATA)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write results.json, table.md and curves_*.png")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of Markdown")
+
+
+def _load_text(data_dir: str | None) -> tuple[str, str, str]:
+    from nmkit.data import load_text
+
+    train, valid = load_text("train", data_dir), load_text("valid", data_dir)
+    return train.text, valid.text, f"{train.dataset} ({train.source})"
+
+
+def _lr(step: int, total: int, base: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return base * (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _sparse_for(method: str, model: TinyGPT, pattern: str, steps: int, lam: float) -> SparseTraining:
+    include = ["blocks.*"]
+    if method == "dense":  # masks only tracked (virtual), forward dense: flip-rate reference
+        return SparseTraining(model, pattern, method="dense", include=include)
+    if method == "srste_df":
+        sched = Schedule(total_steps=steps, dense_finetune=1 / 6, dense_start="masked", decay=None)
+        return SparseTraining(
+            model, pattern, method="srste", include=include, schedule=sched, masked_decay=lam
+        )
+    if method == "decay":  # MdGf-exp: alpha = exp(-7 t / T_d), T_d = steps / 2
+        sched = Schedule(total_steps=steps, decay="exp", decay_coef=7.0, decay_end=0.5)
+        return SparseTraining(model, pattern, method="decay", include=include, schedule=sched)
+    kw = {"masked_decay": lam} if method == "srste" else {}
+    return SparseTraining(model, pattern, method=method, include=include, **kw)
+
+
+@torch.no_grad()
+def _evaluate(model: TinyGPT, batches: list[torch.Tensor]) -> float:
+    model.eval()
+    loss = sum(float(model.loss(b)) for b in batches) / len(batches)
+    model.train()
+    return loss
+
+
+def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, vocab: int) -> dict:
+    torch.manual_seed(seed)
+    model = TinyGPT(vocab, args.d, args.layers, args.heads, args.ctx)
+    sparse = _sparse_for(method, model, pattern, args.steps, args.srste_lambda)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1000 + seed)  # batch order depends on the seed only
+    starts = torch.randint(0, len(train_ids) - args.ctx - 1, (args.steps, args.batch), generator=gen)
+    offsets = torch.arange(args.ctx + 1)
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.steps, args.lr)
+        loss = model.loss(train_ids[starts[step][:, None] + offsets])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sparse.before_optimizer_step()  # masked decay after clipping, before AdamW (Hu et al.)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sparse.step(loss.item())
+    wall = time.perf_counter() - t0
+    history = sparse.history
+    result = {"method": method, "pattern": pattern, "seed": seed, "wall_s": round(wall, 2)}
+    if method in ("dense", "srste_df"):
+        result["val_loss_dense"] = _evaluate(model, val_batches)
+    report = sparse.finalize()
+    result["nm_valid"] = report["valid"]
+    result["val_loss_nm"] = _evaluate(model, val_batches)
+    # Each method is scored the way it is meant to be deployed (see module docs).
+    result["val_loss"] = (
+        result["val_loss_dense"] if method in ("dense", "srste_df") else result["val_loss_nm"]
+    )
+    rates = history.flip_rate[1:] if method != "dense" else history.flip_rate
+    result["flip_rate_mean"] = statistics.fmean(rates) if rates else 0.0
+    result["flip_rate_final"] = rates[-1] if rates else 0.0
+    result["history"] = {
+        "loss": history.loss,
+        "flip_rate": history.flip_rate,
+        "flip_steps": history.flip_steps,
+    }
+    return result
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean/std per (pattern, method) and paired differences with standard errors."""
+    summary: dict = {}
+    for pattern in dict.fromkeys(r["pattern"] for r in results):
+        rows = [r for r in results if r["pattern"] == pattern]
+        by = {}
+        for r in rows:
+            by.setdefault(r["method"], {})[r["seed"]] = r
+        table = {}
+        for method, seeds in by.items():
+            mean, std = _stats([r["val_loss"] for r in seeds.values()])
+            table[method] = {
+                "val_loss_mean": mean,
+                "val_loss_std": std,
+                "n": len(seeds),
+                "val_loss_nm_mean": _stats([r["val_loss_nm"] for r in seeds.values()])[0],
+                "flip_rate_mean": _stats([r["flip_rate_mean"] for r in seeds.values()])[0],
+                "wall_s_mean": _stats([r["wall_s"] for r in seeds.values()])[0],
+                "nm_valid": all(r["nm_valid"] for r in seeds.values()),
+            }
+        pairs = {}
+        for a, b in PAIRS:
+            if a in by and b in by:
+                common = sorted(set(by[a]) & set(by[b]))
+                diffs = [by[a][s]["val_loss"] - by[b][s]["val_loss"] for s in common]
+                if len(diffs) < 2:
+                    continue
+                mean, std = _stats(diffs)
+                se = std / math.sqrt(len(diffs))
+                pairs[f"{a} - {b}"] = {
+                    "mean": mean,
+                    "se": se,
+                    "n": len(diffs),
+                    "beyond_2se": abs(mean) > 2 * se,
+                }
+        summary[pattern] = {"methods": table, "paired": pairs}
+    return summary
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [
+        f"Tiny char GPT (d={meta['d']}, {meta['layers']} layers, ctx {meta['ctx']}, batch {meta['batch']}, "
+        f"{meta['steps']} steps, AdamW lr {meta['lr']}), data {meta['data']}, seeds {meta['seeds']}, "
+        f"{meta['threads']} threads. Validation loss in nats/char on {meta['eval_batches']} fixed batches.",
+        "",
+    ]
+    for pattern, s in summary.items():
+        lines += [
+            f"**{pattern}** (keep {pattern.split(':')[0]} of {pattern.split(':')[1]})",
+            "",
+            "| method | val loss (mean ± std) | N:M-projected val loss | mean flip rate / step | "
+            "wall s / run | N:M valid |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, t in sorted(s["methods"].items(), key=lambda kv: kv[1]["val_loss_mean"]):
+            label = method + (" (evaluated dense)" if method in ("dense", "srste_df") else "")
+            lines.append(
+                f"| {label} | {t['val_loss_mean']:.4f} ± {t['val_loss_std']:.4f} | {t['val_loss_nm_mean']:.4f} | "
+                f"{t['flip_rate_mean']:.2e} | {t['wall_s_mean']:.1f} | {t['nm_valid']} |"
+            )
+        lines += ["", "| paired difference (a - b) | mean | SE | beyond 2 SE |", "|---|---|---|---|"]
+        for name, d in s["paired"].items():
+            lines.append(
+                f"| {name} | {d['mean']:+.4f} | {d['se']:.4f} | {'yes' if d['beyond_2se'] else 'no'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:
+        from nmkit.errors import UserError
+
+        raise UserError(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    train_text, valid_text, data_name = _load_text(args.data_dir)
+    vocab = CharVocab(train_text)
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(valid_text)
+    n = args.ctx + 1
+    windows = val_ids[: (len(val_ids) // n) * n].view(-1, n)
+    val_batches = list(windows[: args.eval_batches * args.batch].split(args.batch))
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "d",
+            "layers",
+            "heads",
+            "ctx",
+            "batch",
+            "lr",
+            "threads",
+            "eval_batches",
+            "srste_lambda",
+        )
+    }
+    meta.update(data=data_name, seeds=seeds, vocab=len(vocab), torch=torch.__version__)
+    results = []
+    t_all = time.perf_counter()
+    for seed in seeds:
+        for pattern in patterns:
+            for method in methods:
+                if method == "dense" and pattern != patterns[0]:
+                    # The dense run does not depend on the pattern except for its virtual masks: reuse it.
+                    prev = next(r for r in results if r["method"] == "dense" and r["seed"] == seed)
+                    results.append({**prev, "pattern": pattern})
+                    continue
+                r = run_one(method, pattern, seed, args, train_ids, val_batches, len(vocab))
+                results.append(r)
+                print(
+                    f"nmkit: bench train {pattern} {method:9s} seed {seed}: val {r['val_loss']:.4f} "
+                    f"(nm {r['val_loss_nm']:.4f}) flip {r['flip_rate_mean']:.2e} {r['wall_s']:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if out:
+                    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    meta["total_wall_s"] = round(time.perf_counter() - t_all, 1)
+    summary = summarize(results)
+    if out:
+        (out / "results.json").write_text(
+            json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1)
+        )
+        (out / "table.md").write_text(markdown(summary, meta))
+        for pattern in patterns:
+            curves = {}
+            for r in results:
+                if r["pattern"] == pattern and r["seed"] == seeds[0]:
+                    from nmkit.training.core import History
+
+                    h = r["history"]
+                    curves[r["method"]] = History(
+                        loss_steps=list(range(1, len(h["loss"]) + 1)),
+                        loss=h["loss"],
+                        flip_steps=h["flip_steps"],
+                        flip_rate=h["flip_rate"],
+                    )
+            plot_history(
+                curves,
+                out / f"curves_{pattern.replace(':', '-')}.png",
+                title=f"tiny GPT, {pattern}, seed {seeds[0]}",
+            )
+    if args.json:
+        print(json.dumps({"meta": meta, "summary": summary}, indent=1))
+    else:
+        print(markdown(summary, meta))
+    return 0

@@ -1,0 +1,258 @@
+"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune.
+
+Exit codes: 0 success, 1 a check failed (e.g. ``inspect`` found an invalid layer), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+from nmkit.errors import UserError
+from nmkit.patterns import NM_HELP
+
+# Commands provided by other modules: each has add_arguments(parser) and run(args) -> int.
+# They are listed only when their module is present.
+BENCH_SUITES = {
+    "masks": ("nmkit.bench.masks", "mask solver quality and speed (fixed, seeded suite)"),
+    "kernels": ("nmkit.bench.kernels", "sparse kernels vs torch dense F.linear, interleaved"),
+    "generate": ("nmkit.bench.generate", "greedy decode and prefill, dense vs compressed"),
+    "train": ("nmkit.bench.train", "sparse training methods on a tiny GPT"),
+}
+EXTRA_COMMANDS = {
+    "export": ("nmkit.commands.export", "export a pruned model (dense+sidecar, nmkit compressed, ...)"),
+    "finetune": ("nmkit.commands.finetune", "recovery fine-tune of a pruned model with its mask fixed"),
+}
+
+
+def _available(table: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    def present(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # parent package absent
+            return False
+
+    return {k: v for k, v in table.items() if present(v[0])}
+
+
+def _attach(p: argparse.ArgumentParser, module: str, selected: bool) -> None:
+    """Import a command's module only when it is the one being run, so a slow or broken optional
+    module never costs the other commands anything."""
+    if selected:
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    else:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_seqlen: int = 2048) -> None:
+    p.add_argument("--eval-seqlen", type=int, default=default_seqlen, metavar="S",
+                   help=f"tokens per evaluation window (default {default_seqlen})")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="K",
+                   help="score only the first K windows (default: all)")
+    p.add_argument("--data-dir", default=None, metavar="D",
+                   help="folder holding wikitext-2-raw/wiki.{train,valid,test}.raw (default: $NMKIT_DATA; "
+                        "without either, HF datasets if reachable, else Python's bundled pydoc text)")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmkit",
+        description="N:M structured sparsity for PyTorch models. " + NM_HELP + ".",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model one-shot to an N:M pattern, evaluate and save it",
+                       description="Prune every Linear layer inside the transformer blocks to PATTERN. "
+                                   + NM_HELP + ".")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="built-in alias (smollm2-135m, minilm), local HF directory or HF id (default smollm2-135m)")
+    p.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (keep 2 of 4), 4:8, 1:4, 2:8; "
+                                                    "or 50%% (unstructured) (default 2:4)")
+    p.add_argument("--method", default="magnitude", help="scoring method (default magnitude)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="prune only layers whose name matches GLOB (repeatable; default: all Linear layers "
+                        "inside the transformer blocks)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching GLOB (repeatable)")
+    p.add_argument("--tail", choices=("error", "pad", "dense"), default="error",
+                   help="when an input dim is not a multiple of M: error (default), pad, or leave it dense")
+    _add_eval_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of Markdown")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity of a model or pruned directory (pinned protocol)")
+    p.add_argument("model", help="built-in alias, local HF directory (e.g. a `nmkit prune` output) or HF id")
+    _add_eval_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="per-layer pattern, sparsity and validity of a pruned directory")
+    p.add_argument("dir", help="directory written by `nmkit prune`")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    argv = [] if argv is None else argv
+    suites = _available(BENCH_SUITES)
+    if suites:
+        p = sub.add_parser("bench", help="benchmarks: " + ", ".join(suites))
+        bench_sub = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
+        for name, (module, help_) in suites.items():
+            sp = bench_sub.add_parser(name, help=help_, description=help_)
+            _attach(sp, module, argv[:2] == ["bench", name])
+    for name, (module, help_) in _available(EXTRA_COMMANDS).items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        _attach(p, module, argv[:1] == [name])
+    return parser
+
+
+def _log(msg: str) -> None:
+    print(f"nmkit: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from nmkit import data, models, sidecar
+    from nmkit.outputs import atomic_directory, check_output_dir
+    from nmkit.patterns import parse
+    from nmkit.report import machine, now, prune_markdown
+
+    # Validate everything cheap before loading anything heavy.
+    pattern = parse(args.pattern)
+    from nmkit.oneshot.prune import SCORERS
+
+    if args.method not in SCORERS:
+        raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(SCORERS))}")
+    check_output_dir(args.out, args.overwrite)
+    source = models.resolve(args.model)
+    if data.data_dir(args.data_dir) is not None:
+        data.check_data_dir(data.data_dir(args.data_dir))
+    if args.eval_seqlen < 2 or (args.eval_windows is not None and args.eval_windows < 1):
+        raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
+
+    from nmkit.evaluate import embedding_fidelity, perplexity
+    from nmkit.oneshot import find_targets, prune
+
+    t0 = time.perf_counter()
+    _log(f"loading {source.name} ({source.description})")
+    model = models.load(source)
+    tokenizer = models.load_tokenizer(source)
+    find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
+    load_s = time.perf_counter() - t0
+
+    report: dict = {"model": source.name, "model_path": source.path, "pattern": str(pattern),
+                    "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None}
+    eval_s = 0.0
+    text = ids = dense_embeddings = None
+    if not args.no_eval:
+        t = time.perf_counter()
+        text = data.load_text("test", args.data_dir)
+        if source.kind == "causal-lm":
+            ids = data.tokenize(tokenizer, text)
+            _log(f"evaluating dense model on {text.dataset} ({text.source})")
+            dense = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids)
+            report["ppl_dense"], report["eval"] = dense.ppl, dense.protocol
+        else:
+            dense_embeddings = embedding_fidelity(model, tokenizer, text)
+        eval_s += time.perf_counter() - t
+
+    result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail)
+
+    if not args.no_eval:
+        t = time.perf_counter()
+        if source.kind == "causal-lm":
+            _log("evaluating sparse model")
+            report["ppl_sparse"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows,
+                                              ids=ids).ppl
+        else:
+            fid = embedding_fidelity(model, tokenizer, text, reference=dense_embeddings)
+            report["eval"] = fid.protocol
+            report["embedding_cosine_mean"] = fid.cosine_mean
+            report["embedding_cosine_min"] = fid.cosine_min
+        eval_s += time.perf_counter() - t
+
+    report.update({
+        "sparsity": result.sparsity,
+        "all_valid": result.all_valid,
+        "layers": [vars(x) for x in result.layers],
+        "timings": {"load_s": round(load_s, 3), "prune_s": round(result.seconds, 3), "eval_s": round(eval_s, 3)},
+        "date": now(),
+        "machine": machine(),
+    })
+    layers = {x.name: {"pattern": x.pattern, "dim": t.reduce_dim, "shape": x.shape}
+              for x, t in zip(result.layers, find_targets(model, args.include, args.exclude))}
+    with atomic_directory(args.out, args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sidecar.write(tmp, layers, model=source.name, method=args.method, pattern=str(pattern),
+                      tail=args.tail, eval=report["eval"])
+        report["versions"] = sidecar.versions()
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(prune_markdown(report))
+    _log(f"wrote {args.out}")
+    print(json.dumps(report, indent=2) if args.json else prune_markdown(report))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nmkit import data, models
+    from nmkit.evaluate import perplexity
+
+    source = models.resolve(args.model)
+    if source.kind != "causal-lm":
+        raise UserError(f"{args.model!r} is not a causal language model; perplexity needs one")
+    if data.data_dir(args.data_dir) is not None:
+        data.check_data_dir(data.data_dir(args.data_dir))
+    model, tokenizer = models.load(source), models.load_tokenizer(source)
+    text = data.load_text("test", args.data_dir)
+    result = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
+    if args.json:
+        print(json.dumps({"model": source.name, "ppl": result.ppl, "nll": result.nll, "eval": result.protocol},
+                         indent=2))
+    else:
+        p = result.protocol
+        print(f"{source.name}: perplexity {result.ppl:.4f} on {p['dataset']} {p['split']} "
+              f"({p['windows']} windows x {p['seqlen']} tokens, source {p['source']})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from nmkit.inspect import inspect_directory
+
+    rows = inspect_directory(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["name"]) for r in rows)
+        print(f"{'layer':<{width}}  {'shape':>11}  pattern  sparsity  valid")
+        for r in rows:
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{r['name']:<{width}}  {shape:>11}  {r['pattern']:>7}  {r['sparsity']:8.4f}  {r['valid']}")
+        bad = sum(not r["valid"] for r in rows)
+        print(f"{len(rows)} layers, {bad} invalid")
+    return 0 if all(r["valid"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"nmkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

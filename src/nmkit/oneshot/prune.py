@@ -1,0 +1,85 @@
+"""Whole-model one-shot pruning: score each selected layer, solve its mask, zero the pruned weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nmkit.errors import UserError
+from nmkit.oneshot.targets import Target, find_targets
+from nmkit.patterns import Pattern, PatternError, TailPolicy, parse, summarize
+from nmkit.solvers import mask_for
+
+
+def magnitude_scores(target: Target) -> torch.Tensor:
+    return target.weight.detach().abs()
+
+
+# Layer-local scorers (no calibration data). Calibrated methods live beside them as they land.
+SCORERS: dict[str, Callable[[Target], torch.Tensor]] = {"magnitude": magnitude_scores}
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: list[int]
+    pattern: str
+    sparsity: float
+    valid: bool
+
+
+@dataclass
+class PruneResult:
+    pattern: str
+    method: str
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers (weighted by size)."""
+        total = sum(torch.Size(layer.shape).numel() for layer in self.layers)
+        zeros = sum(layer.sparsity * torch.Size(layer.shape).numel() for layer in self.layers)
+        return zeros / max(total, 1)
+
+    @property
+    def all_valid(self) -> bool:
+        return all(layer.valid for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    pattern: Pattern | str,
+    method: str = "magnitude",
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    tail: TailPolicy = "error",
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place to ``pattern`` ("2:4" keeps 2 of every 4 weights along the input dim)."""
+    pattern = parse(pattern)
+    if method not in SCORERS:
+        raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(SCORERS))}")
+    targets = find_targets(model, include, exclude)
+    result = PruneResult(str(pattern), method)
+    start = time.perf_counter()
+    for target in tqdm(targets, desc=f"prune {pattern} ({method})", unit="layer", disable=not progress):
+        weight = target.weight
+        try:
+            mask = mask_for(SCORERS[method](target), pattern, dim=target.reduce_dim, tail=tail)
+        except PatternError as exc:
+            raise UserError(f"layer {target.name} {list(weight.shape)}: {exc}") from None
+        weight.mul_(mask.to(weight.dtype))
+        info = summarize(weight, pattern, dim=target.reduce_dim, tail=tail)
+        result.layers.append(LayerResult(target.name, info["shape"], str(pattern), info["sparsity"], info["valid"]))
+    result.seconds = time.perf_counter() - start
+    return result

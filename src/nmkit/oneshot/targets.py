@@ -1,0 +1,63 @@
+"""Which layers a one-shot prune touches, and along which weight dimension their groups run."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmkit.errors import UserError
+
+# A layer is "inside the transformer blocks" when its qualified name has a numeric component
+# (model.layers.3.mlp.up_proj, encoder.layer.0..., transformer.h.11...). That leaves out
+# embeddings, the LM head and poolers without knowing each architecture.
+_BLOCK_RE = re.compile(r"(^|\.)\d+\.")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: nn.Module
+    # Weight dim that is the GEMM reduction (input) dim: 1 for nn.Linear (out, in), 0 for HF Conv1D (in, out).
+    reduce_dim: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+def _reduce_dim(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return 1
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D
+        return 0
+    return None
+
+
+def find_targets(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[Target]:
+    """Linear (and HF Conv1D) layers to prune, in module order.
+
+    Default: every such layer inside the repeated transformer blocks. ``include`` replaces that
+    default with glob patterns over qualified names (``"*mlp*"``, ``"model.layers.0.*"``);
+    ``exclude`` globs are removed afterwards.
+    """
+    targets = []
+    for name, module in model.named_modules():
+        dim = _reduce_dim(module)
+        if dim is None:
+            continue
+        chosen = any(fnmatch.fnmatchcase(name, p) for p in include) if include else bool(_BLOCK_RE.search(name))
+        if chosen and not any(fnmatch.fnmatchcase(name, p) for p in exclude or []):
+            targets.append(Target(name, module, dim))
+    if not targets:
+        raise UserError(
+            "no layers selected for pruning"
+            + (f" (include={include}, exclude={exclude})" if include or exclude else "")
+            + "; check --include/--exclude glob patterns against the model's module names"
+        )
+    return targets

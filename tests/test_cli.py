@@ -1,0 +1,134 @@
+"""End to end: `nmkit prune | eval | inspect` on a tiny Llama built in the test."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nmkit.cli import main
+from nmkit.patterns import NM
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pruned"
+    code = main(["prune", str(tiny_model_dir), "--pattern", "2:8", "--out", str(out), "--eval-seqlen", "64",
+                 "--eval-windows", "2", "--data-dir", str(tiny_data_dir), "--json"])
+    assert code == 0
+    return out
+
+
+def test_prune_writes_reloadable_valid_model(pruned_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = json.loads((pruned_dir / "report.json").read_text())
+    for key in ("model", "pattern", "method", "ppl_dense", "ppl_sparse", "eval", "layers", "timings"):
+        assert key in report
+    assert report["pattern"] == "2:8" and report["method"] == "magnitude"
+    assert set(report["eval"]) >= {"dataset", "source", "seqlen", "windows", "tokens"}
+    assert report["eval"]["seqlen"] == 64 and report["eval"]["windows"] == 2
+    assert set(report["timings"]) == {"load_s", "prune_s", "eval_s"}
+    # 2 blocks x 7 projections; embeddings and LM head untouched by default.
+    names = [layer["name"] for layer in report["layers"]]
+    assert len(names) == 14 and not any("embed" in n or "lm_head" in n for n in names)
+    assert (pruned_dir / "report.md").read_text().startswith("# nmkit prune")
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    AutoTokenizer.from_pretrained(pruned_dir)
+    modules = dict(model.named_modules())
+    for name in names:
+        w = modules[name].weight
+        assert NM(2, 8).is_valid(w, dim=-1), name
+        assert (w == 0).float().mean().item() >= 0.75
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert torch.equal(dense.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    sidecar = json.loads((pruned_dir / "nmkit.json").read_text())
+    assert sidecar["layers"][names[0]] == {"pattern": "2:8", "dim": 1, "shape": [64, 64]}
+
+
+def test_inspect_reads_weights_and_catches_tampering(pruned_dir, tmp_path, capsys):
+    code, out, _ = run(["inspect", pruned_dir], capsys)
+    assert code == 0 and "14 layers, 0 invalid" in out
+    code, out, _ = run(["inspect", pruned_dir, "--json"], capsys)
+    assert all(r["valid"] for r in json.loads(out))
+
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pruned_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, :8] = 1.0
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, out, _ = run(["inspect", bad], capsys)
+    assert code == 1 and "1 invalid" in out
+
+
+def test_eval_command(pruned_dir, tiny_data_dir, capsys):
+    code, out, _ = run(["eval", pruned_dir, "--eval-seqlen", "64", "--eval-windows", "2", "--data-dir",
+                        tiny_data_dir, "--json"], capsys)
+    report = json.loads((pruned_dir / "report.json").read_text())
+    assert code == 0 and json.loads(out)["ppl"] == pytest.approx(report["ppl_sparse"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pattern", "4:2"], "keep N of every M"),
+        (["--pattern", "2:0"], "keep N of every M"),
+        (["--pattern", "abc"], "keep N of every M"),
+        (["--method", "nope"], "unknown --method"),
+        (["--include", "no.such.layer*"], "no layers selected"),
+    ],
+)
+def test_bad_input_exits_2_without_output(tiny_model_dir, tiny_data_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code, _, err = run(["prune", tiny_model_dir, "--out", out, "--data-dir", tiny_data_dir, *extra], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("nmkit prune: error:") and message in last
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_paths_exit_2(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["prune", tmp_path / "missing-model", "--out", out], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "emptydata").mkdir()
+    code, _, err = run(["prune", tiny_model_dir, "--out", out, "--data-dir", tmp_path / "emptydata"], capsys)
+    assert code == 2 and "no WikiText-2 raw files" in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run(["prune", tiny_model_dir, "--out", out, "--data-dir", tiny_data_dir], capsys)
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "precious"
+
+
+def test_failure_midway_leaves_no_output(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    import nmkit.sidecar
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(nmkit.sidecar, "write", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        main(["prune", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir), "--no-eval"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nmkit.cli", "prune", "--pattern", "4:2", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "keep N of every M" in proc.stderr
