@@ -46,6 +46,6 @@ def test_tie_breaking_is_deterministic_on_quantised_weights():
     first = nm_mask(w, "2:4")
     assert torch.equal(first, nm_mask(w.clone(), "2:4"))
     # Lower index wins: same as an independent stable sort by descending score.
-    order = groups.sort(-1, descending=True, stable=True).indices[:, :2]
+    order = groups.sort(dim=-1, descending=True, stable=True).indices[:, :2]
     expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
     assert torch.equal(first.reshape(-1, 4), expected)
