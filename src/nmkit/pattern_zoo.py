@@ -8,11 +8,12 @@ Solvers live in :mod:`nmkit.solvers`; this module only says what a valid mask lo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from nmkit.patterns import NM, NM_HELP, PatternError, TailPolicy, group_counts, keep_count
+from nmkit.patterns import MAX_GROUP, NM, NM_HELP, PatternError, TailPolicy, group_counts, keep_count
 
 
 def _as_2d(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -39,7 +40,9 @@ class Transposable(NM):
     def __str__(self) -> str:
         return f"{self.keep}:{self.group}T"
 
-    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
+    def is_valid(
+        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
+    ) -> bool:
         """Row-wise N:M along ``dim`` and column-wise N:M along the dim before it (tiles of M x M)."""
         m = _as_2d(mask, dim)
         if tail == "error" and (m.shape[-1] % self.group or m.shape[-2] % self.group):
@@ -86,7 +89,9 @@ class VNM:
     def __str__(self) -> str:
         return f"{self.v}:{self.keep}:{self.group}"
 
-    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
+    def is_valid(
+        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
+    ) -> bool:
         """Each V x M block uses at most ``columns`` columns and each row at most N entries of the block."""
         _tail_only_error(tail, "VNM")
         m = _as_2d(mask, dim)
@@ -107,7 +112,9 @@ class VNM:
         return vnm_mask(scores.movedim(dim, -1), self).movedim(-1, dim)
 
 
-def _compacted_fits(active: torch.Tensor, rows_mask: torch.Tensor, slots: int, n: int, m: int) -> torch.Tensor:
+def _compacted_fits(
+    active: torch.Tensor, rows_mask: torch.Tensor, slots: int, n: int, m: int
+) -> torch.Tensor:
     """Per tile: can the active columns be laid out in ``slots`` kept-column slots so every row is N:M?
 
     ``active`` (T, C) bool: columns used by the tile; ``rows_mask`` (T, V, C). Greedy, columns in
@@ -150,7 +157,9 @@ class HiNM:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.v, int) and self.v >= 1 and 0.0 < self.vec_density <= 1.0):
-            raise PatternError(f"HiNM needs V >= 1 and a vector density in (0, 1], got {self.v}, {self.vec_density}")
+            raise PatternError(
+                f"HiNM needs V >= 1 and a vector density in (0, 1], got {self.v}, {self.vec_density}"
+            )
 
     def kept_vectors(self, cols: int) -> int:
         """Column vectors kept per tile: a multiple of M (at least M)."""
@@ -168,7 +177,9 @@ class HiNM:
     def __str__(self) -> str:
         return f"hinm{self.v}:{self.vec_density * 100:g}%:{self.inner}"
 
-    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
+    def is_valid(
+        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
+    ) -> bool:
         """At most ``kept_vectors`` columns per V-row tile, and each row N:M on the compacted columns."""
         _tail_only_error(tail, "HiNM")
         m = _as_2d(mask, dim)
@@ -221,7 +232,9 @@ class Balanced:
     def __str__(self) -> str:
         return f"balanced:{self.keep}/{self.bank}"
 
-    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
+    def is_valid(
+        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
+    ) -> bool:
         counts = group_counts(mask, self.bank, dim, tail)
         if counts is None:
             return False
@@ -249,9 +262,13 @@ class TileWise:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tile, int) and self.tile >= 1 and 0.0 < self.density <= 1.0):
-            raise PatternError(f"TileWise needs tile >= 1 and density in (0, 1], got {self.tile}, {self.density}")
+            raise PatternError(
+                f"TileWise needs tile >= 1 and density in (0, 1], got {self.tile}, {self.density}"
+            )
         if self.inner is not None and self.density > self.inner.density:
-            raise PatternError(f"TileWise density {self.density} exceeds the inner pattern's {self.inner.density}")
+            raise PatternError(
+                f"TileWise density {self.density} exceeds the inner pattern's {self.inner.density}"
+            )
 
     @property
     def sparsity(self) -> float:
@@ -264,7 +281,9 @@ class TileWise:
     def budget(self, numel: int) -> int:
         return int(numel * self.density + 1e-9)
 
-    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
+    def is_valid(
+        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
+    ) -> bool:
         """Kept <= budget, and every tile (``tile`` consecutive non-empty rows) is row-set x column-set.
 
         With ``inner``, rows need only be N:M on their tile's column set, and the budget counts the
@@ -306,4 +325,25 @@ class TileWise:
 
 ZooPattern = Transposable | VNM | HiNM | Balanced | TileWise
 
-__all__ = ["Transposable", "VNM", "HiNM", "Balanced", "TileWise", "ZooPattern", "NM_HELP"]
+_T_RE = re.compile(r"^\s*(?:(?:transposable|t)\s+(\d+)\s*:\s*(\d+)|(\d+)\s*:\s*(\d+)\s*t)\s*$", re.I)
+_VNM_RE = re.compile(r"^\s*v?(\d+)\s*:\s*(\d+)\s*:\s*(\d+)\s*$", re.I)
+_BAL_RE = re.compile(r"^\s*balanced\s*:?\s*(\d+)\s*/\s*(\d+)\s*$", re.I)
+
+
+def parse_zoo(spec: str) -> ZooPattern | None:
+    """Parse ``"2:4T"`` / ``"transposable 2:4"``, ``"64:2:8"`` / ``"v64:2:8"`` (V:N:M, N kept) and
+    ``"balanced:32/128"``; None when ``spec`` is none of these (the caller raises)."""
+    if m := _T_RE.match(spec):
+        a, b = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        n, g = int(a), int(b)
+        if not (1 <= n < g <= MAX_GROUP):
+            raise PatternError(f"invalid transposable pattern {spec!r}: {NM_HELP}")
+        return Transposable(n, g)
+    if m := _VNM_RE.match(spec):
+        return VNM(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    if m := _BAL_RE.match(spec):
+        return Balanced(int(m.group(1)), int(m.group(2)))
+    return None
+
+
+__all__ = ["Transposable", "VNM", "HiNM", "Balanced", "TileWise", "ZooPattern", "parse_zoo"]

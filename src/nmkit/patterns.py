@@ -142,6 +142,8 @@ def parse(spec: str | Pattern) -> Pattern:
     """Parse a pattern string: ``"2:4"`` (keep 2 of 4), ``"50%"`` (unstructured) or ``"dense"``."""
     if isinstance(spec, (NM, Unstructured, Dense)):
         return spec
+    if not isinstance(spec, str) and hasattr(spec, "is_valid") and hasattr(spec, "project"):
+        return spec  # a pattern from nmkit.pattern_zoo (transposable, V:N:M, ...)
     if not isinstance(spec, str):
         raise PatternError(f"pattern must be a string like '2:4', got {type(spec).__name__}. {NM_HELP}")
     if spec.strip().lower() == "dense":
@@ -153,6 +155,10 @@ def parse(spec: str | Pattern) -> Pattern:
         return NM(n, mm)
     if m := _PCT_RE.match(spec):
         return Unstructured(float(m.group(1)) / 100.0)
+    from nmkit.pattern_zoo import parse_zoo  # lazy: the zoo imports this module
+
+    if (zoo := parse_zoo(spec)) is not None:
+        return zoo
     raise PatternError(f"cannot parse pattern {spec!r}: {NM_HELP}")
 
 

@@ -122,14 +122,25 @@ def _greedy_from_order(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     idx = torch.cat([(order // m + base).T, (order % m + base + t * m).T], dim=1).contiguous()  # (M^2, 2T)
     cnt = torch.zeros(2 * t * m, dtype=torch.int32, device=dev)
     keep = torch.zeros(m * m, t, dtype=torch.bool, device=dev)
+    live = torch.arange(t, device=dev)  # tiles still unsaturated; shrunk now and then
+    cur = idx
     for k in range(m * m):
-        both = cnt.gather(0, idx[k]) < n
-        ok = both[:t] & both[t:]
-        keep[k] = ok
+        nl = live.numel()
+        both = cnt.gather(0, cur[k]) < n
+        ok = both[:nl] & both[nl:]
+        if nl == t:
+            keep[k] = ok
+        else:
+            keep[k].index_copy_(0, live, ok)
         inc = ok.to(torch.int32)
-        cnt.scatter_add_(0, idx[k], torch.cat([inc, inc]))
-        if k % m == m - 1 and k >= n * m and bool((cnt[: t * m] == n).all()):
-            break
+        cnt.scatter_add_(0, cur[k], torch.cat([inc, inc]))
+        if k % m == m - 1 and k >= n * m:
+            done = (cnt[: t * m].view(t, m)[live] == n).all(-1)
+            if bool(done.all()):
+                break
+            if int(done.sum()) * 4 > nl:  # compact when a quarter of the live tiles are done
+                live = live[~done]
+                cur = idx.view(m * m, 2, t)[:, :, live].reshape(m * m, -1)
     return torch.zeros(t, m * m, dtype=torch.bool, device=dev).scatter_(1, order, keep.T).reshape(t, m, m)
 
 
