@@ -75,7 +75,7 @@ class VNM:
             raise PatternError(
                 f"invalid V:N:M pattern {self.v}:{self.keep}:{self.group}: need V >= 1 and "
                 f"1 <= N < {self.columns} <= M <= 256 (N kept per row among {self.columns} kept columns per "
-                f"V x M block), e.g. '64:2:8' keeps 2 of every 8 (75% sparse)"
+                f"V x M block), e.g. '64:2:8' keeps 2 of every 8 (75% sparse). {NM_HELP}"
             )
 
     @property
