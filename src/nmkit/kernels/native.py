@@ -65,12 +65,17 @@ def supported_isas() -> list[str]:
     return [] if best is None else list(ISAS[: ISAS.index(best) + 1])
 
 
-def _resolve_isa(isa: str | None) -> int:
+@lru_cache(maxsize=16)
+def _isa_code(want: str | None) -> int:
     best = ISAS.index(best_isa() or "portable")
-    want = isa or os.environ.get("NMKIT_ISA") or ISAS[best]
+    want = want or ISAS[best]
     if want not in ISAS:
         raise ValueError(f"unknown ISA {want!r}; choose one of {ISAS}")
     return min(ISAS.index(want), best)
+
+
+def _resolve_isa(isa: str | None) -> int:
+    return _isa_code(isa or os.environ.get("NMKIT_ISA"))
 
 
 def supports(weight: BlockedNM, x: torch.Tensor) -> bool:
@@ -115,13 +120,14 @@ def linear(
     if x2.stride(-1) != 1 or x2.stride(0) < weight.kp:
         x2 = x2.contiguous()
     batch = x2.shape[0]
+    ldx = x2.stride(0) if batch > 1 else weight.kp
     y = out if out is not None else torch.empty(batch, rows, dtype=x.dtype)
     values, mask = weight.values, weight.mask
     if not (values.is_contiguous() and mask.is_contiguous()):
         raise NativeError("compressed weight buffers must be contiguous")
     rc = lib.nmk_linear(
         _resolve_isa(isa), KINDS[kind], _DTYPES[x.dtype], values.data_ptr(), mask.data_ptr(), rows,
-        weight.kp, weight.p16, x2.data_ptr(), x2.stride(0), batch, y.data_ptr(), y.stride(0),
+        weight.kp, weight.p16, x2.data_ptr(), ldx, batch, y.data_ptr(), y.stride(0),
         threads or torch.get_num_threads(),
     )
     if rc != 0:

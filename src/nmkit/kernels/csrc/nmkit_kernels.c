@@ -401,6 +401,10 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
     if (batch == 0) return 0;
     nmk_args a = {dtype, values, mask, rows, kp, p16, x, ldx, batch, y, ldy};
     int nth = nthreads < 1 ? 1 : nthreads;
+    /* Waking a second thread costs tens of microseconds (far more on a busy machine): only split
+     * calls with at least ~1M multiply-adds per thread. */
+    int64_t work = (int64_t)rows * (kp / 16) * p16 * batch;
+    if (nth > 1 && work / nth < (1 << 20)) nth = (int)(work >> 20) > 1 ? (int)(work >> 20) : 1;
     if (nth > (rows + 3) / 4) nth = (rows + 3) / 4;
     if (kind == KIND_AUTO) kind = auto_kind(isa, dtype, batch);
     if (kind == KIND_GEMV && (isa < ISA_AVX512 || (dtype == DT_BF16 && isa < ISA_AVX512BF16)))

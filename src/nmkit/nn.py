@@ -1,0 +1,248 @@
+"""SparseLinear (a Linear whose weight is stored compressed N:M) and ``compress(model)``.
+
+``compress`` swaps pruned ``nn.Linear`` layers for :class:`SparseLinear` where a short measurement
+on this machine says the sparse kernel is faster, and returns a report of what it changed. The
+kernel runs as the ``nmkit::nm_linear`` custom op, so it works under ``torch.compile`` (fake impl
+below), ``torch.inference_mode`` and HF ``generate``. Inference only: there is no backward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked
+from nmkit.formats.nm import NMTensor, decompress
+from nmkit.formats.nm import compress as compress_tensor
+from nmkit.kernels import nm_linear
+from nmkit.patterns import NM, PatternError, group_counts
+
+
+@torch.library.custom_op("nmkit::nm_linear", mutates_args=())
+def _nm_linear_op(
+    x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, out_features: int, in_features: int,
+    keep: int, group: int,
+) -> torch.Tensor:
+    weight = BlockedNM(values=values, mask=mask, shape=(out_features, in_features), pattern=NM(keep, group))
+    return nm_linear(x, weight)
+
+
+@_nm_linear_op.register_fake
+def _(x, values, mask, out_features, in_features, keep, group):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with W kept as N:M values + bitmask in the kernel layout.
+
+    ``dense_from_batch``: at this many tokens or more, decompress and use dense ``F.linear``
+    (set by :func:`compress` where its measurement found dense faster at large batches).
+    """
+
+    def __init__(self, in_features: int, out_features: int, pattern: NM | str, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, dense_from_batch: int | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.pattern = NM.parse(pattern)
+        self.dense_from_batch = dense_from_batch
+        shell = to_blocked(compress_tensor(torch.zeros(out_features, in_features, dtype=dtype), self.pattern))
+        self.register_buffer("values", shell.values)
+        self.register_buffer("mask", shell.mask)
+        bias_t = torch.zeros(out_features, dtype=dtype)
+        self.bias = nn.Parameter(bias_t, requires_grad=False) if bias else None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, pattern: NM | str, mask: torch.Tensor | None = None,
+                   dense_from_batch: int | None = None) -> SparseLinear:
+        """Compress a pruned ``nn.Linear`` (its weight must follow ``pattern``: keep N of every M)."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, pattern, bias=linear.bias is not None,
+                  dtype=w.dtype, dense_from_batch=dense_from_batch)
+        mod.load_compressed(compress_tensor(w.cpu(), pattern, mask))
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod.to(w.device)
+
+    def load_compressed(self, t: NMTensor) -> None:
+        """Replace the weight with a canonical compressed tensor of the same shape and pattern."""
+        if tuple(t.shape) != (self.out_features, self.in_features) or t.pattern != self.pattern:
+            raise PatternError(f"compressed weight {t.shape} {t.pattern} does not fit {self}")
+        b = to_blocked(t)
+        self.values = b.values
+        self.mask = b.mask
+
+    def compressed(self) -> NMTensor:
+        """The weight in the canonical (row-major) compressed layout, e.g. for saving."""
+        return from_blocked(self._blocked())
+
+    def _blocked(self) -> BlockedNM:
+        return BlockedNM(values=self.values, mask=self.mask, shape=(self.out_features, self.in_features),
+                         pattern=self.pattern)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, decompressed on demand (for inspection; forward never builds it)."""
+        return decompress(self.compressed())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // max(1, self.in_features)
+        if self.dense_from_batch is not None and tokens >= self.dense_from_batch:
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        if torch.compiler.is_compiling():
+            y = _nm_linear_op(x, self.values, self.mask, self.out_features, self.in_features,
+                              self.pattern.keep, self.pattern.group)
+        else:  # same kernel without the custom-op dispatch cost (~10 us per call)
+            y = nm_linear(x, self._blocked())
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        extra = f", dense_from_batch={self.dense_from_batch}" if self.dense_from_batch else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
+                f"bias={self.bias is not None}, dtype={self.values.dtype}{extra}")
+
+
+def detect_pattern(weight: torch.Tensor, groups: tuple[int, ...] = (4, 8, 16)) -> NM | None:
+    """The sparsest N:M (M in ``groups``) the weight already follows, or None; ties prefer smaller M."""
+    best: NM | None = None
+    nonzero = weight.detach() != 0
+    for m in groups:
+        if weight.shape[-1] % m:
+            continue
+        counts = group_counts(nonzero, m)
+        keep = max(1, int(counts.max()))
+        if keep >= m:
+            continue
+        if best is None or keep / m < best.density:
+            best = NM(keep, m)
+    return best
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`compress` decided for one Linear layer and why."""
+
+    name: str
+    shape: tuple[int, int]
+    pattern: str | None
+    choice: str  # "sparse" or "dense"
+    reason: str
+    ratios: dict[int, float] = field(default_factory=dict)  # batch -> dense time / sparse time
+    dense_from_batch: int | None = None
+
+
+@dataclass
+class CompressReport:
+    layers: list[LayerChoice]
+
+    @property
+    def changed(self) -> list[str]:
+        return [x.name for x in self.layers if x.choice == "sparse"]
+
+    def __str__(self) -> str:
+        lines = [f"nmkit.compress: {len(self.changed)} of {len(self.layers)} Linear layers now SparseLinear"]
+        for x in self.layers:
+            r = " ".join(f"B{b}:{v:.2f}x" for b, v in x.ratios.items())
+            lines.append(f"  {x.name:<40} {x.choice:<6} {x.pattern or '-':<5} {r}  {x.reason}")
+        return "\n".join(lines)
+
+
+def _median_time(fn, x: torch.Tensor, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(
+    dense: nn.Linear, sparse: SparseLinear, batches: tuple[int, ...], rounds: int
+) -> dict[int, float]:
+    """Ratio dense / sparse time per batch size, the two interleaved (hot weights, this machine)."""
+    ratios = {}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, dense.in_features, dtype=dense.weight.dtype, device=dense.weight.device)
+            dense(x), sparse(x)  # warm-up
+            td, ts = [], []
+            for r in range(rounds):
+                pair = [(td, dense), (ts, sparse)]
+                for acc, mod in pair if r % 2 == 0 else pair[::-1]:
+                    acc.append(_median_time(mod, x, 3))
+            ratios[b] = statistics.median(td) / statistics.median(ts)
+    return ratios
+
+
+def _targets(model: nn.Module, include, exclude) -> list[tuple[str, nn.Linear]]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear:
+            continue
+        if include is not None and not any(s in name for s in include):
+            continue
+        if any(s in name for s in exclude):
+            continue
+        if seen.get(id(mod.weight), 0) > 1:  # tied (e.g. lm_head = embeddings): leave it alone
+            continue
+        out.append((name, mod))
+    return out
+
+
+def compress(
+    model: nn.Module,
+    pattern: NM | str | None = None,
+    *,
+    measure: bool = True,
+    batches: tuple[int, ...] = (1, 4, 16, 64),
+    rounds: int = 5,
+    include: list[str] | None = None,
+    exclude: tuple[str, ...] = ("lm_head",),
+    verbose: bool = False,
+) -> CompressReport:
+    """Swap pruned ``nn.Linear`` layers for :class:`SparseLinear`, in place; returns what it did.
+
+    ``pattern``: the N:M pattern the layers follow (keep N of every M); None detects it per layer
+    (the sparsest N:M with M in 4, 8, 16 that the weight already satisfies). With ``measure`` each
+    layer is timed against its dense version at ``batches`` tokens: a layer stays dense when sparse
+    is slower at the smallest batch, and otherwise gets ``dense_from_batch`` = the first batch where
+    dense won (there it decompresses and runs dense). Without ``measure`` every valid layer is swapped.
+    """
+    fixed = NM.parse(pattern) if pattern is not None else None
+    choices = []
+    for name, lin in _targets(model, include, exclude):
+        shape = (lin.out_features, lin.in_features)
+        pat = fixed or detect_pattern(lin.weight)
+        if pat is None or not pat.is_valid(lin.weight.detach() != 0):
+            why = "weight is not N:M sparse" if pat is None else f"weight does not follow {pat}"
+            choices.append(LayerChoice(name, shape, None if pat is None else str(pat), "dense", why))
+            continue
+        sparse = SparseLinear.from_dense(lin, pat)
+        ratios, dense_from = {}, None
+        if measure:
+            ratios = _measure(lin, sparse, tuple(sorted(batches)), rounds)
+            slower = [b for b, v in ratios.items() if v < 1.0]
+            if slower and slower[0] == min(ratios):
+                choices.append(LayerChoice(name, shape, str(pat), "dense",
+                                           f"sparse slower at batch {slower[0]}", ratios))
+                continue
+            dense_from = slower[0] if slower else None
+            sparse.dense_from_batch = dense_from
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, sparse)
+        reason = "measured faster" if measure else "not measured"
+        if dense_from:
+            reason += f"; dense from batch {dense_from}"
+        choices.append(LayerChoice(name, shape, str(pat), "sparse", reason, ratios, dense_from))
+    report = CompressReport(choices)
+    if verbose:
+        print(report)
+    return report

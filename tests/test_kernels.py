@@ -1,0 +1,85 @@
+"""Every native kernel path (each ISA this machine has, GEMV and SpMM) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmkit.formats import compress, to_blocked
+from nmkit.kernels import native, nm_linear, reference
+from nmkit.solvers.nm import nm_mask
+
+ISAS = native.supported_isas()
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built")
+
+
+def _case(rows, cols, pattern, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w = (w * nm_mask(w.abs(), pattern)).to(dtype)
+    return w, compress(w, pattern)
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "2:8", "1:8", "4:8", "1:16", "4:16", "8:16"])
+def test_kernel_matches_reference(isa, dtype, pattern):
+    _, t = _case(37, 96, pattern, dtype)  # odd rows (row padding) and in % 32 != 0 (column padding)
+    b = to_blocked(t)
+    for batch in (1, 2, 3, 4, 5, 8, 16, 17, 64, 65):
+        x = torch.randn(batch, 96).to(dtype)
+        ref = reference.nm_linear_fp32(x, t)
+        for kind in ("auto", "gemv", "spmm"):
+            y = native.linear(x, b, isa=isa, kind=kind).float()
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            assert err < TOL[dtype], (isa, kind, batch, err)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_env_var_forces_isa(isa, monkeypatch):
+    monkeypatch.setenv("NMKIT_ISA", isa)
+    assert native._resolve_isa(None) == native.ISAS.index(isa)
+    _, t = _case(8, 64, "2:4", torch.float32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_and_3d_input(threads):
+    _, t = _case(300, 4096, "2:4", torch.float32)  # large enough to split across threads
+    x = torch.randn(2, 3, 4096)
+    y = native.linear(x, to_blocked(t), threads=threads)
+    torch.testing.assert_close(y, reference.nm_linear(x, t), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_noncontiguous_input():
+    _, t = _case(16, 64, "2:4", torch.float32)
+    x = torch.randn(64, 5).T  # stride (1, 5)
+    torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_falls_back_to_reference(monkeypatch):
+    # fp16 has no native kernel, and a canonical (not blocked) weight always runs on the reference.
+    w, t = _case(8, 64, "2:4", torch.float16)
+    x = torch.randn(3, 64).half()
+    torch.testing.assert_close(nm_linear(x, to_blocked(t)), torch.nn.functional.linear(x, w))
+    w, t = _case(8, 64, "2:4", torch.float32)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(nm_linear(x, t), torch.nn.functional.linear(x, w))
+
+
+def test_without_native_library(monkeypatch):
+    monkeypatch.setattr(native, "_lib", lambda: None)
+    assert not native.available() and native.supported_isas() == []
+    w, t = _case(8, 64, "2:4", torch.float32)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(nm_linear(x, to_blocked(t)), torch.nn.functional.linear(x, w))
