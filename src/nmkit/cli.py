@@ -75,7 +75,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="built-in alias (smollm2-135m, minilm), local HF directory or HF id (default smollm2-135m)")
     p.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (keep 2 of 4), 4:8, 1:4, 2:8; "
                                                     "or 50%% (unstructured) (default 2:4)")
-    p.add_argument("--method", default="magnitude", help="scoring method (default magnitude)")
+    p.add_argument("--method", default="magnitude",
+                   help="magnitude (no data), wanda (|W| x input norm), sparsegpt (OBS with weight update) "
+                        "(default magnitude)")
+    p.add_argument("--calib-samples", type=int, default=64, metavar="K",
+                   help="calibration sequences from the train split, for calibrated methods (default 64)")
+    p.add_argument("--calib-seqlen", type=int, default=512, metavar="L", help="tokens per calibration sequence "
+                   "(default 512)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT Hessian dampening, fraction of mean "
+                   "diagonal (default 0.01)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibrated run from its checkpoint (DIR.nmkit-ckpt)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="prune only layers whose name matches GLOB (repeatable; default: all Linear layers "
@@ -126,10 +139,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     # Validate everything cheap before loading anything heavy.
     pattern = parse(args.pattern)
-    from nmkit.oneshot.prune import SCORERS
+    from nmkit.oneshot.methods import CALIBRATED, METHODS
 
-    if args.method not in SCORERS:
-        raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(SCORERS))}")
+    if args.method not in METHODS:
+        raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
+    if args.calib_samples < 1 or args.calib_seqlen < 2:
+        raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    if not 0 <= args.damp < 10 or args.blocksize < 1:
+        raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
+    device = _device(args.device)
     check_output_dir(args.out, args.overwrite)
     source = models.resolve(args.model)
     if data.data_dir(args.data_dir) is not None:
@@ -142,13 +160,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _log(f"loading {source.name} ({source.description})")
-    model = models.load(source)
+    model = models.load(source).to(device)
     tokenizer = models.load_tokenizer(source)
     find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
     load_s = time.perf_counter() - t0
+    calibration, calib_info = None, None
+    if args.method in CALIBRATED:
+        train = data.load_text("train", args.data_dir)
+        calibration = data.calibration_windows(data.tokenize(tokenizer, train), args.calib_samples,
+                                               args.calib_seqlen, args.calib_seed)
+        calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                      "seed": args.calib_seed}
 
     report: dict = {"model": source.name, "model_path": source.path, "pattern": str(pattern),
-                    "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None}
+                    "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None,
+                    "calibration": calib_info}
     eval_s = 0.0
     text = ids = dense_embeddings = None
     if not args.no_eval:
@@ -163,7 +189,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             dense_embeddings = embedding_fidelity(model, tokenizer, text)
         eval_s += time.perf_counter() - t
 
-    result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail)
+    options = {}
+    if args.method in CALIBRATED:
+        options = {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
+                   "run_config": {"model": source.path, "calibration": calib_info}}
+        if args.method == "sparsegpt":
+            options.update(damp=args.damp, blocksize=args.blocksize)
+    result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
 
     if not args.no_eval:
         t = time.perf_counter()
@@ -187,18 +219,39 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "machine": machine(),
     })
     layers = {x.name: {"pattern": x.pattern, "dim": t.reduce_dim, "shape": x.shape}
-              for x, t in zip(result.layers, find_targets(model, args.include, args.exclude))}
+              for x, t in zip(result.layers, find_targets(model, args.include, args.exclude), strict=True)}
     with atomic_directory(args.out, args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         sidecar.write(tmp, layers, model=source.name, method=args.method, pattern=str(pattern),
-                      tail=args.tail, eval=report["eval"])
+                      tail=args.tail, eval=report["eval"], calibration=calib_info)
         report["versions"] = sidecar.versions()
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(prune_markdown(report))
+        if any(x.rel_error is not None for x in result.layers):
+            from nmkit.report import plot_layer_errors
+
+            plot_layer_errors(report, tmp / "layer_errors.png")
     _log(f"wrote {args.out}")
     print(json.dumps(report, indent=2) if args.json else prune_markdown(report))
     return 0
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but this torch build sees no CUDA device")
+    return torch.device(name)
+
+
+def _checkpoint_dir(out: str) -> Path:
+    out_path = Path(out).expanduser()
+    return out_path.with_name(out_path.name + ".nmkit-ckpt")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

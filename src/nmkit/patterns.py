@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -132,7 +132,7 @@ class Dense:
         return torch.ones_like(scores, dtype=torch.bool)
 
 
-Pattern = Union[NM, Unstructured, Dense]
+Pattern = NM | Unstructured | Dense
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _PCT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")

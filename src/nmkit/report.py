@@ -60,10 +60,43 @@ def prune_markdown(report: dict) -> str:
             f"{ev['windows']} windows x {ev['seqlen']} tokens = {ev['tokens']} tokens "
             f"of {ev['text_tokens']}.",
         ]
+    cal = report.get("calibration")
+    if cal:
+        lines += ["", f"Calibration: {cal['samples']} x {cal['seqlen']} tokens from {cal['dataset']} {cal['split']} "
+                      f"({cal['source']}), seed {cal['seed']}."]
+    errors = [x["rel_error"] for x in report["layers"] if x.get("rel_error") is not None]
+    if errors:
+        lines += ["", f"Layer reconstruction error ||(W-W')X||^2/||WX||^2 on calibration data: "
+                      f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} (plot: layer_errors.png)."]
     shown = report["layers"][:8]
-    lines += ["", "| layer | shape | sparsity | valid |", "|---|---|---|---|"]
-    lines += [f"| {x['name']} | {'x'.join(map(str, x['shape']))} | {x['sparsity']:.4f} | {x['valid']} |"
-              for x in shown]
+    lines += ["", "| layer | shape | sparsity | valid | rel. error |", "|---|---|---|---|---|"]
+    lines += [f"| {x['name']} | {'x'.join(map(str, x['shape']))} | {x['sparsity']:.4f} | {x['valid']} | "
+              f"{_fmt(x.get('rel_error'), 4)} |" for x in shown]
     if len(report["layers"]) > len(shown):
-        lines.append(f"| ... {len(report['layers']) - len(shown)} more in report.json | | | |")
+        lines.append(f"| ... {len(report['layers']) - len(shown)} more in report.json | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def plot_layer_errors(report: dict, path) -> None:
+    """PNG of each pruned layer's reconstruction error, in model order, one line per layer kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for i, layer in enumerate(report["layers"]):
+        if layer.get("rel_error") is not None:
+            kind = layer["name"].rsplit(".", 1)[-1]
+            series.setdefault(kind, []).append((i, layer["rel_error"]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for kind, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("||(W-W')X||² / ||WX||²")
+    ax.set_title(f"{report['model']} {report['pattern']} {report['method']}: per-layer reconstruction error")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -20,7 +20,7 @@ def magnitude_scores(target: Target) -> torch.Tensor:
     return target.weight.detach().abs()
 
 
-# Layer-local scorers (no calibration data). Calibrated methods live beside them as they land.
+# Layer-local scorers (no calibration data).
 SCORERS: dict[str, Callable[[Target], torch.Tensor]] = {"magnitude": magnitude_scores}
 
 
@@ -31,6 +31,7 @@ class LayerResult:
     pattern: str
     sparsity: float
     valid: bool
+    rel_error: float | None = None  # ||(W - W')X||^2 / ||WX||^2 on calibration data, when measured
 
 
 @dataclass
@@ -64,11 +65,30 @@ def prune(
     exclude: list[str] | None = None,
     tail: TailPolicy = "error",
     progress: bool = True,
+    calibration: torch.Tensor | None = None,
+    **options,
 ) -> PruneResult:
-    """Prune ``model`` in place to ``pattern`` ("2:4" keeps 2 of every 4 weights along the input dim)."""
+    """Prune ``model`` in place to ``pattern`` ("2:4" keeps 2 of every 4 weights along the input dim).
+
+    ``magnitude`` needs no data. Calibrated methods (``wanda``, ``sparsegpt``, ...) need
+    ``calibration``: token ids of shape (samples, seqlen), e.g. from :func:`nmkit.data.calibration_windows`;
+    extra keyword ``options`` (checkpoint_dir, resume, blocksize, damp, ...) go to
+    :func:`nmkit.oneshot.sequential.prune_sequential`.
+    """
+    from nmkit.oneshot.methods import CALIBRATED, METHODS
+
     pattern = parse(pattern)
-    if method not in SCORERS:
-        raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(SCORERS))}")
+    if method in CALIBRATED:
+        if calibration is None:
+            raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
+        from nmkit.oneshot.sequential import prune_sequential
+
+        run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block")
+               if k in options}
+        return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
+                                progress=progress, **run)
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     targets = find_targets(model, include, exclude)
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()

@@ -1,0 +1,72 @@
+"""Calibration statistics of each layer's input: X^T X (sum over tokens) and the token count.
+
+Layers that read the same tensor (q/k/v, gate/up) share one accumulator, so each distinct input
+costs one GEMM per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmkit.oneshot.targets import Target
+
+
+@dataclass
+class InputStats:
+    xtx: torch.Tensor  # (in, in) sum over calibration tokens of x x^T, float32
+    tokens: int = 0
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """||X_j||^2 per input channel (Wanda's statistic)."""
+        return self.xtx.diagonal()
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    # Rows are tokens, columns are the layer's input features.
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class StatsCollector:
+    """Forward hooks that accumulate :class:`InputStats` for a set of targets while active."""
+
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+        self.stats: dict[str, InputStats] = {}
+        # id(input) -> (input, stats); holding the tensor keeps its id from being reused this batch.
+        self._seen: dict[int, tuple[torch.Tensor, InputStats]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> StatsCollector:
+        for target in self.targets:
+            self._handles.append(target.module.register_forward_hook(self._hook(target)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def new_batch(self) -> None:
+        """Forget which tensors were already counted (call before each forward)."""
+        self._seen.clear()
+
+    def _hook(self, target: Target):
+        def hook(module, args, output):
+            x = args[0]
+            if id(x) in self._seen:  # same input as a sibling layer in this forward: share its stats
+                self.stats.setdefault(target.name, self._seen[id(x)][1])
+                return
+            rows = _as_rows(x.detach())
+            stats = self.stats.get(target.name)
+            if stats is None:
+                stats = InputStats(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=x.device))
+                self.stats[target.name] = stats
+            stats.xtx.addmm_(rows.T, rows)
+            stats.tokens += rows.shape[0]
+            self._seen[id(x)] = (x, stats)
+
+        return hook
