@@ -255,22 +255,25 @@ static T512BF void gemv_bf16_512(const nmk_args *a, int r0, int r1) {
  * Column offsets come from the mask bits (tzcnt + blsr); exactly 2*p16 bits per 32-column unit, so
  * the inner loop has a fixed trip count. Partial sums live in YT[rows][Bp] between k-blocks.
  */
-#define DEF_SPMM(NAME, TGT, VEC, VW, SET1, LOADU, STOREU, FMADD, ZERO, NV, WT, WCONV)                 \
+#define DEF_SPMM(NAME, TGT, VEC, VW, SET1, LOADU, STOREU, FMADD, ZERO, NV, WT, WCONV, S, ADD)       \
     static TGT void NAME##_##NV(const nmk_args *a, const float *XT, int Bp, int kb0, int kb1, float *YT, \
                                 int first, int last, int t0, int bc, int r0, int r1) {                  \
         const int nu = a->kp / 32, q = UNIT_VALS(a);                                                   \
         for (int r = r0; r < r1; r += 4) {                                                             \
-            VEC acc[4][NV];                                                                            \
+            /* S = 2: a second accumulator set for odd j, so few-vector blocks are not FMA-latency bound */ \
+            VEC acc[4][NV], acc2[4][NV];                                                               \
             for (int i = 0; i < 4; i++)                                                                \
-                for (int v = 0; v < NV; v++)                                                           \
+                for (int v = 0; v < NV; v++) {                                                         \
                     acc[i][v] = first ? ZERO() : LOADU(YT + (int64_t)(r + i) * Bp + v * VW);           \
+                    acc2[i][v] = ZERO();                                                               \
+                }                                                                                      \
             const WT *vb = (const WT *)a->values + (int64_t)(r / 4) * BLOCK_VALS(a);                   \
             const uint32_t *mb = (const uint32_t *)a->mask + (int64_t)(r / 4) * nu * 4;                \
             for (int u = kb0 / 32; u < kb1 / 32; u++) {                                                \
                 const float *xb = XT + (int64_t)(u * 32 - kb0) * Bp;                                   \
                 const WT *vu = vb + (int64_t)u * 4 * q;                                                \
                 uint32_t m[4] = {mb[u * 4], mb[u * 4 + 1], mb[u * 4 + 2], mb[u * 4 + 3]};              \
-                for (int j = 0; j < q; j++) {                                                          \
+                for (int j = 0; j < q; j += 2) { /* q = 32 N / M is even */                            \
                     for (int i = 0; i < 4; i++) {                                                      \
                         int k = __builtin_ctz(m[i]);                                                   \
                         m[i] &= m[i] - 1;                                                              \
@@ -278,8 +281,23 @@ static T512BF void gemv_bf16_512(const nmk_args *a, int r0, int r1) {
                         const float *xr = xb + (int64_t)k * Bp;                                        \
                         for (int v = 0; v < NV; v++) acc[i][v] = FMADD(w, LOADU(xr + v * VW), acc[i][v]); \
                     }                                                                                  \
+                    for (int i = 0; i < 4; i++) {                                                      \
+                        int k = __builtin_ctz(m[i]);                                                   \
+                        m[i] &= m[i] - 1;                                                              \
+                        VEC w = SET1(WCONV(vu[i * q + j + 1]));                                        \
+                        const float *xr = xb + (int64_t)k * Bp;                                        \
+                        for (int v = 0; v < NV; v++) {                                                 \
+                            if (S == 2)                                                                \
+                                acc2[i][v] = FMADD(w, LOADU(xr + v * VW), acc2[i][v]);                 \
+                            else                                                                       \
+                                acc[i][v] = FMADD(w, LOADU(xr + v * VW), acc[i][v]);                   \
+                        }                                                                              \
+                    }                                                                                  \
                 }                                                                                      \
             }                                                                                          \
+            if (S == 2)                                                                                \
+                for (int i = 0; i < 4; i++)                                                            \
+                    for (int v = 0; v < NV; v++) acc[i][v] = ADD(acc[i][v], acc2[i][v]);               \
             for (int i = 0; i < 4; i++) {                                                              \
                 if (!last) {                                                                           \
                     for (int v = 0; v < NV; v++) STOREU(YT + (int64_t)(r + i) * Bp + v * VW, acc[i][v]); \
@@ -294,25 +312,25 @@ static T512BF void gemv_bf16_512(const nmk_args *a, int r0, int r1) {
 
 #define F32ID(v) (v)
 #define Z512() _mm512_setzero_ps()
-DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 1, float, F32ID)
-DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 1, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 2, float, F32ID)
-DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 2, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 3, float, F32ID)
-DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 3, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 4, float, F32ID)
-DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 4, uint16_t, bf16_to_f32)
+DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 1, float, F32ID, 2, _mm512_add_ps)
+DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 1, uint16_t, bf16_to_f32, 2, _mm512_add_ps)
+DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 2, float, F32ID, 2, _mm512_add_ps)
+DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 2, uint16_t, bf16_to_f32, 2, _mm512_add_ps)
+DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 3, float, F32ID, 1, _mm512_add_ps)
+DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 3, uint16_t, bf16_to_f32, 1, _mm512_add_ps)
+DEF_SPMM(spmm512f, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 4, float, F32ID, 1, _mm512_add_ps)
+DEF_SPMM(spmm512h, T512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, Z512, 4, uint16_t, bf16_to_f32, 1, _mm512_add_ps)
 
 #define T256 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
 #define Z256() _mm256_setzero_ps()
-DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 1, float, F32ID)
-DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 1, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 2, float, F32ID)
-DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 2, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 4, float, F32ID)
-DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 4, uint16_t, bf16_to_f32)
-DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 8, float, F32ID)
-DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 8, uint16_t, bf16_to_f32)
+DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 1, float, F32ID, 2, _mm256_add_ps)
+DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 1, uint16_t, bf16_to_f32, 2, _mm256_add_ps)
+DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 2, float, F32ID, 2, _mm256_add_ps)
+DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 2, uint16_t, bf16_to_f32, 2, _mm256_add_ps)
+DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 4, float, F32ID, 1, _mm256_add_ps)
+DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 4, uint16_t, bf16_to_f32, 1, _mm256_add_ps)
+DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 8, float, F32ID, 1, _mm256_add_ps)
+DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 8, uint16_t, bf16_to_f32, 1, _mm256_add_ps)
 #endif /* NMK_X86 */
 
 /* ------------------------------------------------------------------------------------- driver */
@@ -386,8 +404,8 @@ static void spmm_chunk(const nmk_args *a, int isa, float *XT, float *YT, int t0,
 /* Which kernel a batch uses when kind == KIND_AUTO (see docs/kernels.md for the measurements). */
 static int auto_kind(int isa, int dtype, int batch) {
     if (isa < ISA_AVX512) return KIND_SPMM;
-    if (dtype == DT_BF16 && isa < ISA_AVX512BF16) return KIND_SPMM;
-    return batch <= 8 ? KIND_GEMV : KIND_SPMM;
+    if (dtype == DT_BF16) return isa >= ISA_AVX512BF16 && batch <= 8 ? KIND_GEMV : KIND_SPMM;
+    return batch <= 4 ? KIND_GEMV : KIND_SPMM;
 }
 
 /* y = x @ W^T. Returns 0 on success, -1 for an ISA this CPU lacks, -2 for bad arguments,

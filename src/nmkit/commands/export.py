@@ -1,0 +1,38 @@
+"""`nmkit export DIR --format {dense,nmkit,compressed-tensors-24} --out OUT`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nmkit.formats.io import FORMATS, export
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a pruned model directory (written by `nmkit prune`, with nmkit.json)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="dense: zeros in place + nmkit.json (loads anywhere transformers does); "
+                             "nmkit: compressed values + bitmask (nmkit.load returns SparseLinear layers); "
+                             "compressed-tensors-24: legacy sparse-24-bitmask for older vLLM (2:4 only)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nmkit.errors import UserError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    summary = export(args.dir, args.format, out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        line = f"exported {args.dir} -> {out} ({summary['format']}, {summary['bytes'] / 2**20:.1f} MiB"
+        if "ratio" in summary:
+            line += f", {summary['ratio']:.3f}x the dense tensors"
+        print(line + ")")
+    return 0

@@ -1,0 +1,236 @@
+"""Checkpoint directories on disk: read a pruned model's tensors, write and load the nmkit
+compressed format, and export to ``dense`` and the legacy compressed-tensors ``sparse-24-bitmask``.
+
+A pruned directory (``nmkit prune --out``) is a Hugging Face checkpoint with zeros in place plus the
+``nmkit.json`` sidecar naming each pruned layer and its pattern. The formats written here:
+
+* ``dense``: the same (zeros in place, all safetensors, sidecar): loads anywhere transformers does.
+* ``nmkit``: each pruned ``P.weight`` becomes ``P.weight_values`` (kept values, row-major, canonical
+  layout of :mod:`nmkit.formats.nm`) and ``P.weight_mask`` (uint8, 1 bit per weight); everything
+  else is unchanged. The sidecar says ``"storage": "nmkit-compressed"``. :func:`load_compressed`
+  returns a model with :class:`nmkit.nn.SparseLinear` layers.
+* ``compressed-tensors-24``: ``P.compressed`` / ``P.bitmask`` / ``P.shape`` as compressed-tensors
+  <= 0.14 wrote them (2:4 only, in % 8 == 0, out % 8 == 0, -0.0 normalised to +0.0), and the
+  ``quantization_config.sparsity_config`` block in config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nmkit.errors import UserError
+from nmkit.formats.nm import NMTensor, compress, decompress, pack_bits, padded_cols, unpack_bits
+from nmkit.patterns import NM
+
+SIDECAR = "nmkit.json"
+STORAGE_DENSE = "dense"
+STORAGE_NMKIT = "nmkit-compressed"
+FORMATS = ("dense", "nmkit", "compressed-tensors-24")
+WEIGHTS = "model.safetensors"
+CT_VERSION = "0.14.0"  # last compressed-tensors line that could read sparse-24-bitmask
+
+
+def _read_sidecar(directory: Path) -> dict:
+    path = directory / SIDECAR
+    if not path.is_file():
+        raise UserError(f"{str(directory)!r} has no {SIDECAR}: export needs a directory written by "
+                        "`nmkit prune` (it names the pruned layers and their N:M pattern)")
+    return json.loads(path.read_text())
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no *.safetensors files in {str(directory)!r}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer and other small files; not the weights (written by the caller)."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (SIDECAR, "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+def read_pruned(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Dense tensors (zeros in place) and the sidecar of a pruned directory, dense or nmkit-compressed."""
+    directory = Path(directory)
+    sidecar = _read_sidecar(directory)
+    tensors = _read_tensors(directory)
+    if sidecar.get("storage") == STORAGE_NMKIT:
+        for name, layer in sidecar["layers"].items():
+            t = NMTensor(values=tensors.pop(f"{name}.weight_values"), mask=tensors.pop(f"{name}.weight_mask"),
+                         shape=tuple(layer["shape"]), pattern=NM.parse(layer["pattern"]))
+            t.validate()
+            tensors[f"{name}.weight"] = decompress(t)
+    return tensors, sidecar
+
+
+def _file_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def _write_sidecar(dst: Path, sidecar: dict, **changes) -> None:
+    body = {**sidecar, **changes}
+    (dst / SIDECAR).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def export_dense(src: str | Path, out: str | Path) -> dict:
+    """Zeros in place, one safetensors file, sidecar kept."""
+    src, out = Path(src), Path(out)
+    tensors, sidecar = read_pruned(src)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_side_files(src, out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    _write_sidecar(out, sidecar, storage=STORAGE_DENSE)
+    return {"format": "dense", "bytes": _file_bytes(out)}
+
+
+def export_nmkit(src: str | Path, out: str | Path) -> dict:
+    """Compressed values + bitmask for every pruned layer; reports file size vs the dense file."""
+    src, out = Path(src), Path(out)
+    tensors, sidecar = read_pruned(src)
+    dense_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    for name, layer in sidecar["layers"].items():
+        w = tensors.pop(f"{name}.weight")
+        t = compress(w, NM.parse(layer["pattern"]))
+        tensors[f"{name}.weight_values"] = t.values
+        tensors[f"{name}.weight_mask"] = t.mask
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_side_files(src, out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS),
+              metadata={"format": "pt", "nmkit": STORAGE_NMKIT})
+    _write_sidecar(out, sidecar, storage=STORAGE_NMKIT)
+    size = _file_bytes(out)
+    return {"format": "nmkit", "bytes": size, "dense_bytes": dense_bytes, "ratio": size / dense_bytes}
+
+
+def _ct24_validate(name: str, w: torch.Tensor, pattern: str) -> None:
+    if pattern != "2:4":
+        raise UserError(f"compressed-tensors-24 stores 2:4 only (keep 2 of every 4); layer {name} is {pattern}")
+    if w.dim() != 2:
+        raise UserError(f"compressed-tensors-24 needs 2-D weights; {name} has shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if cols % 8 or rows % 8:
+        raise UserError(f"compressed-tensors-24 (vLLM) needs in_features % 8 == 0 and out_features % 8 == 0; "
+                        f"{name} has shape ({rows}, {cols})")
+
+
+def export_ct24(src: str | Path, out: str | Path) -> dict:
+    """Legacy compressed-tensors ``sparse-24-bitmask`` (see module docstring and anchors.md section 9)."""
+    src, out = Path(src), Path(out)
+    tensors, sidecar = read_pruned(src)
+    layers = sidecar["layers"]
+    for name, layer in layers.items():
+        _ct24_validate(name, tensors[f"{name}.weight"], layer["pattern"])
+    total = kept = 0
+    for name in layers:
+        w = tensors.pop(f"{name}.weight")
+        w = torch.where(w == 0, torch.zeros_like(w), w)  # -0.0 -> +0.0: vLLM produced garbage on -0.0
+        t = compress(w, "2:4")  # exactly 2 kept per 4; zeros fill groups with fewer non-zeros
+        mask = unpack_bits(t.mask, w.shape[1])
+        tensors[f"{name}.compressed"] = w[mask].reshape(w.shape[0], w.shape[1] // 2)
+        tensors[f"{name}.bitmask"] = pack_bits(mask)
+        tensors[f"{name}.shape"] = torch.tensor(list(w.shape), dtype=torch.int64).reshape(-1, 1)
+        total += w.numel()
+        kept += int((w != 0).sum())
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_side_files(src, out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": CT_VERSION,
+        "sparsity_config": {
+            "format": "sparse-24-bitmask",
+            "targets": sorted(layers),
+            "ignore": ["lm_head"],
+            "global_sparsity": round(1 - kept / max(1, total), 6),
+            "sparsity_structure": "2:4",
+            "registry_requires_subclass": False,
+        },
+        "transform_config": {},
+    }
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_sidecar(out, sidecar, storage="compressed-tensors-24")
+    return {"format": "compressed-tensors-24", "bytes": _file_bytes(out)}
+
+
+def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Decompress a ``sparse-24-bitmask`` checkpoint to dense tensors (as compressed-tensors did)."""
+    tensors = _read_tensors(Path(directory))
+    for key in [k for k in tensors if k.endswith(".bitmask")]:
+        prefix = key[: -len(".bitmask")]
+        rows, cols = (int(v) for v in tensors.pop(f"{prefix}.shape").flatten())
+        mask = unpack_bits(tensors.pop(key), cols)
+        values = tensors.pop(f"{prefix}.compressed")
+        dense = torch.zeros(rows, cols, dtype=values.dtype)
+        dense[mask] = values.flatten()
+        tensors[f"{prefix}.weight"] = dense
+    return tensors
+
+
+def export(src: str | Path, fmt: str, out: str | Path) -> dict:
+    """Export a pruned directory to ``fmt`` (one of :data:`FORMATS`); returns a small summary."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fn = {"dense": export_dense, "nmkit": export_nmkit, "compressed-tensors-24": export_ct24}[fmt]
+    return fn(src, out)
+
+
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load an ``nmkit``-format directory as a transformers model whose pruned layers are SparseLinear.
+
+    A dense pruned directory loads too (its pruned layers are compressed on load).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nmkit.nn import SparseLinear
+
+    directory = Path(directory)
+    tensors = _read_tensors(directory)
+    sidecar = _read_sidecar(directory)
+    compressed = sidecar.get("storage") == STORAGE_NMKIT
+    if dtype is None:
+        dtype = next(v.dtype for k, v in tensors.items() if v.is_floating_point())
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    for name, layer in sidecar["layers"].items():
+        old = model.get_submodule(name)
+        pattern = NM.parse(layer["pattern"])
+        mod = SparseLinear(old.in_features, old.out_features, pattern, bias=old.bias is not None, dtype=dtype)
+        if compressed:
+            t = NMTensor(values=tensors.pop(f"{name}.weight_values").to(dtype),
+                         mask=tensors.pop(f"{name}.weight_mask"), shape=tuple(layer["shape"]), pattern=pattern)
+            t.validate()
+        else:
+            t = compress(tensors.pop(f"{name}.weight").to(dtype), pattern)
+        mod.load_compressed(t)
+        if old.bias is not None:
+            mod.bias.data.copy_(tensors.pop(f"{name}.bias"))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, mod)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not k.endswith((".values", ".mask")) and not (tied and "lm_head" in k)]
+    if missing or unexpected:
+        raise UserError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model
+
+
+__all__ = ["FORMATS", "export", "export_ct24", "export_dense", "export_nmkit", "load_compressed", "padded_cols",
+           "read_ct24", "read_pruned"]

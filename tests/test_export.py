@@ -1,0 +1,119 @@
+"""Export formats (dense + sidecar, nmkit compressed, compressed-tensors-24) and loading them back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from nmkit.errors import UserError
+from nmkit.formats.io import export, load_compressed, read_ct24, read_pruned
+from nmkit.nn import SparseLinear
+from nmkit.solvers.nm import nm_mask
+
+
+def _pruned_dir(tmp_path, pattern="2:4", dtype=torch.float32, hidden=64, name="src", heads=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nmkit import sidecar
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    layers = {}
+    with torch.no_grad():
+        for n, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and "lm_head" not in n:
+                mod.weight.mul_(nm_mask(mod.weight.abs(), pattern))
+                layers[n] = {"pattern": pattern, "dim": 1, "shape": list(mod.weight.shape)}
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = -0.0  # a -0.0 to normalise in ct24
+    path = tmp_path / name
+    model.save_pretrained(path)
+    sidecar.write(path, layers, pattern=pattern)
+    return path, model
+
+
+def test_dense_export_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, model = _pruned_dir(tmp_path)
+    export(src, "dense", tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    ids = torch.randint(0, 300, (1, 5))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert json.loads((tmp_path / "dense" / "nmkit.json").read_text())["layers"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nmkit_round_trip_and_load(tmp_path, dtype):
+    src, model = _pruned_dir(tmp_path, dtype=dtype)
+    summary = export(src, "nmkit", tmp_path / "nm")
+    assert summary["ratio"] < 1.0
+    # Lossless: decompressing the nmkit directory gives the dense tensors bit for bit.
+    a, _ = read_pruned(src)
+    b, _ = read_pruned(tmp_path / "nm")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loaded = load_compressed(tmp_path / "nm")
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj, SparseLinear)
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+def test_ct24_layout_and_round_trip(tmp_path):
+    src, model = _pruned_dir(tmp_path)
+    export(src, "compressed-tensors-24", tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    sc = cfg["quantization_config"]["sparsity_config"]
+    assert sc["format"] == "sparse-24-bitmask" and sc["sparsity_structure"] == "2:4"
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    p = "model.layers.0.mlp.up_proj"
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        shape, comp, bm = f.get_tensor(f"{p}.shape"), f.get_tensor(f"{p}.compressed"), f.get_tensor(f"{p}.bitmask")
+    assert f"{p}.weight" not in keys and "model.norm.weight" in keys
+    assert shape.dtype == torch.int64 and shape.shape == (2, 1) and shape.flatten().tolist() == [128, 64]
+    assert comp.shape == (128, 32) and bm.dtype == torch.uint8 and bm.shape == (128, 8)
+    dense = read_ct24(tmp_path / "ct")
+    w = model.model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.equal(dense[f"{p}.weight"], w)
+    assert not torch.signbit(dense[f"{p}.weight"][0, 0])  # -0.0 normalised
+    # exactly 2 kept per group of 4
+    bits = ((bm.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(128, 16, 4).sum(-1)
+    assert bool((bits == 2).all())
+
+
+def test_ct24_validation_errors(tmp_path):
+    src, _ = _pruned_dir(tmp_path, pattern="1:4")
+    with pytest.raises(UserError, match="2:4 only"):
+        export(src, "compressed-tensors-24", tmp_path / "ct")
+    src, _ = _pruned_dir(tmp_path, hidden=68, name="odd", heads=2)  # 68 % 8 != 0
+    with pytest.raises(UserError, match="% 8"):
+        export(src, "compressed-tensors-24", tmp_path / "ct2")
+
+
+def test_export_needs_sidecar(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match="nmkit.json"):
+        export(tmp_path / "x", "nmkit", tmp_path / "y")
+
+
+def test_export_command(tmp_path, capsys):
+    import argparse
+
+    from nmkit.commands import export as cmd
+
+    src, _ = _pruned_dir(tmp_path)
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert cmd.run(p.parse_args([str(src), "--format", "nmkit", "--out", str(tmp_path / "o")])) == 0
+    assert "the dense tensors" in capsys.readouterr().out
