@@ -18,9 +18,7 @@ from nmkit.training import (
     merge_sparse_lora,
     plot_history,
     soft_threshold,
-    transposable_mask,
 )
-from nmkit.training.transposable import block_patterns
 
 STEPS = 12
 STRUCTURE = [("4:8", 0), ("2:8", 4), ("1:8", 8)]  # sparse-structure decay 4:8 -> 2:8 -> 1:8
@@ -163,26 +161,19 @@ def test_soft_threshold_keeps_at_most_n_and_is_continuous():
     assert (soft_threshold(a, NM(2, 4)) - soft_threshold(b, NM(2, 4))).abs().max() < 1e-3
 
 
-def test_transposable_masks_valid_for_w_and_wt():
-    assert block_patterns(2, 4).shape == (90, 16)
-    w = torch.randn(32, 64)
-    for spec in ("2:4", "1:4", "1:8", "2:8"):
-        p = NM.parse(spec)
-        mask = transposable_mask(w, p)
-        assert p.is_valid(mask) and p.is_valid(mask.T)
-    exact = transposable_mask(w, NM(2, 4))
-    assert NM(2, 4).is_valid(exact, exact=True) and NM(2, 4).is_valid(exact.T, exact=True)
-
-
-def test_transposable_training_deploys_valid_w_and_wt():
+@pytest.mark.parametrize("pattern", ["2:4", "1:8"])
+def test_transposable_training_deploys_valid_w_and_wt(pattern):
+    p = NM.parse(pattern)
     model = _mlp()
-    sparse = SparseTraining(model, "2:4", method="srste", mask_kind="transposable", exclude=("4",))
+    sparse = SparseTraining(model, pattern, method="srste", mask_kind="transposable", exclude=("4",))
+    for layer in sparse.layers:
+        assert p.is_valid(layer.param.mask) and p.is_valid(layer.param.mask.T)
     _train(model, sparse)
     report = sparse.finalize()
     assert report["valid"]
     for i in (0, 2):
         w = model[i].weight
-        assert NM(2, 4).is_valid(w) and NM(2, 4).is_valid(w.T)
+        assert p.is_valid(w) and p.is_valid(w.T)
 
 
 def test_bidirectional_function_uses_backward_mask():

@@ -11,7 +11,6 @@ from nmkit.training.lora import add_sparse_lora, merge_sparse_lora
 from nmkit.training.masks import magnitude_mask, soft_threshold
 from nmkit.training.monitor import plot_history
 from nmkit.training.schedule import Schedule
-from nmkit.training.transposable import transposable_mask
 
 __all__ = [
     "METHODS",
@@ -28,5 +27,4 @@ __all__ = [
     "merge_sparse_lora",
     "plot_history",
     "soft_threshold",
-    "transposable_mask",
 ]
