@@ -26,9 +26,7 @@ STRUCTURE = [("4:8", 0), ("2:8", 4), ("1:8", 8)]  # sparse-structure decay 4:8 -
 
 def _mlp(seed: int = 0, width: int = 32) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(16, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4)
-    )
+    return nn.Sequential(nn.Linear(16, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4))
 
 
 def _data(seed: int = 1, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,3 +276,42 @@ def test_bad_inputs_are_user_errors():
     sparse.finalize()
     with pytest.raises(UserError):
         sparse.step()
+
+
+def test_dense_phase_starts_from_the_sparse_point():
+    model = _mlp()
+    sparse = SparseTraining(model, "2:4", method="srste", schedule=Schedule(total_steps=6, dense_finetune=0.5))
+    _train(model, sparse, steps=2)
+    assert not sparse.in_dense_phase
+    w = model[2].parametrizations.weight.original
+    mask = model[2].parametrizations.weight[0].mask.clone()
+    sparse.step()  # step 3 = 6 - 3: the dense phase begins, pruned master weights are zeroed
+    assert sparse.in_dense_phase and bool((w[~mask] == 0).all())
+    torch.testing.assert_close(model[2].weight, w)  # forward is now dense
+    report = sparse.finalize(keep_dense=True)
+    assert report["dense"]
+
+
+def test_update_interval_and_resume_state():
+    model = _mlp()
+    sparse = SparseTraining(model, "2:4", method="ste", schedule=Schedule(update_interval=3))
+    _train(model, sparse, steps=7)
+    assert sparse.history.flip_steps == [3, 6]
+    state = sparse.state_dict()
+    other = SparseTraining(_mlp(), "2:4", method="ste", schedule=Schedule(update_interval=3))
+    other.load_state_dict(state)
+    assert other.steps == 7 and other.history.flip_steps == [3, 6]
+
+
+@pytest.mark.slow
+def test_compile_inductor_trains_and_deploys():
+    model = _mlp()
+    sparse = SparseTraining(model, "2:4", method="sste")
+    run = torch.compile(model)
+    x, y = _data()
+    opt = sparse.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for _ in range(3):
+        nn.functional.mse_loss(run(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert sparse.finalize()["valid"]

@@ -197,9 +197,7 @@ class SparseTraining:
         else:
             raise UserError(f"masks must be 'magnitude', 'nonzero' or a dict of masks, got {masks!r}")
         if mask.shape != w.shape or not self.pattern.is_valid(mask):
-            raise UserError(
-                f"the given mask of {name!r} is not a valid {self.pattern} mask of shape {tuple(w.shape)}"
-            )
+            raise UserError(f"the given mask of {name!r} is not a valid {self.pattern} mask of shape {tuple(w.shape)}")
         return mask
 
     def _solve(self, w: torch.Tensor, pattern: NM, parent: torch.Tensor | None) -> torch.Tensor:
@@ -308,6 +306,26 @@ class SparseTraining:
     def flip_rate(self) -> dict[str, float]:
         """Flip rate of the last mask update: ``{"overall": r, layer_name: r, ...}``, r = flips / weights."""
         return dict(self._last_flip)
+
+    def state_dict(self) -> dict:
+        """Schedule position and history; masks and scalars are buffers in ``model.state_dict()``."""
+        return {
+            "steps": self.steps,
+            "pattern": str(self.pattern),
+            "in_dense_phase": self.in_dense_phase,
+            "history": dataclasses.asdict(self.history),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume: restore the schedule position (load the model's state dict separately)."""
+        self.steps = int(state["steps"])
+        self.pattern = NM.parse(state["pattern"])
+        for layer in self.layers:
+            layer.param.pattern = self.pattern
+            if state["in_dense_phase"]:
+                layer.param.mode = "dense"
+        self.in_dense_phase = bool(state["in_dense_phase"])
+        self.history = History(**state["history"])
 
     def _check_open(self) -> None:
         if self.finalized:
