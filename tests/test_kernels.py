@@ -83,3 +83,18 @@ def test_without_native_library(monkeypatch):
     w, t = _case(8, 64, "2:4", torch.float32)
     x = torch.randn(3, 64)
     torch.testing.assert_close(nm_linear(x, to_blocked(t)), torch.nn.functional.linear(x, w))
+
+
+def test_cuda_module_imports_and_skips_cleanly():
+    from nmkit.kernels import cuda
+
+    if not cuda.available():
+        with pytest.raises(RuntimeError, match="GPU"):
+            cuda.SemiStructuredLinear.from_dense(torch.nn.Linear(64, 64).half())
+        pytest.skip("no CUDA GPU with compute capability >= 8.0")
+    lin = torch.nn.Linear(200, 72).half().cuda()  # not multiples of 64: exercises the padding
+    with torch.no_grad():
+        lin.weight.mul_(nm_mask(lin.weight.abs(), "2:4"))
+    s = cuda.SemiStructuredLinear.from_dense(lin)
+    x = torch.randn(5, 200, dtype=torch.half, device="cuda")
+    torch.testing.assert_close(s(x), lin(x), rtol=2e-2, atol=2e-2)
