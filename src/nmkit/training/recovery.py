@@ -50,11 +50,14 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean() * t * t
 
 
-def _lr_at(step: int, cfg: RecoveryConfig) -> float:
+def _lr_at(step: int, elapsed: float, cfg: RecoveryConfig) -> float:
+    """Warm-up, then cosine over whichever runs out first: the steps or the time budget."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.max_seconds:
+        frac = max(frac, elapsed / cfg.max_seconds)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 def recovery_finetune(
@@ -88,10 +91,13 @@ def recovery_finetune(
     result = RecoveryResult(0, 0.0)
     t0 = time.perf_counter()
     for step in range(min(cfg.steps, batches.shape[0])):
-        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+        # Stop when the budget is spent or one more step (at the mean pace) would overrun it.
+        elapsed = time.perf_counter() - t0
+        pace = elapsed / step if step else 0.0
+        if cfg.max_seconds is not None and elapsed + pace > cfg.max_seconds:
             break
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = _lr_at(step, time.perf_counter() - t0, cfg)
         ids = batches[step]
         logits = model(ids).logits[:, :-1]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
