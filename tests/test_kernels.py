@@ -98,3 +98,12 @@ def test_cuda_module_imports_and_skips_cleanly():
     s = cuda.SemiStructuredLinear.from_dense(lin)
     x = torch.randn(5, 200, dtype=torch.half, device="cuda")
     torch.testing.assert_close(s(x), lin(x), rtol=2e-2, atol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "4:16"])
+def test_native_decompress_exact(isa, dtype, pattern):
+    w, t = _case(37, 96, pattern, dtype)
+    assert torch.equal(native.decompress(to_blocked(t), isa=isa), w)

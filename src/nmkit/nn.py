@@ -19,7 +19,7 @@ from torch import nn
 from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked
 from nmkit.formats.nm import NMTensor, decompress
 from nmkit.formats.nm import compress as compress_tensor
-from nmkit.kernels import nm_linear
+from nmkit.kernels import native, nm_linear
 from nmkit.patterns import NM, PatternError, group_counts
 
 
@@ -86,7 +86,11 @@ class SparseLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight, decompressed on demand (for inspection; forward never builds it)."""
+        """The dense weight, decompressed on demand (forward builds it only for the dense fallback)."""
+        b = self._blocked()
+        if native.available() and b.values.dtype in (torch.float32, torch.bfloat16) and b.values.device.type == "cpu" \
+                and 16 % self.pattern.group == 0:
+            return native.decompress(b)
         return decompress(self.compressed())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

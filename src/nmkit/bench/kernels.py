@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight memory rotated through per method (0 = hot, one copy)")
     parser.add_argument("--isa", default=None, choices=native.ISAS, help="force a lower ISA path")
     parser.add_argument("--kind", default="auto", choices=tuple(native.KINDS), help="force gemv or spmm")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: this thread's CPU time, which leaves out time preempted by other jobs "
+                             "(only meaningful with --threads 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -48,17 +52,20 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _time_calls(fn, args_list) -> float:
+_CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _time_calls(fn, args_list, clock=time.perf_counter) -> float:
     """Mean seconds per call of ``fn`` over the rotation of copies."""
-    t0 = time.perf_counter()
+    t0 = clock()
     for a in args_list:
         fn(*a)
-    return (time.perf_counter() - t0) / len(args_list)
+    return (clock() - t0) / len(args_list)
 
 
 def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches: list[int],
                 threads: list[int], rounds: int, cold_mb: int, isa: str | None, kind: str,
-                seed: int) -> list[dict]:
+                seed: int, clock: str = "wall") -> list[dict]:
     out_f, in_f = shape
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen)
@@ -66,7 +73,8 @@ def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches
     dense_bytes = w.numel() * w.element_size()
     copies = max(1, min(64, (cold_mb << 20) // dense_bytes)) if cold_mb > 0 else 1
     dense_ws = [w.clone() for _ in range(copies)]
-    sparse_ws = [to_blocked(compress(w, pattern)) for _ in range(copies)]
+    packed = to_blocked(compress(w, pattern))
+    sparse_ws = [replace(packed, values=packed.values.clone(), mask=packed.mask.clone()) for _ in range(copies)]
     results = []
     old_threads = torch.get_num_threads()
     try:
@@ -89,20 +97,21 @@ def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches
                 _time_calls(dense, dargs[:2])
                 _time_calls(ours, sargs[:2])
                 td, ts = [], []
+                ck = _CLOCK[clock]
                 for r in range(rounds):
                     if r % 2 == 0:
-                        td.append(_time_calls(dense, dargs))
-                        ts.append(_time_calls(ours, sargs))
+                        td.append(_time_calls(dense, dargs, ck))
+                        ts.append(_time_calls(ours, sargs, ck))
                     else:
-                        ts.append(_time_calls(ours, sargs))
-                        td.append(_time_calls(dense, dargs))
+                        ts.append(_time_calls(ours, sargs, ck))
+                        td.append(_time_calls(dense, dargs, ck))
                 ratios = [a / b for a, b in zip(td, ts, strict=True)]
                 results.append({
                     "shape": f"{out_f}x{in_f}", "pattern": str(pattern), "dtype": str(dtype).split(".")[-1],
                     "threads": nt, "batch": b, "dense_ms": statistics.median(td) * 1e3,
                     "ours_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
                     "ratio_best": min(td) / min(ts), "max_rel_err": err, "copies": copies,
-                    "isa": isa or native.best_isa(), "kind": kind,
+                    "isa": isa or native.best_isa(), "kind": kind, "clock": clock,
                 })
     finally:
         torch.set_num_threads(old_threads)
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load0 = os.getloadavg()[0]
     print(f"# nmkit bench kernels  {started}  cpu={platform.processor() or platform.machine()} "
-          f"isa={args.isa or native.best_isa()} torch={torch.__version__} load1={load0:.2f}")
+          f"isa={args.isa or native.best_isa()} torch={torch.__version__} clock={args.clock} load1={load0:.2f}")
     print("# ratio = dense ms / ours ms (median of interleaved rounds; best = min/min)")
     print(f"{'shape':>12} {'N:M':>5} {'dtype':>8} {'thr':>3} {'B':>4} {'dense ms':>9} {'ours ms':>9} "
           f"{'ratio':>6} {'best':>6}")
@@ -130,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         for pattern in patterns:
             for dtype in dtypes:
                 for r in bench_point(shape, pattern, dtype, batches, threads, args.rounds, args.cold_mb,
-                                     args.isa, args.kind, args.seed):
+                                     args.isa, args.kind, args.seed, args.clock):
                     rows.append(r)
                     print(f"{r['shape']:>12} {r['pattern']:>5} {r['dtype']:>8} {r['threads']:>3} "
                           f"{r['batch']:>4} {r['dense_ms']:9.3f} {r['ours_ms']:9.3f} {r['ratio']:6.2f} "

@@ -45,6 +45,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.nmk_linear.restype = ctypes.c_int
     i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
     lib.nmk_linear.argtypes = [i, i, i, p, p, i, i, i, p, i64, i, p, i64, i]
+    lib.nmk_decompress.restype = ctypes.c_int
+    lib.nmk_decompress.argtypes = [i, i, p, p, i, i, i, p, i64, i]
     return lib
 
 
@@ -133,3 +135,19 @@ def linear(
     if rc != 0:
         raise NativeError(f"nmk_linear failed with code {rc}")
     return y.reshape(*lead, rows)
+
+
+def decompress(weight: BlockedNM, *, isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """Dense (out, in) weight from the kernel layout in one pass (the dense fallback for big batches)."""
+    lib = _lib()
+    if lib is None or weight.values.dtype not in _DTYPES or 16 % weight.pattern.group:
+        raise NativeError("native decompress unavailable for this weight; use nmkit.formats")
+    rows, cols = weight.shape
+    out = torch.empty(rows, weight.kp, dtype=weight.values.dtype)
+    rc = lib.nmk_decompress(
+        _resolve_isa(isa), _DTYPES[weight.values.dtype], weight.values.data_ptr(), weight.mask.data_ptr(),
+        rows, weight.kp, weight.p16, out.data_ptr(), weight.kp, threads or torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise NativeError(f"nmk_decompress failed with code {rc}")
+    return out if cols == weight.kp else out[:, :cols]

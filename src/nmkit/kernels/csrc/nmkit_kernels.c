@@ -333,6 +333,87 @@ DEF_SPMM(spmm256f, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_stor
 DEF_SPMM(spmm256h, T256, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, Z256, 8, uint16_t, bf16_to_f32, 1, _mm256_add_ps)
 #endif /* NMK_X86 */
 
+/* ------------------------------------------------------------------ decompress to dense rows
+ * out[r][0..kp) = the dense weight (zeros at pruned positions), for the dense fallback of large
+ * batches: one pass over the compressed bytes, far cheaper than a scatter in torch. */
+static void decompress_portable(const nmk_args *a, void *out, int64_t ldo, int r0, int r1) {
+    const int nu = a->kp / 32, q = UNIT_VALS(a);
+    const uint32_t *M = (const uint32_t *)a->mask;
+    for (int r = r0; r < r1 && r < a->rows; r++) {
+        const int64_t rb = r / 4, i = r % 4;
+        for (int u = 0; u < nu; u++) {
+            int64_t vi = rb * BLOCK_VALS(a) + ((int64_t)u * 4 + i) * q;
+            uint32_t m = M[(rb * nu + u) * 4 + i];
+            for (int j = 0; j < 32; j++) {
+                int64_t o = (int64_t)r * ldo + 32 * u + j;
+                int keep = (m >> j) & 1u;
+                if (a->dtype == DT_F32)
+                    ((float *)out)[o] = keep ? ((const float *)a->values)[vi] : 0.f;
+                else
+                    ((uint16_t *)out)[o] = keep ? ((const uint16_t *)a->values)[vi] : 0;
+                vi += keep;
+            }
+        }
+    }
+}
+
+#ifdef NMK_X86
+static T512BF void decompress_512(const nmk_args *a, void *out, int64_t ldo, int r0, int r1) {
+    const int nu = a->kp / 32, q = UNIT_VALS(a);
+    const uint32_t *M = (const uint32_t *)a->mask;
+    for (int r = r0; r < r1 && r < a->rows; r++) {
+        const int64_t rb = r / 4, i = r % 4;
+        for (int u = 0; u < nu; u++) {
+            const int64_t vi = rb * BLOCK_VALS(a) + ((int64_t)u * 4 + i) * q;
+            const uint32_t m = M[(rb * nu + u) * 4 + i];
+            if (a->dtype == DT_F32) {
+                const float *v = (const float *)a->values + vi;
+                float *o = (float *)out + (int64_t)r * ldo + 32 * u;
+                const int p0 = __builtin_popcount(m & 0xffffu);
+                _mm512_storeu_ps(o, _mm512_maskz_expand_ps((__mmask16)m,
+                                 _mm512_maskz_loadu_ps((__mmask16)((1u << p0) - 1u), v)));
+                const int p1 = q - p0;
+                _mm512_storeu_ps(o + 16, _mm512_maskz_expand_ps((__mmask16)(m >> 16),
+                                 _mm512_maskz_loadu_ps((__mmask16)((1u << p1) - 1u), v + p0)));
+            } else {
+                const uint16_t *v = (const uint16_t *)a->values + vi;
+                uint16_t *o = (uint16_t *)out + (int64_t)r * ldo + 32 * u;
+                const __mmask32 lm = (__mmask32)(q == 32 ? 0xffffffffu : ((1u << q) - 1u));
+                _mm512_storeu_si512(o, _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(lm, v)));
+            }
+        }
+    }
+}
+#endif
+
+/* Dense copy of the weight into out (rows x kp, leading dimension ldo >= kp). */
+int nmk_decompress(int isa, int dtype, const void *values, const uint8_t *mask, int rows, int kp, int p16,
+                   void *out, int64_t ldo, int nthreads) {
+    if (isa > nmk_best_isa()) return -1;
+    if (rows <= 0 || kp <= 0 || kp % 32 || p16 < 1 || p16 > 16 || ldo < kp) return -2;
+    if (dtype != DT_F32 && dtype != DT_BF16) return -2;
+    nmk_args a = {dtype, values, mask, rows, kp, p16, 0, 0, 0, 0, 0};
+    int nth = nthreads < 1 ? 1 : nthreads;
+    int64_t work = (int64_t)rows * kp;
+    if (nth > 1 && work / nth < (1 << 20)) nth = (int)(work >> 20) > 1 ? (int)(work >> 20) : 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int r0 = 0, r1 = rows;
+#ifdef _OPENMP
+        thread_rows(rows, omp_get_num_threads(), omp_get_thread_num(), &r0, &r1);
+#endif
+#ifdef NMK_X86
+        if (isa >= ISA_AVX512BF16)
+            decompress_512(&a, out, ldo, r0, r1);
+        else
+#endif
+            decompress_portable(&a, out, ldo, r0, r1);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------- driver */
 
 static int spmm_vw(int isa) { return isa >= ISA_AVX512 ? 16 : 8; }
