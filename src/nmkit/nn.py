@@ -40,15 +40,19 @@ def _(x, values, mask, out_features, in_features, keep, group):
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W kept as N:M values + bitmask in the kernel layout.
 
-    ``dense_from_batch``: at this many tokens or more, decompress and use dense ``F.linear``
-    (set by :func:`compress` where its measurement found dense faster at large batches).
+    ``dense_from_batch``: at this many tokens or more, decompress (one native pass) and use dense
+    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 16 for bf16
+    (torch's bf16 GEMM beat our bf16 SpMM 2-3x at 16-64 tokens on the development machine) and
+    never for fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: NM | str, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, dense_from_batch: int | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, dense_from_batch: int | None | str = "auto") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.pattern = NM.parse(pattern)
+        if dense_from_batch == "auto":
+            dense_from_batch = 16 if dtype == torch.bfloat16 else None
         self.dense_from_batch = dense_from_batch
         shell = to_blocked(compress_tensor(torch.zeros(out_features, in_features, dtype=dtype), self.pattern))
         self.register_buffer("values", shell.values)
@@ -58,7 +62,7 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: NM | str, mask: torch.Tensor | None = None,
-                   dense_from_batch: int | None = None) -> SparseLinear:
+                   dense_from_batch: int | None | str = "auto") -> SparseLinear:
         """Compress a pruned ``nn.Linear`` (its weight must follow ``pattern``: keep N of every M)."""
         w = linear.weight.detach()
         mod = cls(linear.in_features, linear.out_features, pattern, bias=linear.bias is not None,
@@ -169,6 +173,7 @@ def _measure(
 ) -> dict[int, float]:
     """Ratio dense / sparse time per batch size, the two interleaved (hot weights, this machine)."""
     ratios = {}
+    sparse.dense_from_batch = None  # time the kernel itself at every batch
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, dense.in_features, dtype=dense.weight.dtype, device=dense.weight.device)
