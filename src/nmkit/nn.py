@@ -41,9 +41,9 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W kept as N:M values + bitmask in the kernel layout.
 
     ``dense_from_batch``: at this many tokens or more, decompress (one native pass) and use dense
-    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 16 for bf16
-    (torch's bf16 GEMM beat our bf16 SpMM 2-3x at 16-64 tokens on the development machine) and
-    never for fp32.
+    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 8 for bf16
+    (torch's bf16 GEMM beat our bf16 kernels at 8-64 tokens on the development machine, by 1.4x
+    at 8 and 2-3x at 16-64) and never for fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: NM | str, bias: bool = True,
@@ -52,7 +52,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.pattern = NM.parse(pattern)
         if dense_from_batch == "auto":
-            dense_from_batch = 16 if dtype == torch.bfloat16 else None
+            dense_from_batch = 8 if dtype == torch.bfloat16 else None
         self.dense_from_batch = dense_from_batch
         shell = to_blocked(compress_tensor(torch.zeros(out_features, in_features, dtype=dtype), self.pattern))
         self.register_buffer("values", shell.values)

@@ -32,11 +32,12 @@ def _lib() -> ctypes.CDLL | None:
     if os.environ.get("NMKIT_NATIVE", "1") == "0":
         return None
     try:
-        spec = importlib.util.find_spec("nmkit.kernels._native")
-        if spec is None or spec.origin is None:
+        override = os.environ.get("NMKIT_NATIVE_LIB")  # a development build of the same C file
+        spec = importlib.util.find_spec("nmkit.kernels._native") if not override else None
+        if not override and (spec is None or spec.origin is None):
             raise OSError("nmkit.kernels._native was not built")
         # torch is imported first, so the library binds to torch's already-loaded libgomp (one OpenMP pool).
-        lib = ctypes.CDLL(spec.origin)
+        lib = ctypes.CDLL(override or spec.origin)
     except OSError as exc:
         warnings.warn(f"nmkit native kernels unavailable ({exc}); using the slower torch reference path",
                       RuntimeWarning, stacklevel=3)

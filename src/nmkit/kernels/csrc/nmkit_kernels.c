@@ -136,6 +136,16 @@ static void portable_rows(const nmk_args *a, int r0, int r1) {
 /* ------------------------------------------------------------------ AVX-512 fp32 bitmask GEMV */
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi,bmi2,popcnt,fma")))
 
+/* Expand into a freshly zeroed register instead of using the {z} form: on the development CPU (AMD
+ * family 26) a zero-masked vexpandps/vpexpandw waits for the old value of its destination, and
+ * GCC reuses one destination register, which serialised the GEMV (3-4x slower at 1 and 4 tokens).
+ * The empty asm keeps the compiler from folding the zero back into a {z} expand. */
+static inline __attribute__((always_inline)) T512 __m512 expand_ps(__mmask16 k, __m512 v) {
+    __m512 z = _mm512_setzero_ps();
+    __asm__("" : "+v"(z));
+    return _mm512_mask_expand_ps(z, k, v);
+}
+
 /* Load the p kept fp32 values of a 16-column chunk (exact-width loads for common p, else masked). */
 #define LD_F32_8(v) _mm512_castps256_ps512(_mm256_loadu_ps(v))
 #define LD_F32_4(v) _mm512_castps128_ps512(_mm_loadu_ps(v))
@@ -160,7 +170,7 @@ static void portable_rows(const nmk_args *a, int r0, int r1) {
                     __m512 xv[NB];                                                                    \
                     for (int t = 0; t < NB; t++) xv[t] = _mm512_loadu_ps(X + t * a->ldx + u * 32 + h * 16); \
                     for (int i = 0; i < 4; i++) {                                                     \
-                        __m512 w = _mm512_maskz_expand_ps(m[2 * i + h], LD_F32_##P(v + (2 * i + h) * p)); \
+                        __m512 w = expand_ps(m[2 * i + h], LD_F32_##P(v + (2 * i + h) * p));      \
                         for (int t = 0; t < NB; t++) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]); \
                     }                                                                                 \
                 }                                                                                     \
@@ -202,6 +212,12 @@ static T512BF inline __m512 dp_bf16(__m512 acc, __m512i w, __m512i x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
 }
 
+static inline __attribute__((always_inline)) T512BF __m512i expand_epi16(__mmask32 k, __m512i v) {
+    __m512i z = _mm512_setzero_si512();
+    __asm__("" : "+v"(z));
+    return _mm512_mask_expand_epi16(z, k, v);
+}
+
 #define LD_H_16(v) _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(v)))
 #define LD_H_8(v) _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(v)))
 #define LD_H_0(v) _mm512_maskz_loadu_epi16(lm, v)
@@ -222,7 +238,7 @@ static T512BF inline __m512 dp_bf16(__m512 acc, __m512i w, __m512i x) {
                 __m512i xv[NB];                                                                        \
                 for (int t = 0; t < NB; t++) xv[t] = _mm512_loadu_si512(X + t * a->ldx + u * 32);      \
                 for (int i = 0; i < 4; i++) {                                                          \
-                    __m512i w = _mm512_maskz_expand_epi16(m[i], LD_H_##P(v + i * q));                  \
+                    __m512i w = expand_epi16(m[i], LD_H_##P(v + i * q));                                 \
                     for (int t = 0; t < NB; t++) acc[i][t] = dp_bf16(acc[i][t], w, xv[t]);             \
                 }                                                                                      \
             }                                                                                          \
@@ -278,14 +294,14 @@ static T512BF void gemv_bf16_512(const nmk_args *a, int r0, int r1) {
                         int k = __builtin_ctz(m[i]);                                                   \
                         m[i] &= m[i] - 1;                                                              \
                         VEC w = SET1(WCONV(vu[i * q + j]));                                            \
-                        const float *xr = xb + (int64_t)k * Bp;                                        \
+                        const float *xr = xb + (int64_t)k * (NV * VW);                                 \
                         for (int v = 0; v < NV; v++) acc[i][v] = FMADD(w, LOADU(xr + v * VW), acc[i][v]); \
                     }                                                                                  \
                     for (int i = 0; i < 4; i++) {                                                      \
                         int k = __builtin_ctz(m[i]);                                                   \
                         m[i] &= m[i] - 1;                                                              \
                         VEC w = SET1(WCONV(vu[i * q + j + 1]));                                        \
-                        const float *xr = xb + (int64_t)k * Bp;                                        \
+                        const float *xr = xb + (int64_t)k * (NV * VW);                                 \
                         for (int v = 0; v < NV; v++) {                                                 \
                             if (S == 2)                                                                \
                                 acc2[i][v] = FMADD(w, LOADU(xr + v * VW), acc2[i][v]);                 \
@@ -370,16 +386,16 @@ static T512BF void decompress_512(const nmk_args *a, void *out, int64_t ldo, int
                 const float *v = (const float *)a->values + vi;
                 float *o = (float *)out + (int64_t)r * ldo + 32 * u;
                 const int p0 = __builtin_popcount(m & 0xffffu);
-                _mm512_storeu_ps(o, _mm512_maskz_expand_ps((__mmask16)m,
+                _mm512_storeu_ps(o, expand_ps((__mmask16)m,
                                  _mm512_maskz_loadu_ps((__mmask16)((1u << p0) - 1u), v)));
                 const int p1 = q - p0;
-                _mm512_storeu_ps(o + 16, _mm512_maskz_expand_ps((__mmask16)(m >> 16),
+                _mm512_storeu_ps(o + 16, expand_ps((__mmask16)(m >> 16),
                                  _mm512_maskz_loadu_ps((__mmask16)((1u << p1) - 1u), v + p0)));
             } else {
                 const uint16_t *v = (const uint16_t *)a->values + vi;
                 uint16_t *o = (uint16_t *)out + (int64_t)r * ldo + 32 * u;
                 const __mmask32 lm = (__mmask32)(q == 32 ? 0xffffffffu : ((1u << q) - 1u));
-                _mm512_storeu_si512(o, _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(lm, v)));
+                _mm512_storeu_si512(o, expand_epi16(m, _mm512_maskz_loadu_epi16(lm, v)));
             }
         }
     }
@@ -482,11 +498,14 @@ static void spmm_chunk(const nmk_args *a, int isa, float *XT, float *YT, int t0,
 #endif
 }
 
-/* Which kernel a batch uses when kind == KIND_AUTO (see docs/kernels.md for the measurements). */
+/* Which kernel a batch uses when kind == KIND_AUTO (see docs/kernels.md for the measurements).
+ * bf16 beyond 8 tokens: SparseLinear hands those to torch's dense bf16 GEMM by default. */
 static int auto_kind(int isa, int dtype, int batch) {
     if (isa < ISA_AVX512) return KIND_SPMM;
     if (dtype == DT_BF16) return isa >= ISA_AVX512BF16 && batch <= 8 ? KIND_GEMV : KIND_SPMM;
-    return batch <= 4 ? KIND_GEMV : KIND_SPMM;
+    /* GEMV streams the weights once per 4 tokens; at 5-8 tokens two passes still beat the SpMM,
+     * whose 16-token vectors are half empty (4096x4096 2:4, 8 tokens: ~6.7 vs 8.9 ms). */
+    return batch <= 8 ? KIND_GEMV : KIND_SPMM;
 }
 
 /* y = x @ W^T. Returns 0 on success, -1 for an ISA this CPU lacks, -2 for bad arguments,
