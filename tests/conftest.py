@@ -56,3 +56,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_dense_ppl_cache(monkeypatch):
+    """Tests measure, never reuse a cached dense perplexity (one test enables it explicitly)."""
+    monkeypatch.setenv("NMKIT_NO_PPL_CACHE", "1")

@@ -132,3 +132,16 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nmkit.cli", "prune", "--pattern", "4:2", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "keep N of every M" in proc.stderr
+
+
+def test_dense_perplexity_cache(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NMKIT_NO_PPL_CACHE")
+    monkeypatch.setenv("NMKIT_CACHE", str(tmp_path / "cache"))
+    args = ["prune", tiny_model_dir, "--eval-seqlen", "64", "--eval-windows", "2", "--data-dir", tiny_data_dir,
+            "--json"]
+    code, first, err1 = run([*args, "--out", tmp_path / "a"], capsys)
+    code2, second, err2 = run([*args, "--pattern", "1:4", "--out", tmp_path / "b"], capsys)
+    assert code == code2 == 0 and "from cache" not in err1 and "from cache" in err2
+    assert json.loads(first)["ppl_dense"] == json.loads(second)["ppl_dense"]
+    code, third, err3 = run([*args[:-1], "--eval-windows", "3", "--out", tmp_path / "c"], capsys)
+    assert "from cache" not in err3  # another protocol is another key

@@ -155,7 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_seqlen < 2 or (args.eval_windows is not None and args.eval_windows < 1):
         raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
 
-    from nmkit.evaluate import embedding_fidelity, perplexity
+    from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
     from nmkit.oneshot import find_targets, prune
 
     t0 = time.perf_counter()
@@ -182,9 +182,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         text = data.load_text("test", args.data_dir)
         if source.kind == "causal-lm":
             ids = data.tokenize(tokenizer, text)
-            _log(f"evaluating dense model on {text.dataset} ({text.source})")
-            dense = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids)
-            report["ppl_dense"], report["eval"] = dense.ppl, dense.protocol
+            protocol = protocol_for(text, ids, args.eval_seqlen, args.eval_windows)
+            cache = DensePerplexityCache()
+            key = cache.key(models.materialised_path(source), protocol)
+            report["eval"], report["ppl_dense"] = protocol, cache.get(key)
+            if report["ppl_dense"] is None:
+                _log(f"evaluating dense model on {text.dataset} ({text.source})")
+                report["ppl_dense"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows,
+                                                 ids=ids).ppl
+                cache.put(key, report["ppl_dense"])
+            else:
+                _log("dense perplexity from cache (same weights and protocol; NMKIT_NO_PPL_CACHE=1 disables)")
         else:
             dense_embeddings = embedding_fidelity(model, tokenizer, text)
         eval_s += time.perf_counter() - t

@@ -65,14 +65,14 @@ def perplexity(
     ids = tokenize(tokenizer, text) if ids is None else ids
     batch = eval_windows(ids, seqlen, windows)
     nll = perplexity_of_windows(model, batch, progress=progress)
-    protocol = {
-        **text.info,
-        "seqlen": seqlen,
-        "windows": batch.shape[0],
-        "tokens": batch.numel(),
-        "text_tokens": ids.numel(),
-    }
-    return Perplexity(ppl=math.exp(nll), nll=nll, protocol=protocol)
+    return Perplexity(ppl=math.exp(nll), nll=nll, protocol=protocol_for(text, ids, seqlen, windows))
+
+
+def protocol_for(text: Text, ids: torch.Tensor, seqlen: int, windows: int | None) -> dict:
+    """Everything that defines a perplexity number under the pinned protocol."""
+    batch = eval_windows(ids, seqlen, windows)
+    return {**text.info, "seqlen": seqlen, "windows": batch.shape[0], "tokens": batch.numel(),
+            "text_tokens": ids.numel()}
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,58 @@ def embedding_fidelity(
     return EmbeddingFidelity(
         emb, None if cos is None else cos.mean().item(), None if cos is None else cos.min().item(), protocol
     )
+
+
+def _fingerprint(model_dir: str) -> list | None:
+    """Size and mtime of a local model's weight files; None for hub ids (not cached then)."""
+    from pathlib import Path
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        return None
+    files = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files] or None
+
+
+class DensePerplexityCache:
+    """Remembers dense perplexities by (model weights, protocol) under ``$NMKIT_CACHE/perplexity.json``,
+    so repeated prunes of one model don't re-evaluate the same dense model."""
+
+    def __init__(self, path=None):
+        import os
+        from pathlib import Path
+
+        from nmkit.models import cache_dir
+
+        self.path = Path(path) if path else cache_dir() / "perplexity.json"
+        self.enabled = os.environ.get("NMKIT_NO_PPL_CACHE") is None
+
+    def key(self, model_dir: str, protocol: dict) -> str | None:
+        import json
+
+        fingerprint = _fingerprint(model_dir)
+        if fingerprint is None:
+            return None
+        return json.dumps({"model": fingerprint, "dir": str(model_dir), "torch": torch.__version__,
+                           **{k: protocol[k] for k in ("sha256", "split", "seqlen", "windows", "tokens")}},
+                          sort_keys=True)
+
+    def get(self, key: str | None) -> float | None:
+        import json
+
+        if not (self.enabled and key and self.path.is_file()):
+            return None
+        return json.loads(self.path.read_text()).get(key)
+
+    def put(self, key: str | None, ppl: float) -> None:
+        import json
+        import os
+
+        if not (self.enabled and key):
+            return
+        table = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        table[key] = ppl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, self.path)

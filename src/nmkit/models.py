@@ -134,6 +134,11 @@ def _resolve_hub_id(name: str) -> ModelSource:
     return ModelSource(name, name, _kind_of(Path(config)), f"Hugging Face hub id {name}")
 
 
+def materialised_path(source: ModelSource) -> str:
+    """The local directory (or hub id) that :func:`load` reads for ``source``."""
+    return _materialise(source)
+
+
 def _materialise(source: ModelSource) -> str:
     if source.name == "smollm2-135m":
         return str(_prepare_smollm2())

@@ -9,6 +9,8 @@ statistics and a pattern, and returns the pruned weight (same shape, zeros where
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from nmkit.oneshot.stats import InputStats
@@ -24,6 +26,16 @@ def magnitude(w: torch.Tensor, stats: InputStats | None, pattern: Pattern, tail:
 def wanda(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error", **_) -> torch.Tensor:
     scores = w.abs() * stats.sq_norms.sqrt().to(w.dtype)
     return w * mask_for(scores, pattern, dim=-1, tail=tail)
+
+
+@contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def inverse_hessian_factor(xtx: torch.Tensor, damp: float) -> torch.Tensor:
@@ -64,38 +76,111 @@ def sparsegpt(
     w[:, dead] = 0.0
     u = inverse_hessian_factor(xtx, damp)
     rows, cols = w.shape
+    with single_thread():  # the sweep is many small ops: threads only add barrier waits (40x slower on a busy box)
+        return _obs_sweep(w, u, pattern, tail, blocksize)
+
+
+def _obs_sweep(w: torch.Tensor, u: torch.Tensor, pattern: Pattern, tail: TailPolicy, blocksize: int) -> torch.Tensor:
+    """Columns left to right; each pruned weight's error is spread over the columns after it.
+
+    Updates are applied lazily at two levels (exact rewrites of the one-column-at-a-time sweep):
+    inside a group of columns per column, to the rest of the block once per group, and to the
+    columns after the block once per block.
+    """
+    cols = w.shape[1]
     lazy = isinstance(pattern, NM)
-    if lazy:
-        m, n = pattern.group, pattern.keep
-        blocksize = max(m, blocksize // m * m)  # groups never straddle two blocks
-        keep = torch.zeros_like(w, dtype=torch.bool)
-    else:
-        keep = mask_for(w**2 / u.diagonal() ** 2, pattern, dim=-1, tail=tail)
+    group = pattern.group if lazy else 8
+    blocksize = max(group, blocksize // group * group)  # groups never straddle two blocks
+    keep = torch.zeros_like(w, dtype=torch.bool) if lazy else mask_for(w**2 / u.diagonal() ** 2, pattern, tail=tail)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            if lazy and i % m == 0:
-                width = min(m, i2 - i1 - i)
-                if width == m or tail == "pad":
-                    saliency = w1[:, i : i + width] ** 2 / u1.diagonal()[i : i + width] ** 2
-                    keep[:, i1 + i : i1 + i + width] = topk_mask(saliency, n)
-                else:  # partial tail group under tail="dense" (tail="error" was rejected earlier)
-                    keep[:, i1 + i : i1 + i + width] = True
-            col = w1[:, i]
-            q = col * keep[:, i1 + i]
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q  # exact zeros where pruned, whatever the rounding of the update
-            err1[:, i] = err
+        for g1 in range(0, i2 - i1, group):
+            g2 = min(g1 + group, i2 - i1)
+            if lazy:
+                keep[:, i1 + g1 : i1 + g2] = _select_group(w1[:, g1:g2], u1.diagonal()[g1:g2], pattern, tail)
+            wg, ug, kg = w1[:, g1:g2], u1[g1:g2, g1:g2], keep[:, i1 + g1 : i1 + g2]
+            for j in range(g2 - g1):
+                col = wg[:, j]
+                q = col * kg[:, j]
+                err = (col - q) / ug[j, j]
+                wg[:, j:] -= err.unsqueeze(1) * ug[j, j:].unsqueeze(0)
+                wg[:, j] = q  # exact zeros where pruned, whatever the rounding of the update
+                err1[:, g1 + j] = err
+            w1[:, g2:] -= err1[:, g1:g2] @ u1[g1:g2, g2:]
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return w * keep
 
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
-CALIBRATED = {"wanda", "sparsegpt"}
+def _select_group(wg: torch.Tensor, u_diag: torch.Tensor, pattern: NM, tail: TailPolicy) -> torch.Tensor:
+    """N:M choice for one group of columns from the OBS saliency w^2 / [H^-1]_jj of the updated weights."""
+    if wg.shape[1] < pattern.group and tail == "dense":  # partial tail group left dense
+        return torch.ones_like(wg, dtype=torch.bool)
+    return topk_mask(wg**2 / u_diag**2, pattern.keep)
+
+
+def refit(w: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, target: torch.Tensor, damp: float = 0.01,
+          iters: int = 40) -> torch.Tensor:
+    """Least-squares refit of the kept weights, mask fixed: min ||(W' - T) X||^2 over W' with W' = 0
+    off ``keep``, by conjugate gradients run for all rows at once (each row is its own problem).
+
+    SparseGPT freezes each column once the sweep passes it; this lets every kept weight move
+    jointly. Starts from ``w``, so it never ends worse than it began (CG descends monotonically).
+    """
+    h = xtx + damp * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+    mask = keep.to(w.dtype)
+    w = w * mask
+    r = -((w - target) @ h) * mask  # minus half the gradient, restricted to kept weights
+    p = r.clone()
+    rs = (r * r).sum(1)
+    tiny = torch.finfo(w.dtype).tiny
+    for _ in range(iters):
+        hp = (p @ h) * mask
+        alpha = rs / (p * hp).sum(1).clamp(min=tiny)
+        w = w + alpha.unsqueeze(1) * p
+        r = r - alpha.unsqueeze(1) * hp
+        rs_new = (r * r).sum(1)
+        p = r + (rs_new / rs.clamp(min=tiny)).unsqueeze(1) * p
+        rs = rs_new
+    return w * mask
+
+
+def sparsegpt_refit(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error",
+                    blocksize: int = 128, damp: float = 0.01, **_) -> torch.Tensor:
+    """SparseGPT's mask and update, then a joint least-squares refit of the kept weights."""
+    pruned = sparsegpt(w, stats, pattern, tail=tail, blocksize=blocksize, damp=damp)
+    return refit(pruned, pruned != 0, stats.xtx, w.float(), damp)
+
+
+def dense_target(w: torch.Tensor, stats: InputStats, damp: float) -> torch.Tensor:
+    """Weights T with T X_s closest to the dense model's W X_d: T = W C H^-1, C = sum x_d x_s^T.
+
+    Aiming each layer at the dense model's output (rather than at its own unpruned output on
+    already-degraded inputs) lets later layers undo error left by earlier ones.
+    """
+    h = stats.xtx.double()
+    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    rhs = w.double() @ stats.cross.double()
+    return torch.linalg.solve(h, rhs.T, left=True).T.float()  # H symmetric: (H^-1 (W C)^T)^T = W C H^-1
+
+
+def sparsegpt_ec(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error",
+                 blocksize: int = 128, damp: float = 0.01, **_) -> torch.Tensor:
+    """Error-correcting SparseGPT: SparseGPT and a refit aimed at the dense model's layer output."""
+    if stats.cross is None:
+        raise RuntimeError("sparsegpt-ec needs dense-stream statistics (run it through prune_sequential)")
+    target = dense_target(w, stats, damp)
+    pruned = sparsegpt(target, stats, pattern, tail=tail, blocksize=blocksize, damp=damp)
+    return refit(pruned, pruned != 0, stats.xtx, target, damp)
+
+
+METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "sparsegpt-refit": sparsegpt_refit,
+           "sparsegpt-ec": sparsegpt_ec}
+CALIBRATED = {"wanda", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec"}
+# Methods whose layer targets come from the dense model's activations (a second, dense stream).
+NEEDS_DENSE_STREAM = {"sparsegpt-ec"}
 
 
 def reconstruction_error(w_old: torch.Tensor, w_new: torch.Tensor, stats: InputStats) -> float:

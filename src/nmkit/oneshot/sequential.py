@@ -11,6 +11,7 @@ gives bit-identical weights to an uninterrupted run (same machine, same thread c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
-from nmkit.oneshot.methods import METHODS, reconstruction_error
+from nmkit.oneshot.methods import METHODS, NEEDS_DENSE_STREAM, reconstruction_error
 from nmkit.oneshot.prune import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
@@ -56,6 +57,13 @@ def _group_by_block(targets: list[Target], prefix: str, count: int) -> list[list
     return groups
 
 
+def _same_layers(targets: list[Target], block: nn.Module, twin: nn.Module) -> list[Target]:
+    """The modules of ``twin`` (a copy of ``block``) that correspond to ``targets``."""
+    names = {id(m): n for n, m in block.named_modules()}
+    twin_modules = dict(twin.named_modules())
+    return [Target(t.name, twin_modules[names[id(t.module)]], t.reduce_dim) for t in targets]
+
+
 class _Checkpoint:
     def __init__(self, directory: Path, config: dict):
         self.dir, self.config = directory, config
@@ -71,13 +79,14 @@ class _Checkpoint:
                             f"rerun without --resume or with the original settings")
         return state
 
-    def save(self, block: int, weights: dict[str, torch.Tensor], hidden: torch.Tensor, state: dict) -> None:
+    def save(self, block: int, weights: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
+             state: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if weights:
             save_file({k: v.contiguous() for k, v in weights.items()}, self.dir / f"block-{block:04d}.safetensors")
-        tmp = self.dir / "hidden.pt.tmp"
-        torch.save(hidden, tmp)
-        os.replace(tmp, self.dir / "hidden.pt")
+        tmp = self.dir / "streams.pt.tmp"
+        torch.save(streams, tmp)
+        os.replace(tmp, self.dir / "streams.pt")
         tmp = self.dir / (STATE + ".tmp")
         tmp.write_text(json.dumps({"config": self.config, **state}))
         os.replace(tmp, self.dir / STATE)  # the commit point
@@ -143,21 +152,30 @@ def prune_sequential(
                 saved = load_file(ckpt.dir / f"block-{i:04d}.safetensors")
                 for t in per_block[i]:
                     t.weight.data.copy_(saved[t.name].to(t.weight.dtype))
-        hidden = torch.load(ckpt.dir / "hidden.pt").to(device)
+        streams = torch.load(ckpt.dir / "streams.pt")
+        hidden = streams["hidden"].to(device)
+        dense_hidden = streams["dense"].to(device) if "dense" in streams else None
         _, kwargs = capture_block_inputs(model, blocks[0], samples[:1], device)
         prior_seconds = state["seconds"]
     else:
         first, prior_seconds = 0, 0.0
         hidden, kwargs = capture_block_inputs(model, blocks[0], samples, device)
+        # The dense model's activations, kept alongside for methods that aim at its outputs.
+        dense_hidden = hidden.clone() if method in NEEDS_DENSE_STREAM else None
 
     bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block", disable=not progress,
                initial=first)
     for i in range(first, len(blocks)):
         block, block_targets = blocks[i], per_block[i]
+        dense_block = copy.deepcopy(block) if dense_hidden is not None else None
         if block_targets:
-            with StatsCollector(block_targets) as collector:
+            dense_targets = _same_layers(block_targets, block, dense_block) if dense_block is not None else None
+            with StatsCollector(block_targets, dense_targets) as collector:
                 for s in range(0, hidden.shape[0], batch):
                     collector.new_batch()
+                    if dense_block is not None:  # fills the dense inputs the live hooks pair with
+                        out = dense_block(dense_hidden[s : s + batch], **kwargs)
+                        dense_hidden[s : s + batch] = out[0] if isinstance(out, tuple) else out
                     block(hidden[s : s + batch], **kwargs)
             for t in block_targets:
                 stats = collector.stats[t.name]
@@ -167,11 +185,14 @@ def prune_sequential(
                 info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
                 result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
                                                  info["valid"], reconstruction_error(w_old, w_new, stats)))
+        elif dense_block is not None:
+            dense_hidden = run_block(dense_block, dense_hidden, kwargs, batch)
         hidden = run_block(block, hidden, kwargs, batch)
         if ckpt:
             weights = {t.name: t.weight.detach().cpu() for t in block_targets}
-            ckpt.save(i, weights, hidden.cpu(), {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
-                                                 "seconds": prior_seconds + time.perf_counter() - start})
+            streams = {"hidden": hidden.cpu()} | ({"dense": dense_hidden.cpu()} if dense_hidden is not None else {})
+            ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
+                                            "seconds": prior_seconds + time.perf_counter() - start})
         bar.update(1)
         if stop_after_block is not None and i == stop_after_block:
             bar.close()
