@@ -40,9 +40,7 @@ class Transposable(NM):
     def __str__(self) -> str:
         return f"{self.keep}:{self.group}T"
 
-    def is_valid(
-        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
-    ) -> bool:
+    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
         """Row-wise N:M along ``dim`` and column-wise N:M along the dim before it (tiles of M x M)."""
         m = _as_2d(mask, dim)
         if tail == "error" and (m.shape[-1] % self.group or m.shape[-2] % self.group):
@@ -89,9 +87,7 @@ class VNM:
     def __str__(self) -> str:
         return f"{self.v}:{self.keep}:{self.group}"
 
-    def is_valid(
-        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
-    ) -> bool:
+    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
         """Each V x M block uses at most ``columns`` columns and each row at most N entries of the block."""
         _tail_only_error(tail, "VNM")
         m = _as_2d(mask, dim)
@@ -112,10 +108,8 @@ class VNM:
         return vnm_mask(scores.movedim(dim, -1), self).movedim(-1, dim)
 
 
-def _compacted_fits(
-    active: torch.Tensor, rows_mask: torch.Tensor, slots: int, n: int, m: int
-) -> torch.Tensor:
-    """Per tile: can the active columns be laid out in ``slots`` kept-column slots so every row is N:M?
+def _compacted_slots(active: torch.Tensor, rows_mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per tile: fewest kept-column slots that hold the active columns with every row N:M.
 
     ``active`` (T, C) bool: columns used by the tile; ``rows_mask`` (T, V, C). Greedy, columns in
     order: a column opens a new group of M slots when the current group is full or some row would
@@ -140,7 +134,7 @@ def _compacted_fits(
         in_group = in_group + live.long()
         used = used + live.long()
         counts = counts + col * live.unsqueeze(-1).long()
-    return used <= slots
+    return used
 
 
 @dataclass(frozen=True)
@@ -157,9 +151,7 @@ class HiNM:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.v, int) and self.v >= 1 and 0.0 < self.vec_density <= 1.0):
-            raise PatternError(
-                f"HiNM needs V >= 1 and a vector density in (0, 1], got {self.v}, {self.vec_density}"
-            )
+            raise PatternError(f"HiNM needs V >= 1 and a vector density in (0, 1], got {self.v}, {self.vec_density}")
 
     def kept_vectors(self, cols: int) -> int:
         """Column vectors kept per tile: a multiple of M (at least M)."""
@@ -177,9 +169,7 @@ class HiNM:
     def __str__(self) -> str:
         return f"hinm{self.v}:{self.vec_density * 100:g}%:{self.inner}"
 
-    def is_valid(
-        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
-    ) -> bool:
+    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
         """At most ``kept_vectors`` columns per V-row tile, and each row N:M on the compacted columns."""
         _tail_only_error(tail, "HiNM")
         m = _as_2d(mask, dim)
@@ -193,7 +183,7 @@ class HiNM:
             return False
         if exact and not bool((tiles.sum(-1) == slots // self.inner.group * self.inner.keep).all()):
             return False
-        return bool(_compacted_fits(active, tiles, slots, self.inner.keep, self.inner.group).all())
+        return bool((_compacted_slots(active, tiles, self.inner.keep, self.inner.group) <= slots).all())
 
     def project(self, scores: torch.Tensor, dim: int = -1, tail: TailPolicy = "error") -> torch.Tensor:
         from nmkit.solvers.hinm import hinm_mask
@@ -232,9 +222,7 @@ class Balanced:
     def __str__(self) -> str:
         return f"balanced:{self.keep}/{self.bank}"
 
-    def is_valid(
-        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
-    ) -> bool:
+    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
         counts = group_counts(mask, self.bank, dim, tail)
         if counts is None:
             return False
@@ -262,13 +250,9 @@ class TileWise:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.tile, int) and self.tile >= 1 and 0.0 < self.density <= 1.0):
-            raise PatternError(
-                f"TileWise needs tile >= 1 and density in (0, 1], got {self.tile}, {self.density}"
-            )
+            raise PatternError(f"TileWise needs tile >= 1 and density in (0, 1], got {self.tile}, {self.density}")
         if self.inner is not None and self.density > self.inner.density:
-            raise PatternError(
-                f"TileWise density {self.density} exceeds the inner pattern's {self.inner.density}"
-            )
+            raise PatternError(f"TileWise density {self.density} exceeds the inner pattern's {self.inner.density}")
 
     @property
     def sparsity(self) -> float:
@@ -281,9 +265,7 @@ class TileWise:
     def budget(self, numel: int) -> int:
         return int(numel * self.density + 1e-9)
 
-    def is_valid(
-        self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False
-    ) -> bool:
+    def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
         """Kept <= budget, and every tile (``tile`` consecutive non-empty rows) is row-set x column-set.
 
         With ``inner``, rows need only be N:M on their tile's column set, and the budget counts the
@@ -307,13 +289,10 @@ class TileWise:
                 ok &= bool(full) or not exact
                 ok &= work <= budget
             else:
-                slots = union.sum(-1)
                 k, g = self.inner.keep, self.inner.group
-                slots = (slots + g - 1) // g * g
-                fits = all(
-                    bool(_compacted_fits(union[i : i + 1], tiles[i : i + 1], int(slots[i]), k, g)[0])
-                    for i in range(tiles.shape[0])
-                )
+                used = _compacted_slots(union, tiles, k, g)
+                used = (used + g - 1) // g * g  # whole groups of M kept columns per tile
+                fits = int((used * real.sum(-1)).sum()) * k <= budget * g
                 ok &= fits and int(mat.sum()) <= budget
         return bool(ok)
 
