@@ -65,14 +65,14 @@ def topn_sum(x: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
 def kept_by_nm(scores: torch.Tensor, pattern: NM | str) -> float:
     """Total score N:M keeps along the last dim (float64 sum)."""
     p = NM.parse(pattern)
-    s = scores.double()
+    s = scores.detach().double()
     return float(topn_sum(s.reshape(*s.shape[:-1], -1, p.group), p.keep).sum())
 
 
 def kept_by_rows(scores: torch.Tensor, density: float) -> float:
     """Total score row-wise unstructured pruning keeps at ``density`` (the permutation upper bound)."""
     k = int(scores.shape[-1] * density + 0.5)
-    return float(scores.double().topk(k, dim=-1).values.sum())
+    return float(scores.detach().double().topk(k, dim=-1).values.sum())
 
 
 @functools.lru_cache(maxsize=8)
