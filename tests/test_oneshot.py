@@ -169,3 +169,23 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
 def test_calibrated_method_needs_data(tiny_model_dir):
     with pytest.raises(UserError, match="needs calibration"):
         prune(_model(tiny_model_dir), "2:4", "sparsegpt")
+
+
+def test_channel_entropy_histograms():
+    from nmkit.oneshot.stats import _add_histogram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, 1, generator=g), torch.zeros(4000, 1)], dim=1)  # spread vs constant
+    x[0, 1] = 1.0  # give the constant channel a range
+    stats = InputStats(x.T @ x, x.shape[0])
+    _add_histogram(stats, x[:2000], 32)
+    _add_histogram(stats, x[2000:], 32)
+    assert stats.histogram.sum(1).tolist() == [4000, 4000]
+    ent = stats.entropy()
+    assert ent[0] > 1.0 and ent[1] < 0.01
+
+
+def test_esparse_prunes_model_validly(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    result = prune(model, "2:4", "esparse", calibration=_calib(), progress=False)
+    assert len(result.layers) == 14 and result.all_valid

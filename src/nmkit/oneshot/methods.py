@@ -38,6 +38,18 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def esparse(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error", alpha: float = 1.0,
+            **_) -> torch.Tensor:
+    """E-Sparse-style metric (Li et al. 2023): Wanda's |W| x ||X_j|| enhanced by each input channel's
+    information entropy. The paper's exact formula was not available to us; this is our reading:
+    score_ij = |W_ij| * (||X_j|| / mean ||X|| + alpha * H_j / mean H), no weight update.
+    The paper's channel shuffles are not applied here."""
+    norms = stats.sq_norms.sqrt()
+    ent = stats.entropy().to(norms.dtype)
+    factor = norms / norms.mean().clamp(min=1e-12) + alpha * ent / ent.mean().clamp(min=1e-12)
+    return w * mask_for(w.abs() * factor.to(w.dtype), pattern, dim=-1, tail=tail)
+
+
 def inverse_hessian_factor(xtx: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that H^-1 = U^T U.
 
@@ -176,9 +188,11 @@ def sparsegpt_ec(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: Tai
     return refit(pruned, pruned != 0, stats.xtx, target, damp)
 
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "sparsegpt-refit": sparsegpt_refit,
-           "sparsegpt-ec": sparsegpt_ec}
-CALIBRATED = {"wanda", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec"}
+METHODS = {"magnitude": magnitude, "wanda": wanda, "esparse": esparse, "sparsegpt": sparsegpt,
+           "sparsegpt-refit": sparsegpt_refit, "sparsegpt-ec": sparsegpt_ec}
+CALIBRATED = {"wanda", "esparse", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec"}
+# Methods that need per-channel value histograms.
+NEEDS_HISTOGRAMS = {"esparse"}
 # Methods whose layer targets come from the dense model's activations (a second, dense stream).
 NEEDS_DENSE_STREAM = {"sparsegpt-ec"}
 

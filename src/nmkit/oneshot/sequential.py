@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
-from nmkit.oneshot.methods import METHODS, NEEDS_DENSE_STREAM, reconstruction_error
+from nmkit.oneshot.methods import METHODS, NEEDS_DENSE_STREAM, NEEDS_HISTOGRAMS, reconstruction_error
 from nmkit.oneshot.prune import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
@@ -170,7 +170,8 @@ def prune_sequential(
         dense_block = copy.deepcopy(block) if dense_hidden is not None else None
         if block_targets:
             dense_targets = _same_layers(block_targets, block, dense_block) if dense_block is not None else None
-            with StatsCollector(block_targets, dense_targets) as collector:
+            bins = 64 if method in NEEDS_HISTOGRAMS else 0
+            with StatsCollector(block_targets, dense_targets, histogram_bins=bins) as collector:
                 for s in range(0, hidden.shape[0], batch):
                     collector.new_batch()
                     if dense_block is not None:  # fills the dense inputs the live hooks pair with

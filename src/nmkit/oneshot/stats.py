@@ -20,6 +20,16 @@ class InputStats:
     # (in, in) sum of x_dense x^T, pairing each token's input in the dense model with its input in
     # the model being pruned; only collected by methods that aim at the dense model's outputs.
     cross: torch.Tensor | None = None
+    # (in, bins) histogram of each input channel's values over [-range, range] (E-Sparse's entropy).
+    histogram: torch.Tensor | None = None
+    hist_range: torch.Tensor | None = None
+
+    def entropy(self) -> torch.Tensor:
+        """Shannon entropy (nats) of each input channel's value histogram."""
+        if self.histogram is None:
+            raise RuntimeError("no histograms were collected (StatsCollector(histogram_bins=...))")
+        p = self.histogram / self.histogram.sum(1, keepdim=True).clamp(min=1)
+        return -(p * p.clamp(min=1e-30).log()).sum(1)
 
     @property
     def sq_norms(self) -> torch.Tensor:
@@ -35,11 +45,12 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 class StatsCollector:
     """Forward hooks that accumulate :class:`InputStats` for a set of targets while active."""
 
-    def __init__(self, targets: list[Target], dense_targets: list[Target] | None = None):
+    def __init__(self, targets: list[Target], dense_targets: list[Target] | None = None, histogram_bins: int = 0):
         """With ``dense_targets`` (the same layers in an unpruned copy of the block, run on the dense
         model's activations just before each batch) the cross statistics are collected too."""
         self.targets = targets
         self.dense_targets = dense_targets
+        self.histogram_bins = histogram_bins
         self._dense_inputs: dict[str, torch.Tensor] = {}
         self.stats: dict[str, InputStats] = {}
         # id(input) -> (input, stats); holding the tensor keeps its id from being reused this batch.
@@ -83,6 +94,8 @@ class StatsCollector:
                 self.stats[target.name] = stats
             stats.xtx.addmm_(rows.T, rows)
             stats.tokens += rows.shape[0]
+            if self.histogram_bins:
+                _add_histogram(stats, rows, self.histogram_bins)
             if self.dense_targets is not None:
                 dense_rows = self._dense_inputs.pop(target.name)
                 if stats.cross is None:
@@ -91,3 +104,16 @@ class StatsCollector:
             self._seen[id(x)] = (x, stats)
 
         return hook
+
+
+def _add_histogram(stats: InputStats, rows: torch.Tensor, bins: int) -> None:
+    """Per-channel value histograms. Each channel's range is fixed from the first batch (4x its max
+    |x|, so later batches rarely clip; clipped values land in the edge bins)."""
+    if stats.histogram is None:
+        stats.hist_range = rows.abs().amax(0).clamp(min=1e-6) * 4
+        stats.histogram = torch.zeros(rows.shape[1], bins, dtype=torch.float64, device=rows.device)
+    r = stats.hist_range
+    index = ((rows.clamp(-r, r) + r) / (2 * r) * bins).long().clamp(max=bins - 1)
+    flat = index + torch.arange(rows.shape[1], device=rows.device) * bins
+    counts = torch.bincount(flat.reshape(-1), minlength=rows.shape[1] * bins)
+    stats.histogram += counts.reshape(rows.shape[1], bins)
