@@ -253,7 +253,7 @@ def transposable_mask(
     tau: float = 60.0,
     iters: int = 300,
     swap_rounds: int = 32,
-    entropic_max_elems: int = 1 << 23,
+    entropic_max_elems: int = 1 << 21,
 ) -> torch.Tensor:
     """Boolean mask on the last two dims of ``scores`` that is N:M along rows and along columns.
 

@@ -1,0 +1,248 @@
+"""`nmkit bench masks`: a fixed, seeded suite of mask-solver quality and wall time.
+
+Sections: transposable N:M (error vs the exact LP optimum, validity, time; 8192x8192 8:16 speed),
+channel permutations (apex's random 128x64 matrix, 4096x4096 Gaussian), V:N:M, HiNM, TASD.
+Quality figures are deterministic; times depend on the machine and its load (reported with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+SECTIONS = ("transposable", "transposable_speed", "permutation", "vnm", "hinm", "tasd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short budgets (smoke test)")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION", help=f"run only {SECTIONS}"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--perm-budget", type=float, default=None, help="seconds for the 4096x4096 permutation")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _gauss(n: int, m: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, m, generator=torch.Generator().manual_seed(seed))
+
+
+def _transposable(rows: list, quick: bool) -> None:
+    from nmkit.pattern_zoo import Transposable
+    from nmkit.solvers.transposable import tile_score, transposable_mask
+
+    size = 256 if quick else 1024
+    w = _gauss(size, size, 0).abs()
+    total = float(w.double().sum())
+    for n, m in [(2, 4), (4, 8), (8, 16), (16, 32)]:
+        pat = Transposable(n, m)
+        exact, t_exact = _timed(lambda pat=pat: transposable_mask(w, pat, "exact"))
+        opt = tile_score(w, exact)
+        rec = {"section": "transposable", "shape": f"{size}x{size}", "pattern": str(pat), "exact_s": t_exact}
+        if m == 4:  # the 90-pattern matmul against the LP on a 256x256 corner
+            from nmkit.solvers.transposable import _exact_lp, from_tiles, to_tiles
+
+            c = w[:256, :256]
+            lp = from_tiles(_exact_lp(to_tiles(c, m), n, m), c.shape, m)
+            rec["exact_vs_lp_256"] = tile_score(c, transposable_mask(c, pat, "exact")) - tile_score(c, lp)
+        for method in ("greedy", "fast", "entropic"):
+            mk, t = _timed(lambda method=method, pat=pat: transposable_mask(w, pat, method))
+            rec[f"{method}_err_pct"] = 100 * (opt - tile_score(w, mk)) / (total - opt)
+            rec[f"{method}_s"] = t
+            rec[f"{method}_valid"] = pat.is_valid(mk)
+        rec["exact_valid"] = pat.is_valid(exact, exact=True)
+        rows.append(rec)
+
+
+def _transposable_speed(rows: list, quick: bool) -> None:
+    from nmkit.pattern_zoo import Transposable
+    from nmkit.solvers.transposable import transposable_mask
+
+    size = 2048 if quick else 8192
+    w = _gauss(size, size, 1).abs()
+    pat = Transposable(8, 16)
+    for method in ("auto", "greedy"):
+        mk, t = _timed(lambda method=method: transposable_mask(w, pat, method))
+        rows.append(
+            {
+                "section": "transposable_speed",
+                "shape": f"{size}x{size}",
+                "pattern": str(pat),
+                "method": method,
+                "seconds": t,
+                "valid": pat.is_valid(mk),
+                "exact_n": pat.is_valid(mk, exact=True),
+            }
+        )
+
+
+def _permutation(rows: list, quick: bool, budget_big: float | None) -> None:
+    from nmkit.solvers.permutation import permute_channels
+
+    np.random.seed(1)  # apex permutation_tests: --seed 1, np.random.rand(filters=128, channels=64)
+    apex = torch.from_numpy(np.random.rand(128, 64))
+    for budget in (1.0,) if quick else (1.0, 3.0):
+        r, t = _timed(lambda budget=budget: permute_channels(apex, "2:4", time_budget_s=budget))
+        rows.append(
+            {
+                "section": "permutation",
+                "matrix": "apex random 128x64 (seed 1, uniform)",
+                "pattern": "2:4",
+                "budget_s": budget,
+                "method": r.method,
+                "efficacy_pct": 100 * r.efficacy,
+                "kept": r.kept,
+                "kept_default": r.kept_default,
+                "seconds": t,
+            }
+        )
+    size = 512 if quick else 4096
+    big = _gauss(size, size, 2).abs()
+    budget = budget_big if budget_big is not None else (5.0 if quick else 55.0)
+    r, t = _timed(lambda: permute_channels(big, "2:4", time_budget_s=budget))
+    rows.append(
+        {
+            "section": "permutation",
+            "matrix": f"|N(0,1)| {size}x{size} (seed 2)",
+            "pattern": "2:4",
+            "budget_s": budget,
+            "method": r.method,
+            "efficacy_pct": 100 * r.efficacy,
+            "seconds": t,
+        }
+    )
+
+
+def _vnm(rows: list, quick: bool) -> None:
+    from nmkit.pattern_zoo import VNM
+    from nmkit.patterns import NM
+    from nmkit.solvers.vnm import vnm_mask, vnm_permute
+
+    size = 256 if quick else 1024
+    w = _gauss(size, size, 3).abs()
+    nm_kept = float((w * NM(2, 8).project(w)).sum())
+    for v in (16, 64):
+        p = VNM(v, 2, 8)
+        rec = {"section": "vnm", "shape": f"{size}x{size}", "pattern": str(p), "nm_2:8_kept": nm_kept}
+        for method in ("exhaustive", "l1"):
+            mk, t = _timed(lambda method=method, p=p: vnm_mask(w, p, method))
+            rec[f"{method}_kept"] = float((w * mk).sum())
+            rec[f"{method}_s"] = t
+            rec[f"{method}_valid"] = p.is_valid(mk, exact=True)
+        r = vnm_permute(w, p, time_budget_s=1.0 if quick else 5.0)
+        rec["perm_gain_pct"] = 100 * (r.kept / r.kept_default - 1)
+        rec["perm_s"] = r.seconds
+        rows.append(rec)
+
+
+def _hinm(rows: list, quick: bool) -> None:
+    from nmkit.pattern_zoo import HiNM
+    from nmkit.patterns import NM
+    from nmkit.solvers.hinm import hinm_mask, hinm_permute
+
+    size = 256 if quick else 1024
+    w = _gauss(size, size, 4).abs()
+    p = HiNM(64 if not quick else 16, 0.5, NM(2, 4))
+    mk, t = _timed(lambda: hinm_mask(w, p))
+    r = hinm_permute(w, p, time_budget_s=1.0 if quick else 5.0)
+    rows.append(
+        {
+            "section": "hinm",
+            "shape": f"{size}x{size}",
+            "pattern": str(p),
+            "kept": float((w * mk).sum()),
+            "nm_1:4_kept": float((w * NM(1, 4).project(w)).sum()),
+            "seconds": t,
+            "valid": p.is_valid(mk, exact=True),
+            "row_perm_gain_pct": 100 * (r.kept / r.kept_default - 1),
+            "perm_s": r.seconds,
+        }
+    )
+
+
+def _tasd(rows: list, quick: bool) -> None:
+    from nmkit.solvers.nm import topk_mask
+    from nmkit.solvers.tasd import tasd_decompose
+
+    size = 256 if quick else 1024
+    a = _gauss(size, size, 5)
+    a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)  # 75% unstructured sparse
+    series = [
+        ["1:4"], ["2:8"], ["1:8", "1:8"], ["2:4"], ["4:8"], ["1:4", "2:8"], ["2:8", "1:4"],
+        ["3:8"], ["1:4", "1:8"], ["2:4", "1:4"], ["3:4"], ["2:4", "2:8"],
+    ]  # fmt: skip
+    for terms in series:
+        r = tasd_decompose(a, terms)
+        rows.append(
+            {
+                "section": "tasd",
+                "shape": f"{size}x{size}, 75% unstructured",
+                "terms": "+".join(terms),
+                "density": r.density,
+                "rel_error": r.rel_errors[-1],
+            }
+        )
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)  # a CLI process, so setting it here is ours to do
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    sections = args.only or SECTIONS
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for s in sections:
+        if s == "transposable":
+            _transposable(rows, args.quick)
+        elif s == "transposable_speed":
+            _transposable_speed(rows, args.quick)
+        elif s == "permutation":
+            _permutation(rows, args.quick, args.perm_budget)
+        elif s == "vnm":
+            _vnm(rows, args.quick)
+        elif s == "hinm":
+            _hinm(rows, args.quick)
+        elif s == "tasd":
+            _tasd(rows, args.quick)
+    meta = {
+        "started": started,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "load1_start": load0,
+        "load1_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "total_s": time.perf_counter() - t0,
+        "quick": bool(args.quick),
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "results": rows}, indent=1))
+        return 0
+    print(f"# nmkit bench masks  ({meta['started']}; {meta['machine']}; load {load0})")
+    current = None
+    for rec in rows:
+        if rec["section"] != current:
+            current = rec["section"]
+            keys = [k for k in rec if k != "section"]
+            print(f"\n## {current}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        print("| " + " | ".join(_fmt(rec.get(k, "")) for k in keys) + " |")
+    print(f"\ntotal {meta['total_s']:.1f} s")
+    return 0
