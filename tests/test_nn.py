@@ -107,7 +107,7 @@ def test_compress_generate_same_tokens():
 
 def test_compress_measures_and_reports():
     model = _tiny_llama()
-    report = compress(model, "2:4", batches=(1, 4), rounds=2)
+    report = compress(model, "2:4", batches=(1, 4), rounds=2, cold_mb=1)
     assert len(report.layers) == 14
     for layer in report.layers:
         assert layer.choice in ("sparse", "dense") and set(layer.ratios) == {1, 4}

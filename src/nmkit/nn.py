@@ -8,6 +8,7 @@ below), ``torch.inference_mode`` and HF ``generate``. Inference only: there is n
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -159,30 +160,50 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def _median_time(fn, x: torch.Tensor, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time_rotation(fn, items, x: torch.Tensor) -> float:
+    """Seconds per call of ``fn(item, x)`` over the rotation (each item once)."""
+    t0 = time.perf_counter()
+    for it in items:
+        fn(it, x)
+    return (time.perf_counter() - t0) / len(items)
 
 
 def _measure(
-    dense: nn.Linear, sparse: SparseLinear, batches: tuple[int, ...], rounds: int
+    dense: nn.Linear, sparse: SparseLinear, batches: tuple[int, ...], rounds: int, cold_mb: int = 48,
+    cold_upto: int = 16,
 ) -> dict[int, float]:
-    """Ratio dense / sparse time per batch size, the two interleaved (hot weights, this machine)."""
+    """Ratio dense / sparse time per batch size, interleaved, on this machine.
+
+    Up to ``cold_upto`` tokens each call uses the next of several copies of the weights (about
+    ``cold_mb`` per method, more than the L3 of the development machine), because in a model the
+    other layers evict a layer's weights between its calls and small batches are bound by reading
+    them; larger batches are compute bound and are timed on one (hot) copy.
+    """
     ratios = {}
-    sparse.dense_from_batch = None  # time the kernel itself at every batch
+    nbytes = dense.weight.numel() * dense.weight.element_size()
+    copies = max(1, min(256, (cold_mb << 20) // max(1, nbytes)))
+    w, bias = dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
+    d_items = [(w.clone(), bias) for _ in range(copies)]
+    s_items = [copy.deepcopy(sparse) for _ in range(copies)]
+    for m in s_items:
+        m.dense_from_batch = None  # time the kernel itself at every batch
+
+    def run_dense(item, x):
+        return F.linear(x, item[0], item[1])
+
+    def run_sparse(item, x):
+        return item(x)
+
     with torch.inference_mode():
         for b in batches:
-            x = torch.randn(b, dense.in_features, dtype=dense.weight.dtype, device=dense.weight.device)
-            dense(x), sparse(x)  # warm-up
+            n = copies if b <= cold_upto else 1
+            x = torch.randn(b, dense.in_features, dtype=w.dtype, device=w.device)
+            _time_rotation(run_dense, d_items[:2], x), _time_rotation(run_sparse, s_items[:2], x)
             td, ts = [], []
             for r in range(rounds):
-                pair = [(td, dense), (ts, sparse)]
-                for acc, mod in pair if r % 2 == 0 else pair[::-1]:
-                    acc.append(_median_time(mod, x, 3))
+                pair = [(td, run_dense, d_items[:n]), (ts, run_sparse, s_items[:n])]
+                for acc, fn, items in pair if r % 2 == 0 else pair[::-1]:
+                    acc.append(_time_rotation(fn, items, x))
             ratios[b] = statistics.median(td) / statistics.median(ts)
     return ratios
 
@@ -210,8 +231,9 @@ def compress(
     pattern: NM | str | None = None,
     *,
     measure: bool = True,
-    batches: tuple[int, ...] = (1, 4, 16, 64),
+    batches: tuple[int, ...] = (1, 4, 16, 64, 256),
     rounds: int = 5,
+    cold_mb: int = 48,
     include: list[str] | None = None,
     exclude: tuple[str, ...] = ("lm_head",),
     verbose: bool = False,
@@ -220,12 +242,15 @@ def compress(
 
     ``pattern``: the N:M pattern the layers follow (keep N of every M); None detects it per layer
     (the sparsest N:M with M in 4, 8, 16 that the weight already satisfies). With ``measure`` each
-    layer is timed against its dense version at ``batches`` tokens: a layer stays dense when sparse
-    is slower at the smallest batch, and otherwise gets ``dense_from_batch`` = the first batch where
-    dense won (there it decompresses and runs dense). Without ``measure`` every valid layer is swapped.
+    distinct (shape, pattern, dtype) is timed once against dense ``F.linear`` at ``batches`` tokens
+    (up to 16 tokens on ``cold_mb`` of rotating weight copies). A layer stays dense when sparse is
+    slower at the smallest batch; otherwise it gets ``dense_from_batch``, the batch from which
+    dense won at every larger measured size (there it decompresses and runs dense). Without
+    ``measure`` every valid layer is swapped.
     """
     fixed = NM.parse(pattern) if pattern is not None else None
     choices = []
+    measured: dict[tuple, dict[int, float]] = {}  # kernel speed depends on shape, not on the values
     for name, lin in _targets(model, include, exclude):
         shape = (lin.out_features, lin.in_features)
         pat = fixed or detect_pattern(lin.weight)
@@ -236,13 +261,20 @@ def compress(
         sparse = SparseLinear.from_dense(lin, pat)
         ratios, dense_from = {}, None
         if measure:
-            ratios = _measure(lin, sparse, tuple(sorted(batches)), rounds)
+            key = (shape, str(pat), lin.weight.dtype, lin.bias is not None)
+            if key not in measured:
+                measured[key] = _measure(lin, sparse, tuple(sorted(batches)), rounds, cold_mb)
+            ratios = measured[key]
             slower = [b for b, v in ratios.items() if v < 1.0]
             if slower and slower[0] == min(ratios):
                 choices.append(LayerChoice(name, shape, str(pat), "dense",
                                            f"sparse slower at batch {slower[0]}", ratios))
                 continue
-            dense_from = slower[0] if slower else None
+            dense_from = None  # the smallest batch from which dense wins at every measured size
+            for b in sorted(ratios, reverse=True):
+                if ratios[b] >= 1.0:
+                    break
+                dense_from = b
             sparse.dense_from_batch = dense_from
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
