@@ -145,3 +145,19 @@ def test_dense_perplexity_cache(tiny_model_dir, tiny_data_dir, tmp_path, monkeyp
     assert json.loads(first)["ppl_dense"] == json.loads(second)["ppl_dense"]
     code, third, err3 = run([*args[:-1], "--eval-windows", "3", "--out", tmp_path / "c"], capsys)
     assert "from cache" not in err3  # another protocol is another key
+
+
+def test_export_compressed_then_inspect_and_load(pruned_dir, tmp_path, capsys):
+    import nmkit
+
+    out = tmp_path / "compressed"
+    code, _, err = run(["export", pruned_dir, "--format", "nmkit", "--out", out], capsys)
+    assert code == 0, err
+    code, text, _ = run(["inspect", out], capsys)
+    assert code == 0 and "14 layers, 0 invalid" in text
+    model = nmkit.load(str(out))
+    assert sum(isinstance(m, nmkit.SparseLinear) for m in model.modules()) == 14
+    dense = nmkit.load(str(pruned_dir))
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from nmkit import sidecar
@@ -25,6 +26,26 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
+def _stored_weight(files: dict[str, Path], name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
+    """The layer's weight as stored: dense, or decompressed from nmkit's values + bitmask."""
+    if meta.get("storage") == "nmkit-compressed":
+        from nmkit.formats.nm import NMTensor, decompress
+        from nmkit.patterns import NM
+
+        keys = (f"{name}.weight_values", f"{name}.weight_mask")
+        if not all(k in files for k in keys):
+            raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but not stored compressed")
+        with safe_open(files[keys[0]], framework="pt") as f:
+            values, mask = f.get_tensor(keys[0]), f.get_tensor(keys[1])
+        return decompress(NMTensor(values=values, mask=mask, shape=tuple(layer["shape"]),
+                                   pattern=NM.parse(layer["pattern"])))
+    key = f"{name}.weight"
+    if key not in files:
+        raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but {key} is not stored")
+    with safe_open(files[key], framework="pt") as f:
+        return f.get_tensor(key)
+
+
 def inspect_directory(directory: str | Path) -> list[dict]:
     """Per-layer {name, shape, pattern, sparsity, valid, violating_groups} computed from the stored weights."""
     directory = Path(directory).expanduser()
@@ -34,11 +55,7 @@ def inspect_directory(directory: str | Path) -> list[dict]:
     files = _weight_files(directory)
     rows = []
     for name, layer in meta["layers"].items():
-        key = f"{name}.weight"
-        if key not in files:
-            raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but {key} is not stored")
-        with safe_open(files[key], framework="pt") as f:
-            weight = f.get_tensor(key)
+        weight = _stored_weight(files, name, layer, meta, directory)
         info = summarize(weight, layer["pattern"], dim=layer.get("dim", -1), tail=meta.get("tail", "error"))
         rows.append({"name": name, **info})
     return rows

@@ -146,14 +146,28 @@ def _materialise(source: ModelSource) -> str:
 
 
 def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a model by alias (``smollm2-135m``, ``minilm``), local HF directory or HF id, in eval mode."""
+    """Load a model by alias (``smollm2-135m``, ``minilm``), local HF directory or HF id, in eval mode.
+
+    A directory in nmkit's compressed format loads with :class:`nmkit.nn.SparseLinear` layers.
+    """
     from transformers import AutoModel, AutoModelForCausalLM
 
     source = resolve(name) if isinstance(name, str) else name
     path = _materialise(source)
+    if _is_compressed_dir(path):  # `nmkit export --format nmkit`: pruned layers become SparseLinear
+        from nmkit.formats.io import load_compressed
+
+        return load_compressed(path, dtype=dtype).eval()
     cls = AutoModelForCausalLM if source.kind == "causal-lm" else AutoModel
     model = cls.from_pretrained(path, dtype=dtype)
     return model.eval()
+
+
+def _is_compressed_dir(path: str) -> bool:
+    import json
+
+    sidecar = Path(path) / "nmkit.json"
+    return sidecar.is_file() and json.loads(sidecar.read_text()).get("storage") == "nmkit-compressed"
 
 
 def load_tokenizer(name: str | ModelSource):
