@@ -43,9 +43,13 @@ def prune_markdown(report: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| perplexity, dense | {_fmt(report.get('ppl_dense'))} |",
-        f"| perplexity, sparse | {_fmt(report.get('ppl_sparse'))} |",
     ]
+    if "embedding_cosine_mean" in report:  # encoders: fidelity of sentence embeddings to the dense model
+        lines += [f"| embedding cosine to dense, mean | {_fmt(report['embedding_cosine_mean'], 4)} |",
+                  f"| embedding cosine to dense, min | {_fmt(report['embedding_cosine_min'], 4)} |"]
+    else:
+        lines += [f"| perplexity, dense | {_fmt(report.get('ppl_dense'))} |",
+                  f"| perplexity, sparse | {_fmt(report.get('ppl_sparse'))} |"]
     if report.get("ppl_dense") and report.get("ppl_sparse"):
         lines.append(f"| increase | {report['ppl_sparse'] - report['ppl_dense']:+.3f} "
                      f"({report['ppl_sparse'] / report['ppl_dense']:.3f}x) |")
@@ -53,13 +57,17 @@ def prune_markdown(report: dict) -> str:
         f"| layers pruned | {len(report['layers'])} (all valid: {report['all_valid']}) |",
         f"| time: load / prune / eval (s) | {t['load_s']:.1f} / {t['prune_s']:.1f} / {t['eval_s']:.1f} |",
     ]
-    if ev:
+    if ev and "windows" in ev:
         lines += [
             "",
             f"Evaluation: {ev['dataset']} {ev['split']} split ({ev['source']}, sha256 {ev['sha256'][:12]}...), "
             f"{ev['windows']} windows x {ev['seqlen']} tokens = {ev['tokens']} tokens "
             f"of {ev['text_tokens']}.",
         ]
+    elif ev:
+        lines += ["", f"Evaluation: mean-pooled sentence embeddings of the first {ev['sentences']} lines of at least "
+                      f"40 characters of {ev['dataset']} {ev['split']} ({ev['source']}), up to {ev['max_tokens']} "
+                      f"tokens each."]
     cal = report.get("calibration")
     if cal:
         lines += ["", f"Calibration: {cal['samples']} x {cal['seqlen']} tokens from {cal['dataset']} {cal['split']} "
