@@ -37,9 +37,7 @@ PAIRS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--patterns", default="2:4,1:8", help="comma-separated N:M (keep N of M) (default 2:4,1:8)"
-    )
+    p.add_argument("--patterns", default="2:4,1:8", help="comma-separated N:M (keep N of M) (default 2:4,1:8)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (default 300)")
@@ -83,9 +81,7 @@ def _sparse_for(method: str, model: TinyGPT, pattern: str, steps: int, lam: floa
         return SparseTraining(model, pattern, method="dense", include=include)
     if method == "srste_df":
         sched = Schedule(total_steps=steps, dense_finetune=1 / 6, dense_start="masked", decay=None)
-        return SparseTraining(
-            model, pattern, method="srste", include=include, schedule=sched, masked_decay=lam
-        )
+        return SparseTraining(model, pattern, method="srste", include=include, schedule=sched, masked_decay=lam)
     if method == "decay":  # MdGf-exp: alpha = exp(-7 t / T_d), T_d = steps / 2
         sched = Schedule(total_steps=steps, decay="exp", decay_coef=7.0, decay_end=0.5)
         return SparseTraining(model, pattern, method="decay", include=include, schedule=sched)
@@ -129,9 +125,7 @@ def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, 
     result["nm_valid"] = report["valid"]
     result["val_loss_nm"] = _evaluate(model, val_batches)
     # Each method is scored the way it is meant to be deployed (see module docs).
-    result["val_loss"] = (
-        result["val_loss_dense"] if method in ("dense", "srste_df") else result["val_loss_nm"]
-    )
+    result["val_loss"] = result["val_loss_dense"] if method in ("dense", "srste_df") else result["val_loss_nm"]
     rates = history.flip_rate
     result["flip_rate_mean"] = statistics.fmean(rates) if rates else 0.0
     result["flip_rate_final"] = rates[-1] if rates else 0.0
@@ -186,6 +180,37 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
+# The papers' prediction at high sparsity: sste <= decay ~ srste < ste (lower loss is better).
+ORDERING = (
+    ("srste - ste", "<", "srste < ste"),
+    ("decay - ste", "<", "decay < ste"),
+    ("sste - ste", "<", "sste < ste"),
+    ("sste - decay", "<=", "sste <= decay"),
+    ("decay - srste", "~", "decay ~ srste"),
+)
+
+
+def ordering_check(paired: dict) -> list[str]:
+    """One line per predicted relation: reproduced beyond 2 SE, or not (with the paired mean and SE)."""
+    lines = []
+    for key, rel, label in ORDERING:
+        d = paired.get(key)
+        if d is None:
+            continue
+        if rel == "<":
+            ok = d["mean"] < 0 and d["beyond_2se"]
+        elif rel == "<=":
+            ok = not (d["mean"] > 0 and d["beyond_2se"])  # not significantly worse
+        else:
+            ok = not d["beyond_2se"]
+        if rel == "<":
+            verdict = "reproduced" if ok else "not reproduced"
+        else:  # no significant difference only means "consistent", not proven
+            verdict = "consistent" if ok else "contradicted"
+        lines.append(f"- {label}: {key} = {d['mean']:+.4f} ± {d['se']:.4f} (SE, n={d['n']}): {verdict}")
+    return lines
+
+
 def markdown(summary: dict, meta: dict) -> str:
     lines = [
         f"Tiny char GPT (d={meta['d']}, {meta['layers']} layers, ctx {meta['ctx']}, batch {meta['batch']}, "
@@ -209,9 +234,10 @@ def markdown(summary: dict, meta: dict) -> str:
             )
         lines += ["", "| paired difference (a - b) | mean | SE | beyond 2 SE |", "|---|---|---|---|"]
         for name, d in s["paired"].items():
-            lines.append(
-                f"| {name} | {d['mean']:+.4f} | {d['se']:.4f} | {'yes' if d['beyond_2se'] else 'no'} |"
-            )
+            lines.append(f"| {name} | {d['mean']:+.4f} | {d['se']:.4f} | {'yes' if d['beyond_2se'] else 'no'} |")
+        check = ordering_check(s["paired"])
+        if check:
+            lines += ["", "Predicted ordering (sste <= decay ~ srste < ste), paired, 2 SE rule:", *check]
         lines.append("")
     return "\n".join(lines)
 
@@ -274,9 +300,7 @@ def run(args: argparse.Namespace) -> int:
     meta["total_wall_s"] = round(time.perf_counter() - t_all, 1)
     summary = summarize(results)
     if out:
-        (out / "results.json").write_text(
-            json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1)
-        )
+        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
         (out / "table.md").write_text(markdown(summary, meta))
         for pattern in patterns:
             curves = {}
