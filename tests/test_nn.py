@@ -120,3 +120,12 @@ def test_compress_skips_dense_layers():
     model = nn.Sequential(nn.Linear(32, 16), _pruned_linear(32, 16, "2:4"))
     report = compress(model, measure=False)
     assert report.changed == ["1"] and report.layers[0].choice == "dense"
+
+
+def test_keep_dense_fallback():
+    lin = _pruned_linear(64, 32, "2:4")
+    s = SparseLinear.from_dense(lin, "2:4", dense_from_batch=4)
+    s.dense_weight = lin.weight.detach().clone()
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(s(x), lin(x))
+    assert "dense_weight" not in s.state_dict()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from nmkit.formats.blocked import to_blocked
 from nmkit.formats.nm import compress
 from nmkit.kernels import native
+from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
 from nmkit.solvers.nm import nm_mask
 
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight memory rotated through per method (0 = hot, one copy)")
     parser.add_argument("--isa", default=None, choices=native.ISAS, help="force a lower ISA path")
     parser.add_argument("--kind", default="auto", choices=tuple(native.KINDS), help="force gemv or spmm")
+    parser.add_argument("--module", action="store_true",
+                        help="time SparseLinear (with its default dense fallback, e.g. bf16 from 8 tokens) "
+                             "instead of the raw kernel")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: this thread's CPU time, which leaves out time preempted by other jobs "
                              "(only meaningful with --threads 1)")
@@ -65,7 +69,7 @@ def _time_calls(fn, args_list, clock=time.perf_counter) -> float:
 
 def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches: list[int],
                 threads: list[int], rounds: int, cold_mb: int, isa: str | None, kind: str,
-                seed: int, clock: str = "wall") -> list[dict]:
+                seed: int, clock: str = "wall", module: bool = False) -> list[dict]:
     out_f, in_f = shape
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen)
@@ -75,6 +79,15 @@ def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches
     dense_ws = [w.clone() for _ in range(copies)]
     packed = to_blocked(compress(w, pattern))
     sparse_ws = [replace(packed, values=packed.values.clone(), mask=packed.mask.clone()) for _ in range(copies)]
+    if module:
+        lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
+        lin.weight.data.copy_(w)
+        proto = SparseLinear.from_dense(lin, pattern)
+        sparse_ws = []
+        for _ in range(copies):
+            m = SparseLinear(in_f, out_f, pattern, bias=False, dtype=dtype)
+            m.values, m.mask, m.dense_from_batch = proto.values.clone(), proto.mask.clone(), proto.dense_from_batch
+            sparse_ws.append(m)
     results = []
     old_threads = torch.get_num_threads()
     try:
@@ -83,14 +96,14 @@ def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches
             for b in batches:
                 x = torch.randn(b, in_f, generator=gen).to(dtype)
                 ref = F.linear(x.float(), w.float())
-                got = native.linear(x, sparse_ws[0], isa=isa, kind=kind).float()
+                got = (sparse_ws[0](x) if module else native.linear(x, sparse_ws[0], isa=isa, kind=kind)).float()
                 err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
                 def dense(wi, x=x):
                     return F.linear(x, wi)
 
                 def ours(ti, x=x, nt=nt):
-                    return native.linear(x, ti, isa=isa, kind=kind, threads=nt)
+                    return ti(x) if module else native.linear(x, ti, isa=isa, kind=kind, threads=nt)
 
                 dargs = [(wi,) for wi in dense_ws]
                 sargs = [(ti,) for ti in sparse_ws]
@@ -111,7 +124,7 @@ def bench_point(shape: tuple[int, int], pattern: NM, dtype: torch.dtype, batches
                     "threads": nt, "batch": b, "dense_ms": statistics.median(td) * 1e3,
                     "ours_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
                     "ratio_best": min(td) / min(ts), "max_rel_err": err, "copies": copies,
-                    "isa": isa or native.best_isa(), "kind": kind, "clock": clock,
+                    "isa": isa or native.best_isa(), "kind": "SparseLinear" if module else kind, "clock": clock,
                 })
     finally:
         torch.set_num_threads(old_threads)
@@ -139,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         for pattern in patterns:
             for dtype in dtypes:
                 for r in bench_point(shape, pattern, dtype, batches, threads, args.rounds, args.cold_mb,
-                                     args.isa, args.kind, args.seed, args.clock):
+                                     args.isa, args.kind, args.seed, args.clock, args.module):
                     rows.append(r)
                     print(f"{r['shape']:>12} {r['pattern']:>5} {r['dtype']:>8} {r['threads']:>3} "
                           f"{r['batch']:>4} {r['dense_ms']:9.3f} {r['ours_ms']:9.3f} {r['ratio']:6.2f} "
