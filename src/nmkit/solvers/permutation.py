@@ -234,6 +234,52 @@ class _StripeSearch:
             dst.copy_(src)
 
 
+def _random_pairs(
+    xt: torch.Tensor,
+    perm: torch.Tensor,
+    n: int,
+    m: int,
+    tol: float,
+    deadline: float,
+    gen: torch.Generator,
+    sample_rows: int,
+) -> None:
+    """Rounds of random disjoint stripe pairs, each pair re-arranged optimally (M <= 4) or by its best
+    column swap (M > 4); moves are proposed on a row sample and verified on all rows."""
+    c, r = xt.shape
+    stripes = c // m
+    ar = torch.arange(m)
+    stale = 0
+    while time.perf_counter() < deadline and stale < 3:
+        pairs = torch.randperm(stripes, generator=gen)[: stripes // 2 * 2].reshape(-1, 2)
+        xs = xt if r <= sample_rows else xt[:, torch.randperm(r, generator=gen)[:sample_rows]]
+        cols = (pairs.unsqueeze(-1) * m + ar).reshape(-1, 2 * m)  # (G, 2M) current column ids
+        if m <= 4:
+            gains, best = _group_gains(xs, pairs, n, m, 2, deadline=deadline)
+            subsets, parts = _partitions(2, m)
+            local = subsets[parts[best]].reshape(-1, 2 * m)
+        else:
+            gains, best = _swap_gains(xs, pairs, n, m)
+            local = torch.arange(2 * m).repeat(pairs.shape[0], 1)
+            i, j = best // m, m + best % m
+            rows_ = torch.arange(pairs.shape[0])
+            local[rows_, i], local[rows_, j] = j, i
+        cand = (gains > 0).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            stale += 1
+            continue
+        old = cols[cand]
+        new = torch.gather(old, 1, local[cand])
+        before = topn_sum(xt[old].reshape(-1, 2, m, r), n, dim=2).sum((1, 2))
+        after = topn_sum(xt[new].reshape(-1, 2, m, r), n, dim=2).sum((1, 2))
+        ok = (after - before) > tol
+        stale = 0 if bool(ok.any()) else stale + 1
+        if bool(ok.any()):
+            dst, src = old[ok].reshape(-1), new[ok].reshape(-1)
+            perm[dst] = perm[src].clone()
+            xt[dst] = xt[src].clone()
+
+
 def permute_channels(
     scores: torch.Tensor,
     pattern: NM | str = "2:4",
@@ -241,6 +287,7 @@ def permute_channels(
     time_budget_s: float = 1.0,
     seed: int = 0,
     max_escapes: int | None = None,
+    sample_rows: int = 512,
 ) -> PermutationResult:
     """Find a column permutation ``perm`` so that N:M on ``scores[:, perm]`` keeps more score.
 
@@ -250,7 +297,9 @@ def permute_channels(
     (for M > 4 a stripe-pair move is the best single column swap, as redistributing 2M columns
     exhaustively is too costly).
     Stops at ``time_budget_s`` or after ``max_escapes`` perturb-and-repolish rounds (None: until
-    the budget); the result is always at least as good as the identity. Seeded, so repeatable
+    the budget); the result is always at least as good as the identity. ``random_pairs`` proposes
+    moves on a fresh random sample of ``sample_rows`` rows each round (8x cheaper on 4096 rows) and
+    applies only those whose exact gain over all rows is positive. Seeded, so repeatable
     for a given budget (the number of escapes that fit in the budget varies with machine load).
     """
     start = time.perf_counter()
@@ -285,23 +334,7 @@ def permute_channels(
     gen = torch.Generator().manual_seed(seed)
 
     if method == "random_pairs":
-        stale = 0
-        while time.perf_counter() < deadline and stale < 3:
-            order = torch.randperm(stripes, generator=gen)[: stripes // 2 * 2].reshape(-1, 2)
-            if m <= 4:
-                gains, best = _group_gains(xt, order, n, m, 2, deadline=deadline)
-            else:
-                gains, best = _swap_gains(xt, order, n, m)
-            hit = (gains > tol).nonzero().squeeze(1)
-            stale = stale + 1 if hit.numel() == 0 else 0
-            if hit.numel() and m <= 4:
-                _apply(perm, xt, order[hit], best[hit], m, 2)
-            elif hit.numel():
-                ca = order[hit, 0] * m + best[hit] // m
-                cb = order[hit, 1] * m + best[hit] % m
-                both_a, both_b = torch.cat([ca, cb]), torch.cat([cb, ca])
-                perm[both_a] = perm[both_b].clone()
-                xt[both_a] = xt[both_b].clone()
+        _random_pairs(xt, perm, n, m, tol, deadline, gen, sample_rows)
         kept = kept_by_nm(xt.T, p)
         return PermutationResult(perm, kept, kept_default, kept_rows, time.perf_counter() - start, method)
 
