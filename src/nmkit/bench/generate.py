@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: torch's)")
     parser.add_argument("--no-measure", action="store_true",
                         help="compress every pruned layer without the per-layer speed check")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: this thread's CPU time, leaving out time preempted by other jobs "
+                             "(only meaningful with --threads 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -68,10 +71,10 @@ def prune_if_needed(model: nn.Module, pattern: NM) -> int:
     return n
 
 
-def _timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def _timed(fn, clock=time.perf_counter) -> tuple[float, object]:
+    t0 = clock()
     out = fn()
-    return time.perf_counter() - t0, out
+    return clock() - t0, out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     pruned = prune_if_needed(dense, pattern)
     sparse = copy.deepcopy(dense)
     report = compress(sparse, pattern, measure=not args.no_measure)
-    print(f"# nmkit bench generate {args.model} {pattern} {args.dtype}  {started}  torch={torch.__version__} "
+    print(f"# nmkit bench generate {args.model} {pattern} {args.dtype}  {started}  clock={args.clock}  "
+          f"torch={torch.__version__} "
           f"load1={os.getloadavg()[0]:.2f}")
     print(f"# pruned here: {pruned} layers; compress: {len(report.changed)} of {len(report.layers)} Linear "
           f"layers sparse")
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     old = torch.get_num_threads()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     rows = []
     try:
         for nt in threads:
@@ -106,16 +111,16 @@ def run(args: argparse.Namespace) -> int:
                 for r in range(args.rounds):
                     order = [("dense", dense), ("sparse", sparse)]
                     for label, m in order if r % 2 == 0 else order[::-1]:
-                        t, out = _timed(lambda m=m, kw=kw: m.generate(prompt, **kw))
+                        t, out = _timed(lambda m=m, kw=kw: m.generate(prompt, **kw), clock)
                         times[label]["decode"].append(t)
                         tokens[label] = out
-                        t, _ = _timed(lambda m=m: m(long, use_cache=False))
+                        t, _ = _timed(lambda m=m: m(long, use_cache=False), clock)
                         times[label]["prefill"].append(t)
             same = torch.equal(tokens["dense"], tokens["sparse"])
             d_dec, s_dec = (statistics.median(times[k]["decode"]) for k in ("dense", "sparse"))
             d_pre, s_pre = (statistics.median(times[k]["prefill"]) for k in ("dense", "sparse"))
             row = {
-                "model": args.model, "pattern": str(pattern), "dtype": args.dtype, "threads": nt,
+                "model": args.model, "pattern": str(pattern), "dtype": args.dtype, "threads": nt, "clock": args.clock,
                 "decode_tok_s_dense": args.new_tokens / d_dec, "decode_tok_s_sparse": args.new_tokens / s_dec,
                 "decode_ratio": d_dec / s_dec, "prefill_tokens": args.prefill,
                 "prefill_ms_dense": d_pre * 1e3, "prefill_ms_sparse": s_pre * 1e3, "prefill_ratio": d_pre / s_pre,
