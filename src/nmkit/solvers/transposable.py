@@ -262,6 +262,7 @@ def transposable_mask(
     per row and column of every tile, ``greedy`` may keep fewer (still hardware-valid).
     """
     pat = _as_pattern(pattern)
+    scores = scores.detach()
     n, m = pat.keep, pat.group
     if method not in METHODS:
         raise PatternError(f"unknown transposable method {method!r}; choose from {METHODS}")
