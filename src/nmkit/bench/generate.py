@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: torch's)")
     parser.add_argument("--no-measure", action="store_true",
                         help="compress every pruned layer without the per-layer speed check")
+    parser.add_argument("--fallback", default="decompress", choices=("decompress", "keep"),
+                        help="compress(..., fallback=): how layers run batches where dense measured faster")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: this thread's CPU time, leaving out time preempted by other jobs "
                              "(only meaningful with --threads 1)")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     dense = _load(args.model, dtype)
     pruned = prune_if_needed(dense, pattern)
     sparse = copy.deepcopy(dense)
-    report = compress(sparse, pattern, measure=not args.no_measure)
+    report = compress(sparse, pattern, measure=not args.no_measure, fallback=args.fallback)
     print(f"# nmkit bench generate {args.model} {pattern} {args.dtype}  {started}  clock={args.clock}  "
           f"torch={torch.__version__} "
           f"load1={os.getloadavg()[0]:.2f}")
