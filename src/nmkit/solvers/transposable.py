@@ -47,9 +47,7 @@ def to_tiles(x: torch.Tensor, m: int) -> torch.Tensor:
     """(..., R, C) -> (T, M, M) tiles, row-major over tiles."""
     *lead, r, c = x.shape
     if r % m or c % m:
-        raise PatternError(
-            f"transposable {m}x{m} tiles need both dims divisible by M={m}, got shape {tuple(x.shape)}"
-        )
+        raise PatternError(f"transposable {m}x{m} tiles need both dims divisible by M={m}, got shape {tuple(x.shape)}")
     return x.reshape(-1, r // m, m, c // m, m).transpose(2, 3).reshape(-1, m, m)
 
 
@@ -112,71 +110,80 @@ def _greedy_from_order(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Greedy pass over each tile's entries in descending ``values`` (ties: lower flat index first).
 
     One vectorised step per position in the sorted order (M^2 steps), each a flat gather/compare/
-    index_add over all tiles; no per-tile Python work.
+    scatter_add over all tiles into preallocated buffers (uint8 counters); no per-tile Python work.
     """
     t = values.shape[0]
     dev = values.device
     order = torch.sort(values.reshape(t, m * m), dim=-1, descending=True, stable=True).indices
-    base = (torch.arange(t, device=dev) * m).unsqueeze(1)
-    # one counter array: rows of all tiles, then columns of all tiles; each step gathers both at once
-    idx = torch.cat([(order // m + base).T, (order % m + base + t * m).T], dim=1).contiguous()  # (M^2, 2T)
-    cnt = torch.zeros(2 * t * m, dtype=torch.int32, device=dev)
+    o32 = order.to(torch.int32)
+    base = torch.arange(t, device=dev, dtype=torch.int32).mul_(m).unsqueeze(1)
+    ridx = (o32 // m).add_(base).T.contiguous().long()  # (M^2, T) flat row-counter index per step
+    cidx = (o32 % m).add_(base).T.contiguous().long()
+    del o32
+    rc = torch.zeros(t * m, dtype=torch.uint8, device=dev)
+    cc = torch.zeros_like(rc)
     keep = torch.zeros(m * m, t, dtype=torch.bool, device=dev)
-    live = torch.arange(t, device=dev)  # tiles still unsaturated; shrunk now and then
-    cur = idx
+    g1, g2 = torch.empty(t, dtype=torch.uint8, device=dev), torch.empty(t, dtype=torch.uint8, device=dev)
+    b1, b2 = torch.empty(t, dtype=torch.bool, device=dev), torch.empty(t, dtype=torch.bool, device=dev)
     for k in range(m * m):
-        nl = live.numel()
-        both = cnt.gather(0, cur[k]) < n
-        ok = both[:nl] & both[nl:]
-        if nl == t:
-            keep[k] = ok
-        else:
-            keep[k].index_copy_(0, live, ok)
-        inc = ok.to(torch.int32)
-        cnt.scatter_add_(0, cur[k], torch.cat([inc, inc]))
-        if k % m == m - 1 and k >= n * m:
-            done = (cnt[: t * m].view(t, m)[live] == n).all(-1)
-            if bool(done.all()):
-                break
-            if int(done.sum()) * 4 > nl:  # compact when a quarter of the live tiles are done
-                live = live[~done]
-                cur = idx.view(m * m, 2, t)[:, :, live].reshape(m * m, -1)
+        torch.gather(rc, 0, ridx[k], out=g1)
+        torch.gather(cc, 0, cidx[k], out=g2)
+        torch.lt(g1, n, out=b1)
+        torch.lt(g2, n, out=b2)
+        torch.logical_and(b1, b2, out=keep[k])
+        src = keep[k].view(torch.uint8)
+        rc.scatter_add_(0, ridx[k], src)
+        cc.scatter_add_(0, cidx[k], src)
+        if k % m == m - 1 and k >= n * m and bool((rc == n).all()):
+            break
     return torch.zeros(t, m * m, dtype=torch.bool, device=dev).scatter_(1, order, keep.T).reshape(t, m, m)
 
 
 def _repair(mask: torch.Tensor, tiles: torch.Tensor, n: int, steps: int) -> torch.Tensor:
     """Fill unsaturated rows/columns: for an open row i and open column j, add (i, j) directly when
-    free, else swap a kept (i', j') for (i, j') and (i', j) (net +1 kept), choosing the best swap."""
+    free, else swap a kept (i', j') for (i, j') and (i', j) (net +1 kept), choosing the best swap.
+
+    Works on the tiles that need it (gathered once, shrunk as they finish); each step fixes one unit
+    of deficit per tile.
+    """
     t, m, _ = mask.shape
+    need = ((mask.sum(-1) < n).any(-1) & (mask.sum(-2) < n).any(-1)).nonzero().squeeze(1)
+    if need.numel() == 0:
+        return mask
+    mk, sc = mask[need], tiles[need]
+    ar = torch.arange(need.numel(), device=mask.device)
     for _ in range(steps):
-        row_open = mask.sum(-1) < n
-        col_open = mask.sum(-2) < n
+        row_open = mk.sum(-1) < n
+        col_open = mk.sum(-2) < n
         todo = row_open.any(-1) & col_open.any(-1)
-        if not bool(todo.any()):
+        n_todo = int(todo.sum())
+        if n_todo == 0:
             break
-        idx = todo.nonzero().squeeze(1)
-        mk, sc = mask[idx], tiles[idx]
-        i = row_open[idx].float().argmax(-1)
-        j = col_open[idx].float().argmax(-1)
-        ar = torch.arange(idx.numel(), device=mask.device)
-        direct = ~mk[ar, i, j]
+        if n_todo * 2 < need.numel():  # shrink the working set to the tiles still open
+            mask[need] = mk
+            need, mk, sc = need[todo], mk[todo], sc[todo]
+            row_open, col_open, todo = row_open[todo], col_open[todo], todo[todo]
+            ar = torch.arange(need.numel(), device=mask.device)
+        i = row_open.to(torch.uint8).argmax(-1)
+        j = col_open.to(torch.uint8).argmax(-1)
+        direct = todo & ~mk[ar, i, j]
         row_i = sc[ar, i]  # (K, M) scores of row i, indexed by j'
         col_j = sc[ar, :, j]  # (K, M) scores of column j, indexed by i'
         gain = row_i.unsqueeze(1) + col_j.unsqueeze(2) - sc  # [i', j']
         allowed = mk & ~mk[ar, i].unsqueeze(1) & ~mk[ar, :, j].unsqueeze(2)
-        gain = gain.masked_fill(~allowed, float("-inf"))
-        best = gain.reshape(idx.numel(), -1).argmax(-1)
-        feasible = torch.isfinite(gain.reshape(idx.numel(), -1)[ar, best])
+        gain = gain.masked_fill_(~allowed, float("-inf")).reshape(-1, m * m)
+        best = gain.argmax(-1)
+        feasible = torch.isfinite(gain[ar, best])
+        sw = todo & ~direct & feasible
+        if not bool((direct | sw).any()):
+            break
         ip, jp = best // m, best % m
-        sw = ~direct & feasible
         mk[ar[direct], i[direct], j[direct]] = True
         a = ar[sw]
         mk[a, ip[sw], jp[sw]] = False
         mk[a, i[sw], jp[sw]] = True
         mk[a, ip[sw], j[sw]] = True
-        mask[idx] = mk
-        if not bool((direct | feasible).any()):
-            break
+    mask[need] = mk
     return mask
 
 
