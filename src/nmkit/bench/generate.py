@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: torch's)")
     parser.add_argument("--no-measure", action="store_true",
                         help="compress every pruned layer without the per-layer speed check")
-    parser.add_argument("--fallback", default="decompress", choices=("decompress", "keep"),
+    parser.add_argument("--fallback", default="keep", choices=("decompress", "keep"),
                         help="compress(..., fallback=): how layers run batches where dense measured faster")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: this thread's CPU time, leaving out time preempted by other jobs "
