@@ -293,7 +293,7 @@ def compress(
                 dense_from = b
             sparse.dense_from_batch = dense_from
             if dense_from is not None and fallback == "keep":
-                sparse.dense_weight = lin.weight.detach().clone()
+                sparse.dense_weight = lin.weight.detach()  # the swapped-out layer's own storage
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, sparse)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nmkit.patterns import NM, PatternError
@@ -33,12 +34,17 @@ def padded_cols(cols: int, group: int) -> int:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool (..., K) with K % 8 == 0 -> uint8 (..., K/8), little bit order."""
+    if mask.device.type == "cpu":  # numpy's packbits is ~20x faster than a torch reduction over 8
+        return torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
     m = mask.reshape(*mask.shape[:-1], mask.shape[-1] // 8, 8).to(torch.uint8)
     return (m * _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """uint8 (..., K/8) -> bool (..., K) (or the first ``count`` columns), little bit order."""
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), axis=-1, count=count, bitorder="little")
+        return torch.from_numpy(bits).to(torch.bool)
     bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
     out = bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
     return out if count is None else out[..., :count]
@@ -106,7 +112,9 @@ def compress(weight: torch.Tensor, pattern: NM | str, mask: torch.Tensor | None 
             f"in_features={cols} is not divisible by M={m} (pattern {pattern}: keep {n} of {m})"
         )
     w = weight.detach()
-    if mask is None:
+    if mask is None and bool((w != 0).reshape(rows, cols // m, m).sum(-1).eq(n).all()):
+        mask = w != 0  # the common case (a solver's output): exactly N non-zeros per group, no ranking
+    elif mask is None:
         nonzero = w != 0
         # -0.0 ranks between a real non-zero and +0.0 so it survives the round trip when there is room.
         negzero = (~nonzero) & torch.signbit(w) if w.is_floating_point() else torch.zeros_like(nonzero)
