@@ -13,12 +13,26 @@ from setuptools.command.build_ext import build_ext
 
 
 class OptionalBuildExt(build_ext):
+    failed: set = set()
+
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # the reference path still works without the native library
+            self.failed.add(ext.name)
             print(f"WARNING: nmkit native kernels not built ({exc}); using the torch reference path",
                   file=sys.stderr)
+
+    def copy_extensions_to_source(self):  # editable installs: skip what failed to build
+        failed = [e for e in self.extensions if e.name in self.failed]
+        self.extensions = [e for e in self.extensions if e.name not in self.failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions += failed
+
+    def get_outputs(self):
+        return [o for e, o in zip(self.extensions, super().get_outputs(), strict=True) if e.name not in self.failed]
 
 
 native = Extension(
