@@ -189,3 +189,31 @@ def test_esparse_prunes_model_validly(tiny_model_dir):
     model = _model(tiny_model_dir)
     result = prune(model, "2:4", "esparse", calibration=_calib(), progress=False)
     assert len(result.layers) == 14 and result.all_valid
+
+
+def test_dense_target_is_identity_for_identical_streams():
+    w, x, _ = _layer_problem(rows=5, cols=16)
+    stats = InputStats(x.T @ x, x.shape[0], cross=x.T @ x)
+    assert torch.allclose(dense_target(w, stats, damp=0.01), w, atol=1e-5)
+
+
+def test_cross_statistics_survive_in_place_stream_updates():
+    """The first layer may read the dense stream itself (BERT); the caller then overwrites that
+    stream with the block's output. The paired statistics must use the input as it was."""
+    from torch import nn
+
+    from nmkit.oneshot.stats import StatsCollector
+    from nmkit.oneshot.targets import Target
+
+    torch.manual_seed(0)
+    live, dense = nn.Linear(8, 8), nn.Linear(8, 8)
+    dense.load_state_dict(live.state_dict())
+    stream = torch.randn(4, 6, 8)
+    dense_stream = stream.clone()
+    with torch.no_grad(), StatsCollector([Target("fc", live, 1)], [Target("fc", dense, 1)]) as c:
+        for s in range(0, 4, 2):
+            c.new_batch()
+            dense_stream[s : s + 2] = dense(dense_stream[s : s + 2])  # overwritten in place
+            live(stream[s : s + 2])
+    stats = c.stats["fc"]
+    assert torch.allclose(stats.cross, stats.xtx)

@@ -167,15 +167,19 @@ def sparsegpt_refit(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: 
 
 
 def dense_target(w: torch.Tensor, stats: InputStats, damp: float) -> torch.Tensor:
-    """Weights T with T X_s closest to the dense model's W X_d: T = W C H^-1, C = sum x_d x_s^T.
+    """Weights T with T X_s closest to the dense model's W X_d: T = W C H^-1 = W + W (C - H) H^-1,
+    C = sum x_d x_s^T.
 
     Aiming each layer at the dense model's output (rather than at its own unpruned output on
     already-degraded inputs) lets later layers undo error left by earlier ones.
     """
     h = stats.xtx.double()
-    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    rhs = w.double() @ stats.cross.double()
-    return torch.linalg.solve(h, rhs.T, left=True).T.float()  # H symmetric: (H^-1 (W C)^T)^T = W C H^-1
+    h_damped = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # Written as a correction of W, so that damping only tempers the correction: with identical
+    # streams (C = H) the target is exactly W, where W C (H + damp)^-1 would shrink it.
+    rhs = w.double() @ (stats.cross.double() - h)
+    correction = torch.linalg.solve(h_damped, rhs.T).T  # H symmetric: (H^-1 (W(C-H))^T)^T
+    return (w.double() + correction).float()
 
 
 def sparsegpt_ec(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error",

@@ -77,7 +77,9 @@ class StatsCollector:
 
     def _stash(self, name: str):
         def hook(module, args, output):
-            self._dense_inputs[name] = _as_rows(args[0].detach())
+            # A copy: the input may be a view of the dense stream, which the caller overwrites with
+            # this block's output before the live block's hooks read it.
+            self._dense_inputs[name] = _as_rows(args[0].detach()).clone()
 
         return hook
 
