@@ -76,7 +76,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (keep 2 of 4), 4:8, 1:4, 2:8; "
                                                     "or 50%% (unstructured) (default 2:4)")
     p.add_argument("--method", default="magnitude",
-                   help="magnitude (no data), wanda (|W| x input norm), sparsegpt (OBS with weight update) "
+                   help="magnitude (no data); calibrated: wanda (|W| x input norm), esparse (entropy-enhanced "
+                        "Wanda), sparsegpt (OBS with weight update), sparsegpt-refit (SparseGPT + joint "
+                        "least-squares refit: best measured), sparsegpt-ec (experimental, measured worse) "
                         "(default magnitude)")
     p.add_argument("--calib-samples", type=int, default=64, metavar="K",
                    help="calibration sequences from the train split, for calibrated methods (default 64)")
