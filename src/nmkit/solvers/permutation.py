@@ -310,6 +310,8 @@ def permute_channels(
     r, c = scores.shape
     if c % m:
         raise PatternError(f"permute_channels: {c} columns is not a multiple of M={m}")
+    if method not in ("auto", "pairs", "triples", "random_pairs"):  # before any early return
+        raise PatternError(f"unknown permutation method {method!r}; use auto, pairs, triples or random_pairs")
     stripes = c // m
     x = scores.detach().float().cpu()
     kept_default = kept_by_nm(x, p)
@@ -326,8 +328,6 @@ def permute_channels(
             method = "random_pairs"
     if method in ("pairs", "triples") and m > 4:
         method = "random_pairs"  # exhaustive redistribution of 2M columns is C(2M, M): too many
-    if method not in ("pairs", "triples", "random_pairs"):
-        raise PatternError(f"unknown permutation method {method!r}; use auto, pairs, triples or random_pairs")
     deadline = start + time_budget_s
     tol = 1e-7 * kept_default / stripes
     xt = x.T.contiguous()
