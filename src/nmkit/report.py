@@ -77,11 +77,13 @@ def prune_markdown(report: dict) -> str:
         lines += ["", f"Layer reconstruction error ||(W-W')X||^2/||WX||^2 on calibration data: "
                       f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} (plot: layer_errors.png)."]
     shown = report["layers"][:8]
-    lines += ["", "| layer | shape | sparsity | valid | rel. error |", "|---|---|---|---|---|"]
-    lines += [f"| {x['name']} | {'x'.join(map(str, x['shape']))} | {x['sparsity']:.4f} | {x['valid']} | "
-              f"{_fmt(x.get('rel_error'), 4)} |" for x in shown]
+    err = bool(errors)  # the error column only when it was measured
+    lines += ["", "| layer | shape | sparsity | valid |" + (" rel. error |" if err else ""),
+              "|---|---|---|---|" + ("---|" if err else "")]
+    lines += [f"| {x['name']} | {'x'.join(map(str, x['shape']))} | {x['sparsity']:.4f} | {x['valid']} |"
+              + (f" {_fmt(x.get('rel_error'), 4)} |" if err else "") for x in shown]
     if len(report["layers"]) > len(shown):
-        lines.append(f"| ... {len(report['layers']) - len(shown)} more in report.json | | | | |")
+        lines.append(f"| ... {len(report['layers']) - len(shown)} more in report.json | | | |" + (" |" if err else ""))
     return "\n".join(lines) + "\n"
 
 
