@@ -217,3 +217,16 @@ def test_cross_statistics_survive_in_place_stream_updates():
             live(stream[s : s + 2])
     stats = c.stats["fc"]
     assert torch.allclose(stats.cross, stats.xtx)
+
+
+@pytest.mark.parametrize("pattern", ["2:4T", "4:8T", "32:2:8", "50%"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsegpt-refit"])
+def test_zoo_patterns_through_every_method(tiny_model_dir, pattern, method):
+    """Transposable and V:N:M masks come out valid from each method (SparseGPT fixes them up front)."""
+    model = _model(tiny_model_dir)
+    result = prune(model, pattern, method, calibration=_calib(4, 32), progress=False)
+    assert result.all_valid and len(result.layers) == 14
+    p = parse(pattern)
+    for name, module in model.named_modules():
+        if name in {layer.name for layer in result.layers}:
+            assert p.is_valid(module.weight.detach() != 0), name

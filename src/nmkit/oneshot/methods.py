@@ -100,7 +100,7 @@ def _obs_sweep(w: torch.Tensor, u: torch.Tensor, pattern: Pattern, tail: TailPol
     columns after the block once per block.
     """
     cols = w.shape[1]
-    lazy = isinstance(pattern, NM)
+    lazy = type(pattern) is NM  # only plain row-wise N:M can be chosen group by group (not subclasses)
     group = pattern.group if lazy else 8
     blocksize = max(group, blocksize // group * group)  # groups never straddle two blocks
     keep = torch.zeros_like(w, dtype=torch.bool) if lazy else mask_for(w**2 / u.diagonal() ** 2, pattern, tail=tail)
