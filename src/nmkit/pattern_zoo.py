@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nmkit.patterns import MAX_GROUP, NM, NM_HELP, PatternError, TailPolicy, group_counts, keep_count
+from nmkit.patterns import MAX_GROUP, NM, NM_HELP, PatternError, TailPolicy, groups_keep_at_most, keep_count
 
 
 def _as_2d(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -223,10 +223,7 @@ class Balanced:
         return f"balanced:{self.keep}/{self.bank}"
 
     def is_valid(self, mask: torch.Tensor, dim: int = -1, tail: TailPolicy = "error", exact: bool = False) -> bool:
-        counts = group_counts(mask, self.bank, dim, tail)
-        if counts is None:
-            return False
-        return bool((counts == self.keep).all()) if exact else bool((counts <= self.keep).all())
+        return groups_keep_at_most(mask, self.bank, self.keep, dim, tail, exact)
 
     def project(self, scores: torch.Tensor, dim: int = -1, tail: TailPolicy = "error") -> torch.Tensor:
         from nmkit.solvers.balanced import balanced_mask

@@ -72,10 +72,7 @@ class NM:
         ``mask`` may be a boolean mask or a weight tensor (non-zeros count as kept). ``exact=True``
         requires exactly ``keep`` per full group, as solvers produce.
         """
-        counts = group_counts(mask, self.group, dim, tail)
-        if counts is None:
-            return False
-        return bool((counts == self.keep).all()) if exact else bool((counts <= self.keep).all())
+        return groups_keep_at_most(mask, self.group, self.keep, dim, tail, exact)
 
     def project(self, scores: torch.Tensor, dim: int = -1, tail: TailPolicy = "error") -> torch.Tensor:
         """Boolean mask keeping the top ``keep`` scores of each group (ties: lower index wins)."""
@@ -193,6 +190,15 @@ def group_counts(mask: torch.Tensor, group: int, dim: int = -1, tail: TailPolicy
     if tail == "pad" and size % group:
         counts = torch.cat([counts, m[..., full:].sum(-1, keepdim=True)], dim=-1)
     return counts
+
+
+def groups_keep_at_most(mask: torch.Tensor, group: int, keep: int, dim: int = -1, tail: TailPolicy = "error",
+                        exact: bool = False) -> bool:
+    """True when every group of ``group`` along ``dim`` has at most (``exact``: exactly) ``keep`` non-zeros."""
+    counts = group_counts(mask, group, dim, tail)
+    if counts is None:
+        return False
+    return bool((counts == keep).all()) if exact else bool((counts <= keep).all())
 
 
 def summarize(tensor: torch.Tensor, pattern: Pattern | str, dim: int = -1, tail: TailPolicy = "error") -> dict:
