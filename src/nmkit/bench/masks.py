@@ -36,6 +36,12 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
+def _permutation_row(matrix: str, budget: float, r, seconds: float, cpu: float) -> dict:
+    return {"section": "permutation", "matrix": matrix, "pattern": "2:4", "budget_s": budget, "method": r.method,
+            "efficacy_pct": 100 * r.efficacy, "kept": r.kept, "kept_default": r.kept_default, "seconds": seconds,
+            "cpu_s": cpu}
+
+
 def _timed_cpu(fn):
     """(result, wall seconds, process CPU seconds): CPU time shows the cost when the box is shared."""
     c, t = time.process_time(), time.perf_counter()
@@ -103,39 +109,13 @@ def _permutation(rows: list, quick: bool, budget_big: float | None) -> None:
     np.random.seed(1)  # apex permutation_tests: --seed 1, np.random.rand(filters=128, channels=64)
     apex = torch.from_numpy(np.random.rand(128, 64))
     for budget in (1.0,) if quick else (1.0, 3.0):
-        r, t, cpu = _timed_cpu(lambda budget=budget: permute_channels(apex, "2:4", time_budget_s=budget))
-        rows.append(
-            {
-                "section": "permutation",
-                "matrix": "apex random 128x64 (seed 1, uniform)",
-                "pattern": "2:4",
-                "budget_s": budget,
-                "method": r.method,
-                "efficacy_pct": 100 * r.efficacy,
-                "kept": r.kept,
-                "kept_default": r.kept_default,
-                "seconds": t,
-                "cpu_s": cpu,
-            }
-        )
+        timed = _timed_cpu(lambda budget=budget: permute_channels(apex, "2:4", time_budget_s=budget))
+        rows.append(_permutation_row("apex random 128x64 (seed 1, uniform)", budget, *timed))
     size = 512 if quick else 4096
     big = _gauss(size, size, 2).abs()
     budget = budget_big if budget_big is not None else (5.0 if quick else 55.0)
-    r, t, cpu = _timed_cpu(lambda: permute_channels(big, "2:4", time_budget_s=budget))
-    rows.append(
-        {
-            "section": "permutation",
-            "matrix": f"|N(0,1)| {size}x{size} (seed 2)",
-            "pattern": "2:4",
-            "budget_s": budget,
-            "method": r.method,
-            "efficacy_pct": 100 * r.efficacy,
-            "kept": r.kept,
-            "kept_default": r.kept_default,
-            "seconds": t,
-            "cpu_s": cpu,
-        }
-    )
+    timed = _timed_cpu(lambda: permute_channels(big, "2:4", time_budget_s=budget))
+    rows.append(_permutation_row(f"|N(0,1)| {size}x{size} (seed 2)", budget, *timed))
 
 
 def _vnm(rows: list, quick: bool) -> None:
