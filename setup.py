@@ -42,4 +42,12 @@ native = Extension(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[native], cmdclass={"build_ext": OptionalBuildExt})
+# Mask solvers (transposable N:M per tile), a separate ctypes library: nmkit/solvers/native.py.
+solvers_native = Extension(
+    "nmkit.solvers._solvers_native",
+    sources=["src/nmkit/solvers/csrc/nmkit_solvers.c"],
+    extra_compile_args=["-O3", "-fopenmp", "-std=gnu11"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[native, solvers_native], cmdclass={"build_ext": OptionalBuildExt})

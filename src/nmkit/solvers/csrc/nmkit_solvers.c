@@ -1,0 +1,338 @@
+/* nmkit mask solvers: transposable N:M (every M x M tile keeps N per row and N per column).
+ *
+ * Plain C, no torch ABI, no -march flag; called through ctypes (nmkit/solvers/native.py).
+ * Per tile (a bipartite b-matching, rows x columns, capacity N on both sides):
+ *   1. greedy: entries by descending score (ties: lower flat index first, as the torch reference),
+ *      kept while the row and the column have room  (mode 0 stops here: may keep < N);
+ *   2. completion: augmenting paths (BFS over rows/columns) until every row and column keeps
+ *      exactly N (always feasible: K_{M,M} has an N-regular subgraph);
+ *   3. local search on the "row graph": W[k][i] = best gain of moving one kept column from row k to
+ *      row i (max over l in K_k \ K_i of s[i][l] - s[k][l]). A 2-cycle k -> i -> k is the 2x2 swap
+ *      (i,j),(k,l) -> (i,l),(k,j); the best one is applied while it gains (mode 1 stops here).
+ *   4. mode 2 also cancels longer positive cycles (Bellman-Ford on the M-node row graph). A residual
+ *      cycle of the flow problem maps to a row-graph cycle of at least its gain, and every simple
+ *      row-graph cycle is a valid move, so "no positive row-graph cycle" is exactly LP optimality:
+ *      mode 2 returns the optimum (up to a float tolerance relative to the tile's largest |score|).
+ * Tiles are independent; OpenMP splits them over threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAXM 64
+
+/* The per-tile solver is compiled for AVX-512 and AVX2 as well as the baseline and picked at load
+ * time (GCC ifunc), so the row-graph max-plus loops use the widest vectors without -march. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NMS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NMS_CLONES
+#endif
+#define NMS_INLINE static inline __attribute__((always_inline)) /* inlined into every clone */
+
+/* Dummy module init so setuptools can build this as an extension module; Python never imports it. */
+void *PyInit__solvers_native(void) { return 0; }
+
+int nms_version(void) { return 1; }
+
+typedef struct {
+    int m, n;
+    float s[MAXM * MAXM];      /* tile scores, row-major */
+    uint64_t row[MAXM];        /* kept columns of each row */
+    uint64_t col[MAXM];        /* kept rows of each column */
+    int rc[MAXM], cc[MAXM];    /* kept counts */
+    float w[MAXM][MAXM];       /* row graph: w[k][i] = gain of moving a column from row k to row i */
+    float u[MAXM][MAXM], v[MAXM][MAXM];
+    float tol;
+} tile_t;
+
+/* Order-preserving map float -> uint32 (descending scores = ascending keys), -0 == +0. */
+static inline uint32_t desc_key(float x) {
+    uint32_t u;
+    if (x == 0.0f) x = 0.0f;
+    memcpy(&u, &x, 4);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); /* ascending in x */
+    return ~u;                                        /* ascending in -x */
+}
+
+/* Stable LSD radix sort (4 x 8 bits) of the tile's cells by descending score (ties: lower flat index
+ * first). Key and cell travel packed in one uint64 (cell = i << 6 | j, so no division later); the four
+ * digit histograms come from one read pass. */
+static void sort_desc(const float *s, int m, uint16_t *order) {
+    int mm = m * m;
+    uint64_t a[MAXM * MAXM], b[MAXM * MAXM];
+    uint64_t *src = a, *dst = b;
+    int cnt[4][256];
+    memset(cnt, 0, sizeof(cnt));
+    for (int i = 0, t = 0; i < m; i++)
+        for (int j = 0; j < m; j++, t++) {
+            uint64_t key = desc_key(s[t]);
+            a[t] = (key << 16) | (uint64_t)(i << 6 | j);
+            cnt[0][key & 255u]++; cnt[1][(key >> 8) & 255u]++;
+            cnt[2][(key >> 16) & 255u]++; cnt[3][key >> 24]++;
+        }
+    for (int p = 0; p < 4; p++) {
+        int shift = 16 + 8 * p, *c = cnt[p];
+        if (c[(src[0] >> shift) & 255u] == mm) continue; /* one digit value: the pass is a no-op */
+        int sum = 0;
+        for (int d = 0; d < 256; d++) { int x = c[d]; c[d] = sum; sum += x; }
+        for (int t = 0; t < mm; t++) dst[c[(src[t] >> shift) & 255u]++] = src[t];
+        uint64_t *sw = src; src = dst; dst = sw;
+    }
+    for (int t = 0; t < mm; t++) order[t] = (uint16_t)(src[t] & 0xffffu);
+}
+
+static inline void keep_cell(tile_t *t, int i, int j) {
+    t->row[i] |= 1ull << j; t->col[j] |= 1ull << i; t->rc[i]++; t->cc[j]++;
+}
+
+static int greedy(tile_t *t) {
+    int m = t->m, n = t->n, mm = m * m, kept = 0;
+    uint16_t order[MAXM * MAXM];
+    sort_desc(t->s, m, order);
+    for (int q = 0; q < mm && kept < n * m; q++) {
+        int i = order[q] >> 6, j = order[q] & 63;
+        if (t->rc[i] < n && t->cc[j] < n) { keep_cell(t, i, j); kept++; }
+    }
+    return kept;
+}
+
+/* One augmenting path from a deficient row to a deficient column: add (r, c1), remove (r1, c1),
+ * add (r1, c2), ... add (r_k, c_end). Rows/columns are visited once (BFS), so the path is simple. */
+static int augment(tile_t *t) {
+    int m = t->m, n = t->n, r0 = -1;
+    for (int i = 0; i < m; i++) if (t->rc[i] < n) { r0 = i; break; }
+    if (r0 < 0) return 0;
+    /* direct add first: the best free cell between a deficient row and a deficient column */
+    int bi = -1, bj = -1; float bv = -INFINITY;
+    uint64_t open_c = 0;
+    for (int j = 0; j < m; j++) open_c |= (uint64_t)(t->cc[j] < n) << j;
+    for (int i = 0; i < m; i++) {
+        if (t->rc[i] >= n) continue;
+        for (uint64_t c = open_c & ~t->row[i]; c; c &= c - 1) {
+            int j = __builtin_ctzll(c);
+            if (t->s[i * m + j] > bv) { bv = t->s[i * m + j]; bi = i; bj = j; }
+        }
+    }
+    if (bi >= 0) { keep_cell(t, bi, bj); return 1; }
+    int prow[MAXM], pcol[MAXM], queue[MAXM];
+    uint64_t seen_r = 1ull << r0, seen_c = 0;
+    int head = 0, tail = 0, end = -1;
+    queue[tail++] = r0;
+    uint64_t all = (m == 64) ? ~0ull : ((1ull << m) - 1);
+    while (head < tail && end < 0) {
+        int x = queue[head++];
+        for (uint64_t cs = all & ~seen_c & ~t->row[x]; cs; cs &= cs - 1) {
+            int c = __builtin_ctzll(cs);
+            seen_c |= 1ull << c; pcol[c] = x;           /* reached column c by adding (x, c) */
+            if (t->cc[c] < n) { end = c; break; }
+            for (uint64_t ys = t->col[c] & ~seen_r; ys; ys &= ys - 1) { /* remove (y, c), go on from y */
+                int y = __builtin_ctzll(ys);
+                seen_r |= 1ull << y; prow[y] = c; queue[tail++] = y;
+            }
+        }
+    }
+    if (end < 0) return 0; /* cannot happen for a consistent tile */
+    int c = end;
+    for (;;) {
+        int x = pcol[c];
+        t->row[x] |= 1ull << c; t->col[c] |= 1ull << x;   /* add (x, c) */
+        if (x == r0) break;
+        int c2 = prow[x];                                /* x was reached by removing (x, c2) */
+        t->row[x] &= ~(1ull << c2); t->col[c2] &= ~(1ull << x);
+        c = c2;
+    }
+    t->rc[r0]++; t->cc[end]++;
+    return 1;
+}
+
+/* Row-graph weights as a max-plus product: u[i][l] = s[i][l] where row i does not keep l (else -inf),
+ * v[k][l] = -s[k][l] where row k keeps l (else -inf); w[k][i] = max_l u[i][l] + v[k][l]. */
+NMS_INLINE void row_uv(tile_t *t, int i) {
+    int m = t->m;
+    const float *si = t->s + i * m;
+    uint64_t r = t->row[i];
+    for (int l = 0; l < m; l++) {
+        int kept = (int)((r >> l) & 1);
+        t->u[i][l] = kept ? -INFINITY : si[l];
+        t->v[i][l] = kept ? -si[l] : -INFINITY;
+    }
+}
+
+NMS_INLINE float maxplus(const float *a, const float *b, int m) {
+    float r = -INFINITY;
+#pragma omp simd reduction(max : r)
+    for (int l = 0; l < m; l++) {
+        float x = a[l] + b[l];
+        r = x > r ? x : r; /* not fmaxf: that is a libm call without -ffinite-math-only */
+    }
+    return r;
+}
+
+NMS_INLINE void pair_gain(tile_t *t, int i, int k) {
+    t->w[k][i] = maxplus(t->u[i], t->v[k], t->m);
+    t->w[i][k] = maxplus(t->u[k], t->v[i], t->m);
+}
+
+NMS_INLINE int arg_gain(const tile_t *t, int k, int i) {
+    int m = t->m, best = -1;
+    const float *si = t->s + i * m, *sk = t->s + k * m;
+    uint64_t ki = t->row[k] & ~t->row[i];
+    float bv = -INFINITY;
+    for (int l = 0; l < m; l++)
+        if (((ki >> l) & 1) && si[l] - sk[l] > bv) { bv = si[l] - sk[l]; best = l; }
+    return best;
+}
+
+NMS_INLINE void update_rows(tile_t *t, const int *rows, int nr) {
+    uint64_t done = 0;
+    for (int a = 0; a < nr; a++) {
+        int i = rows[a];
+        for (int k = 0; k < t->m; k++)
+            if (k != i && !((done >> k) & 1)) pair_gain(t, i, k);
+        done |= 1ull << i;
+    }
+}
+
+/* Apply the cycle cyc[0] -> cyc[1] -> ... -> cyc[len-1] -> cyc[0] (a column moves along each edge)
+ * if it gains more than the tolerance; columns are chosen on the masks before the move. */
+NMS_INLINE int apply_cycle(tile_t *t, const int *cyc, int len) {
+    int cols[MAXM];
+    float gain = 0.0f;
+    for (int e = 0; e < len; e++) {
+        int k = cyc[e], i = cyc[(e + 1) % len];
+        cols[e] = arg_gain(t, k, i);
+        if (cols[e] < 0) return 0;
+        gain += t->s[i * t->m + cols[e]] - t->s[k * t->m + cols[e]];
+    }
+    if (!(gain > t->tol)) return 0;
+    for (int e = 0; e < len; e++) {
+        int k = cyc[e], i = cyc[(e + 1) % len], l = cols[e];
+        t->row[k] &= ~(1ull << l); t->row[i] |= 1ull << l;
+        t->col[l] &= ~(1ull << k); t->col[l] |= 1ull << i;
+        t->u[k][l] = t->s[k * t->m + l]; t->v[k][l] = -INFINITY;   /* k no longer keeps l */
+        t->u[i][l] = -INFINITY; t->v[i][l] = -t->s[i * t->m + l]; /* i now keeps l */
+    }
+    update_rows(t, cyc, len);
+    return 1;
+}
+
+NMS_INLINE int best_two_cycle(tile_t *t, int *cyc) {
+    float bv = t->tol;
+    int found = 0;
+    for (int i = 0; i < t->m; i++)
+        for (int k = i + 1; k < t->m; k++) {
+            float g = t->w[k][i] + t->w[i][k];
+            if (g > bv) { bv = g; cyc[0] = k; cyc[1] = i; found = 1; }
+        }
+    return found;
+}
+
+/* A cycle of the predecessor graph par (one parent per node), in forward edge order, or 0. */
+NMS_INLINE int parent_cycle(const int *par, int m, int *cyc) {
+    int stamp[MAXM];
+    for (int i = 0; i < m; i++) stamp[i] = -1;
+    for (int s = 0; s < m; s++) {
+        int x = s;
+        while (x >= 0 && stamp[x] < 0) { stamp[x] = s; x = par[x]; }
+        if (x < 0 || stamp[x] != s) continue;
+        int len = 0, y = x, rev[MAXM];
+        do { rev[len++] = y; y = par[y]; } while (y != x);
+        for (int e = 0; e < len; e++) cyc[e] = rev[len - 1 - e]; /* par[i] = k is the edge k -> i */
+        return len;
+    }
+    return 0;
+}
+
+/* Bellman-Ford (longest walks from a virtual source, Jacobi rounds) on the row graph. A cycle that
+ * forms in the predecessor graph is returned at once (in practice long before round M); if values
+ * still improve after M rounds a positive cycle must exist and par holds one. apply_cycle re-checks
+ * the gain. The inner loop runs over targets i, so it vectorises without horizontal reductions. */
+NMS_INLINE int find_cycle(tile_t *t, int *cyc, int early, int rounds) {
+    int m = t->m, par[MAXM];
+    float d[MAXM], bv[MAXM];
+    for (int i = 0; i < m; i++) { d[i] = 0.0f; par[i] = -1; t->w[i][i] = -INFINITY; }
+    for (int round = 0; round < rounds; round++) {
+        for (int i = 0; i < m; i++) bv[i] = -INFINITY;
+        for (int k = 0; k < m; k++) {
+            const float *wk = t->w[k];
+            float dk = d[k];
+#pragma omp simd
+            for (int i = 0; i < m; i++) {
+                float x = dk + wk[i];
+                bv[i] = x > bv[i] ? x : bv[i];
+            }
+        }
+        int changed = 0;
+        for (int i = 0; i < m; i++)
+            if (bv[i] > d[i] + t->tol) { /* the argmax only where the value improves */
+                int k = 0;
+                while (!(d[k] + t->w[k][i] == bv[i])) k++;
+                par[i] = k; changed = 1;
+            }
+        for (int i = 0; i < m; i++) d[i] = bv[i] > d[i] + t->tol ? bv[i] : d[i];
+        if (!changed) return 0;
+        if (early || round >= m - 1) {
+            int len = parent_cycle(par, m, cyc);
+            if (len) return len;
+        }
+    }
+    return 0;
+}
+
+NMS_CLONES static void solve_tile(tile_t *t, int mode) {
+    int m = t->m, n = t->n;
+    memset(t->row, 0, sizeof(uint64_t) * (size_t)m);
+    memset(t->col, 0, sizeof(uint64_t) * (size_t)m);
+    memset(t->rc, 0, sizeof(int) * (size_t)m);
+    memset(t->cc, 0, sizeof(int) * (size_t)m);
+    int kept = greedy(t);
+    if (mode == 0) return;
+    while (kept < n * m && augment(t)) kept++;
+    float mx = 0.0f;
+    for (int q = 0; q < m * m; q++) mx = fabsf(t->s[q]) > mx ? fabsf(t->s[q]) : mx;
+    t->tol = 1e-6f * mx + 1e-30f;
+    for (int i = 0; i < m; i++) row_uv(t, i);
+    for (int i = 0; i < m; i++)
+        for (int k = i + 1; k < m; k++) pair_gain(t, i, k);
+    int cyc[MAXM], guard = 64 * m * m;
+    while (guard-- > 0) {
+        if (best_two_cycle(t, cyc) && apply_cycle(t, cyc, 2)) continue;
+        if (mode < 2) break;
+        int len = find_cycle(t, cyc, 1, m + 1);
+        if (len && apply_cycle(t, cyc, len)) continue;
+        if (!len) break;
+        /* an early predecessor cycle did not gain: certify with the full M rounds */
+        len = find_cycle(t, cyc, 0, m + 1);
+        if (!len || !apply_cycle(t, cyc, len)) break;
+    }
+}
+
+/* scores: rows x cols float32 (row stride ld), rows and cols multiples of m; mask: uint8, same
+ * layout (stride ld_out). mode 0 greedy, 1 greedy + completion + 2x2 swaps, 2 optimal.
+ * Returns 0 on success, -1 on bad arguments. */
+int nms_transposable(const float *scores, int64_t rows, int64_t cols, int64_t ld, uint8_t *mask, int64_t ld_out,
+                     int n, int m, int mode, int threads) {
+    if (m < 1 || m > MAXM || n < 0 || n > m || rows % m || cols % m || mode < 0 || mode > 2) return -1;
+    int64_t tr = rows / m, tc = cols / m, nt = tr * tc;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        tile_t t;
+        t.m = m; t.n = n;
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t q = 0; q < nt; q++) {
+            int64_t r0 = (q / tc) * m, c0 = (q % tc) * m;
+            for (int i = 0; i < m; i++) memcpy(t.s + i * m, scores + (r0 + i) * ld + c0, sizeof(float) * (size_t)m);
+            solve_tile(&t, mode);
+            for (int i = 0; i < m; i++) {
+                uint8_t *o = mask + (r0 + i) * ld_out + c0;
+                for (int j = 0; j < m; j++) o[j] = (uint8_t)((t.row[i] >> j) & 1);
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,67 @@
+"""ctypes loader for the compiled mask solvers in ``csrc/nmkit_solvers.c``.
+
+Separate from the kernel library (``nmkit.kernels.native``) so either can be built or missing on its
+own. If the library is missing or fails to load, :func:`available` is False and the solvers use their
+torch reference paths. ``NMKIT_NATIVE=0`` disables it (as for the kernels); ``NMKIT_SOLVERS_LIB``
+points at a development build of the same C file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+MODES: dict[str, int] = {"greedy": 0, "swap": 1, "optimal": 2}
+MAX_GROUP = 64  # the C solver keeps a row's kept columns in one uint64
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("NMKIT_NATIVE", "1") == "0":
+        return None
+    try:
+        override = os.environ.get("NMKIT_SOLVERS_LIB")
+        spec = importlib.util.find_spec("nmkit.solvers._solvers_native") if not override else None
+        if not override and (spec is None or spec.origin is None):
+            raise OSError("nmkit.solvers._solvers_native was not built")
+        lib = ctypes.CDLL(override or spec.origin)  # after torch: binds to torch's libgomp
+    except OSError as exc:
+        warnings.warn(f"nmkit compiled solvers unavailable ({exc}); using the slower torch path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+    lib.nms_transposable.restype = i
+    lib.nms_transposable.argtypes = [p, i64, i64, i64, p, i64, i, i, i, i]
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled solver library is loaded."""
+    return _lib() is not None
+
+
+def transposable(scores: torch.Tensor, n: int, m: int, mode: str, threads: int | None = None) -> torch.Tensor:
+    """Transposable N:M mask of ``scores`` (..., R, C) on CPU with the compiled per-tile solver.
+
+    ``mode``: ``greedy`` (<= N per row/column), ``swap`` (greedy, completion to exactly N by augmenting
+    paths, best 2x2 swaps while they gain) or ``optimal`` (also cancels longer cycles: the exact optimum
+    up to a float tolerance of 1e-6 x the tile's largest |score|).
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("compiled solvers not available")
+    if m > MAX_GROUP:
+        raise ValueError(f"the compiled solver supports M <= {MAX_GROUP}, got {m}")
+    *lead, r, c = scores.shape
+    x = scores.detach().to(device="cpu", dtype=torch.float32).reshape(-1, c).contiguous()
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    nt = threads if threads is not None else torch.get_num_threads()
+    rc = lib.nms_transposable(x.data_ptr(), x.shape[0], c, c, out.data_ptr(), c, n, m, MODES[mode], nt)
+    if rc != 0:
+        raise ValueError(f"compiled transposable solver rejected shape {tuple(scores.shape)} for {n}:{m}")
+    return out.view(torch.bool).reshape(scores.shape).to(scores.device)
