@@ -77,8 +77,10 @@ def test_tasd_terms_valid_disjoint_and_monotone(seed: int, terms: list[str]) -> 
     a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)  # 75% unstructured sparse
     res = tasd_decompose(a, terms)
     assert torch.allclose(res.reconstruct() + res.residual, a)
-    for t, p in zip(res.terms, res.patterns, strict=True):
-        assert p.is_valid(t)
+    for k, p in enumerate(res.patterns):
+        padded = res.padded_term(k)  # staggered groups: plain N:M once padded to the group grid
+        assert padded.shape[-1] % p.group == 0 and p.is_valid(padded)
+        assert torch.allclose(padded.abs().sum(), res.terms[k].abs().sum())
     supports = torch.stack([t != 0 for t in res.terms]).sum(0)
     assert int(supports.max()) <= 1  # disjoint
     errs = res.rel_errors
@@ -89,10 +91,30 @@ def test_tasd_same_group_terms_equal_single_term_and_mixed_groups_beat_small_gro
     g = torch.Generator().manual_seed(0)
     a = torch.randn(128, 128, generator=g)
     a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)
-    two = tasd_decompose(a, ["2:4", "1:4"]).rel_errors[-1]
+    two = tasd_decompose(a, ["2:4", "1:4"], offsets=0).rel_errors[-1]
     one = tasd_decompose(a, ["3:4"]).rel_errors[-1]
-    assert two == pytest.approx(one)  # disjoint greedy terms: 2:4 + 1:4 == 3:4
-    mixed = tasd_decompose(a, ["1:4", "2:8"]).rel_errors[-1]  # density 0.5
+    assert two == pytest.approx(one)  # aligned disjoint greedy terms: 2:4 + 1:4 == 3:4
+    mixed = tasd_decompose(a, ["1:4", "2:8"], offsets=0).rel_errors[-1]  # density 0.5
     assert mixed < tasd_decompose(a, ["2:4"]).rel_errors[-1]
     dense_like = tasd_decompose(a, ["2:4", "2:4"])
     assert dense_like.density == 1.0
+
+
+def test_tasd_staggered_groups_beat_every_single_term_of_equal_density() -> None:
+    """Staggered offsets break the nesting of aligned series (2:4 + 1:4 inside 3:4): two terms beat
+    every single N:M term of the same density whose M is at most the series' largest M."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(256, 256, generator=g)
+    a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)
+
+    def err(terms: list[str], **kw) -> float:
+        return tasd_decompose(a, terms, **kw).rel_errors[-1]
+
+    res = tasd_decompose(a, ["2:4", "1:4"])
+    assert res.offsets == [0, 2] and res.density == 0.75
+    assert err(["2:4", "1:4"]) < err(["3:4"])
+    assert err(["1:4", "2:8"]) < min(err(["2:4"]), err(["4:8"]), err(["1:2"]))
+    assert err(["1:8", "1:8"]) < min(err(["2:8"]), err(["1:4"]))
+    assert err(["1:4", "2:8"], offsets=[0, 2]) == err(["1:4", "2:8"])
+    with pytest.raises(PatternError):
+        tasd_decompose(a, ["1:4", "2:8"], offsets=[0])

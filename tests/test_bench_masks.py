@@ -13,7 +13,8 @@ def test_bench_masks_tasd_section_json(capsys) -> None:
     bench.add_arguments(p)
     assert bench.run(p.parse_args(["--quick", "--only", "tasd", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
-    rows = {r["terms"]: r for r in out["results"]}
-    assert rows["2:4+1:4"]["rel_error"] == rows["3:4"]["rel_error"]
-    assert rows["1:4+2:8"]["rel_error"] < rows["2:4"]["rel_error"]
+    rows = {(r["terms"], r["groups"]): r["rel_error"] for r in out["results"]}
+    assert rows["2:4+1:4", "aligned"] == rows["3:4", "aligned"]  # nested supports: the same term
+    assert rows["2:4+1:4", "staggered"] < rows["3:4", "aligned"]
+    assert rows["1:4+2:8", "aligned"] < rows["2:4", "aligned"]
     assert "machine" in out["meta"]

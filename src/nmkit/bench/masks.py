@@ -184,20 +184,25 @@ def _tasd(rows: list, quick: bool) -> None:
     a = _gauss(size, size, 5)
     a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)  # 75% unstructured sparse
     series = [
-        ["1:4"], ["2:8"], ["1:8", "1:8"], ["2:4"], ["4:8"], ["1:4", "2:8"], ["2:8", "1:4"],
-        ["3:8"], ["1:4", "1:8"], ["2:4", "1:4"], ["3:4"], ["2:4", "2:8"],
+        ["1:4"], ["2:8"], ["4:16"], ["1:8", "1:8"],
+        ["2:4"], ["4:8"], ["1:2"], ["1:4", "1:4"], ["1:4", "2:8"], ["2:8", "1:4"], ["2:8", "2:8"],
+        ["3:4"], ["6:8"], ["2:4", "1:4"], ["2:4", "2:8"],
+        ["3:8"], ["1:4", "1:8"],
     ]  # fmt: skip
     for terms in series:
-        r = tasd_decompose(a, terms)
-        rows.append(
-            {
-                "section": "tasd",
-                "shape": f"{size}x{size}, 75% unstructured",
-                "terms": "+".join(terms),
-                "density": r.density,
-                "rel_error": r.rel_errors[-1],
-            }
-        )
+        for offsets in ("aligned", "staggered") if len(terms) > 1 else ("aligned",):
+            r = tasd_decompose(a, terms, offsets=0 if offsets == "aligned" else "auto")
+            rows.append(
+                {
+                    "section": "tasd",
+                    "shape": f"{size}x{size}, 75% unstructured",
+                    "terms": "+".join(terms),
+                    "groups": offsets,
+                    "offsets": ",".join(map(str, r.offsets)),
+                    "density": r.density,
+                    "rel_error": r.rel_errors[-1],
+                }
+            )
 
 
 def _fmt(v) -> str:
