@@ -130,3 +130,42 @@ def test_fallback_without_library(monkeypatch: pytest.MonkeyPatch) -> None:
     lp = transposable_mask(w, "4:8", "optimal")  # the LP path gives the same optimum
     assert tile_score(w, lp) == pytest.approx(tile_score(w, ref), rel=1e-6)
     assert Transposable(4, 8).is_valid(transposable_mask(w, "4:8", "fast"), exact=True)
+
+
+# --- compiled stripe-pair permutation search ------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 4), (1, 4), (3, 4), (1, 2), (1, 3)]))
+def test_stripe_pairs_two_stripes_is_the_exhaustive_optimum(seed: int, nm: tuple[int, int]) -> None:
+    import itertools
+
+    from nmkit.solvers.permutation import kept_by_nm
+
+    n, m = nm
+    w = torch.rand(64, 2 * m, generator=torch.Generator().manual_seed(seed))
+    xt, perm = w.T.contiguous(), torch.arange(2 * m)
+    native.stripe_pairs(xt, perm, n, m, seconds=10.0)
+    assert sorted(perm.tolist()) == list(range(2 * m)) and torch.equal(xt.T, w[:, perm])
+    best = max(
+        kept_by_nm(w[:, list(g) + [j for j in range(2 * m) if j not in g]], f"{n}:{m}")
+        for g in itertools.combinations(range(2 * m), m)
+    )
+    assert kept_by_nm(xt.T, f"{n}:{m}") == pytest.approx(best, rel=1e-6)
+
+
+def test_stripe_pairs_deterministic_across_threads_and_improves() -> None:
+    from nmkit.solvers.permutation import kept_by_nm, permute_channels
+
+    w = torch.rand(256, 128, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for threads in (1, 2):
+        xt, perm = w.T.contiguous(), torch.arange(128)
+        native.stripe_pairs(xt, perm, 2, 4, seconds=60.0, seed=7, threads=threads)  # runs until it stalls
+        runs.append(perm)
+    assert torch.equal(runs[0], runs[1])
+    assert kept_by_nm(w[:, runs[0]], "2:4") > kept_by_nm(w, "2:4")
+    r = permute_channels(w, "2:4", method="random_pairs", time_budget_s=0.5)
+    assert r.method.startswith("random_pairs[C]") and r.kept > r.kept_default
+    assert sorted(r.perm.tolist()) == list(range(128))
+    assert r.kept == pytest.approx(kept_by_nm(w[:, r.perm], "2:4"), rel=1e-6)

@@ -37,6 +37,8 @@ def _lib() -> ctypes.CDLL | None:
     i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
     lib.nms_transposable.restype = i
     lib.nms_transposable.argtypes = [p, i64, i64, i64, p, i64, i, i, i, i]
+    lib.nms_stripe_pairs.restype = i
+    lib.nms_stripe_pairs.argtypes = [p, i64, i64, i, i, p, ctypes.c_double, ctypes.c_uint64, i, i, p]
     return lib
 
 
@@ -65,3 +67,27 @@ def transposable(scores: torch.Tensor, n: int, m: int, mode: str, threads: int |
     if rc != 0:
         raise ValueError(f"compiled transposable solver rejected shape {tuple(scores.shape)} for {n}:{m}")
     return out.view(torch.bool).reshape(scores.shape).to(scores.device)
+
+
+def stripe_pairs(
+    xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, seconds: float, seed: int = 0, max_stale: int = 3,
+    threads: int | None = None,
+) -> int:
+    """Random stripe pairing, every pair split optimally over all rows (M <= 4), in place.
+
+    ``xt`` (cols, rows) float32 contiguous CPU (the transposed scores), ``perm`` int64 (cols,): both are
+    permuted in place. Stops after ``seconds`` or ``max_stale`` rounds without a gain; returns the
+    number of rounds.
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("compiled solvers not available")
+    if xt.dtype != torch.float32 or not xt.is_contiguous() or perm.dtype != torch.int64 or not perm.is_contiguous():
+        raise ValueError("stripe_pairs needs contiguous float32 xt and int64 perm")
+    rounds = ctypes.c_int64(0)
+    nt = threads if threads is not None else torch.get_num_threads()
+    rc = lib.nms_stripe_pairs(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), float(seconds),
+                              seed & (2**64 - 1), max_stale, nt, ctypes.byref(rounds))
+    if rc != 0:
+        raise ValueError(f"compiled stripe search rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
+    return int(rounds.value)

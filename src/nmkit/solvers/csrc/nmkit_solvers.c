@@ -17,9 +17,18 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
+#else
+static double omp_get_wtime(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int omp_get_thread_num(void) { return 0; }
 #endif
 
 #define MAXM 64
@@ -334,5 +343,137 @@ int nms_transposable(const float *scores, int64_t rows, int64_t cols, int64_t ld
             }
         }
     }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Channel permutations: random stripe pairing (a stripe = one group of M columns, M <= 4).
+ * Each round pairs all stripes at random; for every pair, every way to split its 2M columns into two
+ * groups of M (35 for 2:4) is scored over all rows and the best is applied (pairs are disjoint, so
+ * they run in parallel and the result does not depend on the thread count). xt is (cols, rows):
+ * one contiguous row vector per column, permuted in place together with perm.
+ * ------------------------------------------------------------------------------------------------ */
+
+static inline uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline float top2of4(float a, float b, float c, float d) {
+    float m1 = a > b ? a : b, n1 = a > b ? b : a, m2 = c > d ? c : d, n2 = c > d ? d : c;
+    float hi = m1 > m2 ? m1 : m2, lo = m1 > m2 ? m2 : m1, nn = n1 > n2 ? n1 : n2;
+    return hi + (lo > nn ? lo : nn);
+}
+
+/* Sum of the n largest of m <= 4 values (a sorting network). */
+static inline float topn4(float a, float b, float c, float d, int n, int m) {
+    float v[4] = {a, b, c, d};
+    for (int i = m; i < 4; i++) v[i] = -INFINITY;
+    /* 4-input sorting network, descending */
+#define CX(i, j) { float hi_ = v[i] > v[j] ? v[i] : v[j], lo_ = v[i] > v[j] ? v[j] : v[i]; v[i] = hi_; v[j] = lo_; }
+    CX(0, 1) CX(2, 3) CX(0, 2) CX(1, 3) CX(1, 2)
+#undef CX
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += v[i];
+    return s;
+}
+
+/* Scores of every split of the 2m columns c[0..2m) (split s: groups sp[s][0..m) and sp[s][m..2m)),
+ * summed over all rows. Rows go in blocks that stay in L1 while all splits are scored; float sums
+ * per block, double across blocks. */
+NMS_CLONES static void split_scores(const float *const *c, const int (*sp)[8], int nsplit, int n, int m,
+                                    int64_t rows, double *out) {
+    for (int s = 0; s < nsplit; s++) out[s] = 0.0;
+    for (int64_t r0 = 0; r0 < rows; r0 += 256) {
+        int64_t r1 = r0 + 256 < rows ? r0 + 256 : rows;
+        for (int s = 0; s < nsplit; s++) {
+            const int *g1 = sp[s], *g2 = sp[s] + m;
+            const float *a = c[g1[0]], *b = c[g1[m > 1 ? 1 : 0]], *cc = c[g1[m > 2 ? 2 : 0]], *d = c[g1[m > 3 ? 3 : 0]];
+            const float *e = c[g2[0]], *f = c[g2[m > 1 ? 1 : 0]], *g = c[g2[m > 2 ? 2 : 0]], *h = c[g2[m > 3 ? 3 : 0]];
+            float acc = 0.0f;
+            if (n == 2 && m == 4) { /* the common case, branch-free so it vectorises */
+#pragma omp simd reduction(+ : acc)
+                for (int64_t r = r0; r < r1; r++)
+                    acc += top2of4(a[r], b[r], cc[r], d[r]) + top2of4(e[r], f[r], g[r], h[r]);
+            } else {
+                for (int64_t r = r0; r < r1; r++)
+                    acc += topn4(a[r], b[r], cc[r], d[r], n, m) + topn4(e[r], f[r], g[r], h[r], n, m);
+            }
+            out[s] += acc;
+        }
+    }
+}
+
+int nms_stripe_pairs(float *xt, int64_t cols, int64_t rows, int n, int m, int64_t *perm, double seconds,
+                     uint64_t seed, int max_stale, int threads, int64_t *rounds_out) {
+    if (m < 1 || m > 4 || n < 1 || n > m || cols % m || cols / m < 2 || rows < 1) return -1;
+    int64_t stripes = cols / m, npairs = stripes / 2;
+    /* canonical splits: subsets of size m of {0..2m-1} that contain 0 (the other group is the rest) */
+    int splits[35][8], nsplit = 0;
+    for (int mask = 0; mask < (1 << (2 * m)); mask++) {
+        if (!(mask & 1) || __builtin_popcount((unsigned)mask) != m) continue;
+        int p = 0, q = m;
+        for (int j = 0; j < 2 * m; j++) {
+            if ((mask >> j) & 1) splits[nsplit][p++] = j; else splits[nsplit][q++] = j;
+        }
+        nsplit++;
+    }
+    int ident = 0; /* the split that keeps the current groups: {0..m-1} */
+    for (int s = 0; s < nsplit; s++) {
+        int ok = 1;
+        for (int j = 0; j < m; j++) ok &= splits[s][j] == j;
+        if (ok) { ident = s; break; }
+    }
+    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)stripes);
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)rows * 8 * (size_t)(threads > 0 ? threads : 1));
+    if (!order || !tmp) { free(order); free(tmp); return -2; }
+    uint64_t state = seed;
+    double start = omp_get_wtime();
+    int stale = 0;
+    int64_t rounds = 0;
+    if (threads < 1) threads = 1;
+    while (omp_get_wtime() - start < seconds && stale < max_stale) {
+        for (int64_t i = 0; i < stripes; i++) order[i] = i;
+        for (int64_t i = stripes - 1; i > 0; i--) { /* Fisher-Yates */
+            int64_t j = (int64_t)(splitmix64(&state) % (uint64_t)(i + 1));
+            int64_t t = order[i]; order[i] = order[j]; order[j] = t;
+        }
+        int64_t improved = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) reduction(+ : improved)
+        for (int64_t p = 0; p < npairs; p++) {
+            int64_t s1 = order[2 * p], s2 = order[2 * p + 1];
+            const float *c[8];
+            int64_t colid[8];
+            for (int j = 0; j < m; j++) { colid[j] = s1 * m + j; colid[m + j] = s2 * m + j; }
+            for (int j = 0; j < 2 * m; j++) c[j] = xt + colid[j] * rows;
+            double sc[35];
+            split_scores(c, (const int (*)[8])splits, nsplit, n, m, rows, sc);
+            double base = sc[ident], best = base;
+            int bs = ident;
+            for (int s = 0; s < nsplit; s++)
+                if (sc[s] > best) { best = sc[s]; bs = s; }
+            if (bs == ident || !(best - base > 1e-6 * (base > 0 ? base : -base) / rows + 1e-12)) continue;
+            /* move: new column slot j takes old column splits[bs][j] */
+            float *t = tmp + (size_t)omp_get_thread_num() * 8 * (size_t)rows;
+            int64_t pid[8];
+            for (int j = 0; j < 2 * m; j++) {
+                memcpy(t + (size_t)j * rows, c[j], sizeof(float) * (size_t)rows);
+                pid[j] = perm[colid[j]];
+            }
+            for (int j = 0; j < 2 * m; j++) {
+                int src = splits[bs][j];
+                memcpy(xt + colid[j] * rows, t + (size_t)src * rows, sizeof(float) * (size_t)rows);
+                perm[colid[j]] = pid[src];
+            }
+            improved++;
+        }
+        rounds++;
+        stale = improved ? 0 : stale + 1;
+    }
+    free(order);
+    free(tmp);
+    if (rounds_out) *rounds_out = rounds;
     return 0;
 }
