@@ -88,6 +88,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT Hessian dampening, fraction of mean "
                    "diagonal (default 0.01)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    p.add_argument("--permute", action="store_true",
+                   help="before pruning, permute the input channels of down_proj/o_proj (absorbed by gate/up and "
+                        "v_proj, so the model computes the same function) so that N:M keeps more of the method's "
+                        "score; plain N:M patterns only")
+    p.add_argument("--permute-budget", type=float, default=5.0, metavar="S",
+                   help="seconds of permutation search per layer (default 5)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibrated run from its checkpoint (DIR.nmkit-ckpt)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
@@ -147,6 +153,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
     if args.calib_samples < 1 or args.calib_seqlen < 2:
         raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    if args.permute_budget <= 0:
+        raise UserError(f"--permute-budget must be positive seconds, got {args.permute_budget}")
     if not 0 <= args.damp < 10 or args.blocksize < 1:
         raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
     device = _device(args.device)
@@ -199,11 +207,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             dense_embeddings = embedding_fidelity(model, tokenizer, text)
         eval_s += time.perf_counter() - t
 
-    options = {}
+    options = {"permute": True, "permute_budget_s": args.permute_budget} if args.permute else {}
     if args.method in CALIBRATED:
-        options = {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
-                   "run_config": {"model": source.path, "calibration": calib_info}}
-        if args.method == "sparsegpt":
+        options |= {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
+                    "run_config": {"model": source.path, "calibration": calib_info}}
+        if args.method.startswith("sparsegpt"):
             options.update(damp=args.damp, blocksize=args.blocksize)
     result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
 
@@ -224,6 +232,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "sparsity": result.sparsity,
         "all_valid": result.all_valid,
         "layers": [vars(x) for x in result.layers],
+        "permutations": _permutation_summary(result.permutations, args.permute_budget) if args.permute else None,
         "timings": {"load_s": round(load_s, 3), "prune_s": round(result.seconds, 3), "eval_s": round(eval_s, 3)},
         "date": now(),
         "machine": machine(),
@@ -245,6 +254,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(f"wrote {args.out}")
     print(json.dumps(report, indent=2) if args.json else prune_markdown(report))
     return 0
+
+
+def _permutation_summary(changes: list, budget_s: float) -> dict:
+    """How much more of the method's score N:M keeps after the channel permutations."""
+    kept_default = sum(c.kept_default for c in changes)
+    return {"layers": len(changes), "budget_s": budget_s,
+            "kept_gain": sum(c.kept for c in changes) / kept_default - 1 if kept_default else 0.0,
+            "per_layer": [{"name": c.name, "gain": c.gain} for c in changes]}
 
 
 def _device(name: str | None):

@@ -37,6 +37,7 @@ class LayerChange:
     kind: str  # "absorbed" (producer permuted too) or "runtime" (PermutedInput wrapper)
     kept_default: float
     kept: float
+    perm: torch.Tensor | None = field(default=None, repr=False)  # the consumer's input permutation
 
     @property
     def gain(self) -> float:
@@ -96,6 +97,7 @@ def permute_model(
     seed: int = 0,
     max_escapes: int | None = None,
     method: str = "auto",
+    consumers: Callable[[str], bool] | None = None,
 ) -> PermutationReport:
     """Permute input channels of the model's Linears so N:M keeps more score; outputs unchanged.
 
@@ -103,6 +105,7 @@ def permute_model(
     ``num_heads``/``num_key_value_heads``/``head_dim`` on the module or its ``config`` (attention).
     ``runtime_index=True`` also wraps every other Linear (except ``lm_head``) in :class:`PermutedInput`.
     ``method``, ``time_budget_s`` and ``max_escapes`` go to ``permute_channels`` for each matrix.
+    ``consumers`` (qualified name -> bool) limits which ``down_proj``/``o_proj`` layers are permuted.
     """
     p = NM.parse(pattern)
     opts = {"method": method, "time_budget_s": time_budget_s, "seed": seed, "max_escapes": max_escapes}
@@ -113,7 +116,7 @@ def permute_model(
     for name, mod in list(model.named_modules()):
         if all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
             down = mod.down_proj
-            if down.weight.shape[1] % p.group:
+            if down.weight.shape[1] % p.group or (consumers and not consumers(names[id(down)])):
                 continue
             scores = score_fn(f"{name}.down_proj", down)
             before = kept_by_nm(scores, p)
@@ -122,11 +125,14 @@ def permute_model(
             _permute_rows(mod.gate_proj, perm)
             _permute_rows(mod.up_proj, perm)
             after = kept_by_nm(score_fn(f"{name}.down_proj", down), p)
-            report.changes.append(LayerChange(f"{name}.down_proj", "absorbed", before, after))
+            report.changes.append(LayerChange(names[id(down)], "absorbed", before, after, perm.cpu()))
             handled.update({names[id(down)], names[id(mod.gate_proj)], names[id(mod.up_proj)]})
         elif hasattr(mod, "v_proj") and hasattr(mod, "o_proj"):
-            heads = getattr(mod, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
-            kv = getattr(mod, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or heads
+            if consumers and not consumers(names[id(mod.o_proj)]):
+                continue
+            mcfg = getattr(mod, "config", None) or cfg  # a block passed alone has no model config
+            heads = getattr(mod, "num_heads", None) or getattr(mcfg, "num_attention_heads", None)
+            kv = getattr(mod, "num_key_value_heads", None) or getattr(mcfg, "num_key_value_heads", None) or heads
             d = getattr(mod, "head_dim", None) or mod.o_proj.weight.shape[1] // heads
             if heads is None or d % p.group:
                 continue
@@ -146,7 +152,7 @@ def permute_model(
             _permute_cols(o, full.to(o.weight.device))
             _permute_rows(mod.v_proj, v_perm.to(o.weight.device))
             after = kept_by_nm(score_fn(f"{name}.o_proj", o), p)
-            report.changes.append(LayerChange(f"{name}.o_proj", "absorbed", before, after))
+            report.changes.append(LayerChange(names[id(o)], "absorbed", before, after, full.clone()))
             handled.update({names[id(o)], names[id(mod.v_proj)]})
     if runtime_index:
         for name, mod in list(model.named_modules()):
@@ -162,5 +168,5 @@ def permute_model(
                 _permute_cols(child, perm)
                 setattr(mod, child_name, PermutedInput(child, perm))
                 after = kept_by_nm(score_fn(full_name, child), p)
-                report.changes.append(LayerChange(full_name, "runtime", before, after))
+                report.changes.append(LayerChange(full_name, "runtime", before, after, perm.cpu()))
     return report

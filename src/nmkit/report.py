@@ -72,6 +72,10 @@ def prune_markdown(report: dict) -> str:
     if cal:
         lines += ["", f"Calibration: {cal['samples']} x {cal['seqlen']} tokens from {cal['dataset']} {cal['split']} "
                       f"({cal['source']}), seed {cal['seed']}."]
+    perm = report.get("permutations")
+    if perm:
+        lines += ["", f"Channel permutations (--permute, {perm['budget_s']:g} s per layer): {perm['layers']} layers, "
+                      f"N:M keeps {perm['kept_gain']:+.2%} more of the method's score."]
     errors = [x["rel_error"] for x in report["layers"] if x.get("rel_error") is not None]
     if errors:
         lines += ["", f"Layer reconstruction error ||(W-W')X||^2/||WX||^2 on calibration data: "

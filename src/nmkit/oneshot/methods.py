@@ -43,11 +43,16 @@ def esparse(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPoli
     """E-Sparse-style metric (Li et al. 2023): Wanda's |W| x ||X_j|| enhanced by each input channel's
     information entropy. The paper's exact formula was not available to us; this is our reading:
     score_ij = |W_ij| * (||X_j|| / mean ||X|| + alpha * H_j / mean H), no weight update.
-    The paper's channel shuffles are not applied here."""
+    The paper's channel shuffles are a permutation step: ``prune(..., permute=True)``."""
+    factor = esparse_channel_factor(stats, alpha)
+    return w * mask_for(w.abs() * factor.to(w.dtype), pattern, dim=-1, tail=tail)
+
+
+def esparse_channel_factor(stats: InputStats, alpha: float = 1.0) -> torch.Tensor:
+    """Per-input-channel weight of the E-Sparse metric: normalised norm plus alpha x normalised entropy."""
     norms = stats.sq_norms.sqrt()
     ent = stats.entropy().to(norms.dtype)
-    factor = norms / norms.mean().clamp(min=1e-12) + alpha * ent / ent.mean().clamp(min=1e-12)
-    return w * mask_for(w.abs() * factor.to(w.dtype), pattern, dim=-1, tail=tail)
+    return norms / norms.mean().clamp(min=1e-12) + alpha * ent / ent.mean().clamp(min=1e-12)
 
 
 def inverse_hessian_factor(xtx: torch.Tensor, damp: float) -> torch.Tensor:

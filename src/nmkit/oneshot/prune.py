@@ -40,6 +40,7 @@ class PruneResult:
     method: str
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
+    permutations: list = field(default_factory=list)  # PermutationChange per permuted layer (--permute)
 
     @property
     def sparsity(self) -> float:
@@ -83,8 +84,8 @@ def prune(
             raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
         from nmkit.oneshot.sequential import prune_sequential
 
-        run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block")
-               if k in options}
+        run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block",
+                                           "permute", "permute_budget_s") if k in options}
         return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
                                 progress=progress, **run)
     if method not in METHODS:
@@ -92,6 +93,8 @@ def prune(
     targets = find_targets(model, include, exclude)
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()
+    if options.pop("permute", False):
+        result.permutations = _permute_whole_model(model, targets, pattern, options.pop("permute_budget_s", 1.0))
     for target in tqdm(targets, desc=f"prune {pattern} ({method})", unit="layer", disable=not progress):
         weight = target.weight
         try:
@@ -103,3 +106,15 @@ def prune(
         result.layers.append(LayerResult(target.name, info["shape"], str(pattern), info["sparsity"], info["valid"]))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _permute_whole_model(model: nn.Module, targets: list[Target], pattern: Pattern, budget_s: float) -> list:
+    """Magnitude path: absorbable permutations of the targeted consumers, scored by |W|."""
+    from nmkit.oneshot.permute import PermutationChange, permutable
+    from nmkit.permute_model import permute_model
+
+    if not permutable(pattern):
+        raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
+    wanted = {t.name for t in targets}
+    report = permute_model(model, pattern, time_budget_s=budget_s, max_escapes=0, consumers=wanted.__contains__)
+    return [PermutationChange(c.name, c.kept_default, c.kept) for c in report.changes]

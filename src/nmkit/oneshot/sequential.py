@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import METHODS, NEEDS_DENSE_STREAM, NEEDS_HISTOGRAMS, reconstruction_error
+from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.prune import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
@@ -113,12 +114,16 @@ def prune_sequential(
     progress: bool = True,
     batch: int = 8,
     stop_after_block: int | None = None,
+    permute: bool = False,
+    permute_budget_s: float = 1.0,
 ) -> PruneResult:
     """Prune ``model`` in place block by block with calibration ``samples`` (K, L) token ids.
 
     ``options`` go to the method (e.g. ``blocksize``, ``damp`` for SparseGPT). ``run_config``
     (model, calibration source...) is stored in the checkpoint so a resume with other settings
-    is refused. ``stop_after_block`` simulates a crash (tests).
+    is refused. ``stop_after_block`` simulates a crash (tests). ``permute`` first permutes each
+    block's absorbable input channels (see :mod:`nmkit.oneshot.permute`), ``permute_budget_s`` seconds
+    of search per layer.
     """
     pattern = parse(pattern)
     if method not in METHODS:
@@ -133,12 +138,15 @@ def prune_sequential(
                 check_tail(_out_in(t).shape[1], group, tail)
         except PatternError as exc:
             raise UserError(f"layer {t.name} {list(t.weight.shape)}: {exc}") from None
+    if permute and not permutable(pattern):
+        raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
     prefix, blocks = find_blocks(model)
     per_block = _group_by_block(targets, prefix, len(blocks))
 
     config = {"pattern": str(pattern), "method": method, "options": options, "include": include,
               "exclude": exclude, "tail": tail, "samples": list(samples.shape),
-              "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(), **(run_config or {})}
+              "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(),
+              **({"permute": permute_budget_s} if permute else {}), **(run_config or {})}
     ckpt = _Checkpoint(Path(checkpoint_dir), config) if checkpoint_dir else None
     state = ckpt.load() if (ckpt and resume) else None
     result = PruneResult(str(pattern), method)
@@ -147,11 +155,11 @@ def prune_sequential(
     if state is not None:
         first = state["next_block"]
         result.layers = [LayerResult(**x) for x in state["layers"]]
+        result.permutations = [PermutationChange(**x) for x in state.get("permutations", [])]
         for i in range(first):
             if per_block[i]:
-                saved = load_file(ckpt.dir / f"block-{i:04d}.safetensors")
-                for t in per_block[i]:
-                    t.weight.data.copy_(saved[t.name].to(t.weight.dtype))
+                # the whole block: a permutation also changed layers that are not targets
+                blocks[i].load_state_dict(load_file(ckpt.dir / f"block-{i:04d}.safetensors"), strict=False)
         streams = torch.load(ckpt.dir / "streams.pt")
         hidden = streams["hidden"].to(device)
         dense_hidden = streams["dense"].to(device) if "dense" in streams else None
@@ -178,6 +186,9 @@ def prune_sequential(
                         out = dense_block(dense_hidden[s : s + batch], **kwargs)
                         dense_hidden[s : s + batch] = out[0] if isinstance(out, tuple) else out
                     block(hidden[s : s + batch], **kwargs)
+            if permute:
+                result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
+                                                     permute_budget_s, damp=options.get("damp", 0.01))
             for t in block_targets:
                 stats = collector.stats[t.name]
                 w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
@@ -190,9 +201,10 @@ def prune_sequential(
             dense_hidden = run_block(dense_block, dense_hidden, kwargs, batch)
         hidden = run_block(block, hidden, kwargs, batch)
         if ckpt:
-            weights = {t.name: t.weight.detach().cpu() for t in block_targets}
+            weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
             streams = {"hidden": hidden.cpu()} | ({"dense": dense_hidden.cpu()} if dense_hidden is not None else {})
             ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
+                                            "permutations": [asdict(x) for x in result.permutations],
                                             "seconds": prior_seconds + time.perf_counter() - start})
         bar.update(1)
         if stop_after_block is not None and i == stop_after_block:
