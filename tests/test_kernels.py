@@ -33,7 +33,30 @@ def test_kernel_matches_reference(isa, dtype, pattern):
     for batch in (1, 2, 3, 4, 5, 8, 16, 17, 64, 65):
         x = torch.randn(batch, 96).to(dtype)
         ref = reference.nm_linear_fp32(x, t)
-        for kind in ("auto", "gemv", "spmm"):
+        for kind in ("auto", "gemv", "spmm", "gather"):  # a kind a path lacks falls back to the SpMM
+            y = native.linear(x, b, isa=isa, kind=kind).float()
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            assert err < TOL[dtype], (isa, kind, batch, err)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("dtype", "pattern", "rows", "cols", "batches", "kinds"), [
+    # bf16 gather kernel: several 512-column tiles plus a lone last 32-column unit, row-block groups
+    # of 4 with a partial last group, 1-4 tokens per register tile
+    (torch.bfloat16, "2:4", 45, 1056, (1, 2, 5, 16, 33), ("auto", "gather")),
+    (torch.bfloat16, "4:8", 45, 1056, (3, 16), ("auto", "gather")),
+    # fp32 SpMM whose XT outgrows L2 (2624 x 64 tokens x 4 B > 640 KB): k-blocked, rows in groups
+    (torch.float32, "2:4", 70, 2600, (64, 65), ("spmm",)),
+    (torch.float32, "1:4", 70, 2600, (40,), ("auto", "spmm")),
+])
+def test_kernel_tiling(isa, dtype, pattern, rows, cols, batches, kinds):
+    _, t = _case(rows, cols, pattern, dtype, seed=1)
+    b = to_blocked(t)
+    for batch in batches:
+        x = torch.randn(batch, cols).to(dtype)
+        ref = reference.nm_linear_fp32(x, t)
+        for kind in kinds:
             y = native.linear(x, b, isa=isa, kind=kind).float()
             err = ((y - ref).abs().max() / ref.abs().max()).item()
             assert err < TOL[dtype], (isa, kind, batch, err)
@@ -57,6 +80,11 @@ def test_threads_and_3d_input(threads):
     x = torch.randn(2, 3, 4096)
     y = native.linear(x, to_blocked(t), threads=threads)
     torch.testing.assert_close(y, reference.nm_linear(x, t), rtol=1e-4, atol=1e-4)
+    _, t = _case(300, 2048, "2:4", torch.bfloat16)  # gather kernel: per-thread scratch
+    x = torch.randn(2, 8, 2048).to(torch.bfloat16)
+    ref = reference.nm_linear_fp32(x, t)
+    y = native.linear(x, to_blocked(t), threads=threads).float()
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < TOL[torch.bfloat16]
 
 
 @needs_native

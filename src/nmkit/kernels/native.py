@@ -19,7 +19,7 @@ import torch
 from nmkit.formats.blocked import BlockedNM
 
 ISAS: tuple[str, ...] = ("portable", "avx2", "avx512", "avx512bf16")
-KINDS: dict[str, int] = {"auto": 0, "gemv": 1, "spmm": 2}
+KINDS: dict[str, int] = {"auto": 0, "gemv": 1, "spmm": 2, "gather": 3}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
