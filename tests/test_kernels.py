@@ -46,6 +46,10 @@ def test_kernel_matches_reference(isa, dtype, pattern):
     # of 4 with a partial last group, 1-4 tokens per register tile
     (torch.bfloat16, "2:4", 45, 1056, (1, 2, 5, 16, 33), ("auto", "gather")),
     (torch.bfloat16, "4:8", 45, 1056, (3, 16), ("auto", "gather")),
+    # fp32 GEMV in column tiles (4-row-block groups, partial sums between tiles), every load width
+    (torch.float32, "2:4", 45, 1056, (2, 4, 7, 16), ("auto", "gemv")),
+    (torch.float32, "2:8", 45, 1056, (4, 16), ("gemv",)),
+    (torch.float32, "3:4", 45, 1056, (5, 16), ("gemv",)),
     # fp32 SpMM whose XT outgrows L2 (2624 x 64 tokens x 4 B > 640 KB): k-blocked, rows in groups
     (torch.float32, "2:4", 70, 2600, (64, 65), ("spmm",)),
     (torch.float32, "1:4", 70, 2600, (40,), ("auto", "spmm")),

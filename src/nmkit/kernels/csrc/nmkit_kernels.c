@@ -151,60 +151,104 @@ static inline __attribute__((always_inline)) T512 __m512 expand_ps(__mmask16 k, 
 #define LD_F32_4(v) _mm512_castps128_ps512(_mm_loadu_ps(v))
 #define LD_F32_0(v) _mm512_maskz_loadu_ps(lm, v)
 
-/* 4 rows x NB tokens register block; weights streamed once per NB tokens. */
+/* 4 rows (row block at r) x NB tokens register block over units [u0, u1). accm: partial sums
+ * (4 x NB vectors) carried between column tiles; first / last: this tile starts them at zero /
+ * finishes them into y (a single tile needs no accm). */
 #define DEF_GEMV_F32_512(NB, P)                                                                       \
-    static T512 void gemv_f32_512_##NB##_##P(const nmk_args *a, int t0, int r0, int r1) {             \
+    static T512 void gemv_f32_512_##NB##_##P(const nmk_args *a, int t0, int r, int u0, int u1,        \
+                                             float *accm, int first, int last) {                      \
         const int nu = a->kp / 32, p = a->p16;                                                        \
         const __mmask16 lm = (__mmask16)((1u << p) - 1u);                                             \
         (void)lm;                                                                                     \
         const float *X = (const float *)a->x + (int64_t)t0 * a->ldx;                                  \
         float *Y = (float *)a->y + (int64_t)t0 * a->ldy;                                              \
-        for (int r = r0; r < r1; r += 4) {                                                            \
-            __m512 acc[4][NB];                                                                        \
-            for (int i = 0; i < 4; i++)                                                               \
-                for (int t = 0; t < NB; t++) acc[i][t] = _mm512_setzero_ps();                         \
-            const float *v = (const float *)a->values + (int64_t)(r / 4) * BLOCK_VALS(a);             \
-            const uint16_t *m = (const uint16_t *)a->mask + (int64_t)(r / 4) * nu * 8;                \
-            for (int u = 0; u < nu; u++, v += 8 * p, m += 8) {                                        \
-                for (int h = 0; h < 2; h++) {                                                         \
-                    __m512 xv[NB];                                                                    \
-                    for (int t = 0; t < NB; t++) xv[t] = _mm512_loadu_ps(X + t * a->ldx + u * 32 + h * 16); \
-                    for (int i = 0; i < 4; i++) {                                                     \
-                        __m512 w = expand_ps(m[2 * i + h], LD_F32_##P(v + (2 * i + h) * p));      \
-                        for (int t = 0; t < NB; t++) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]); \
-                    }                                                                                 \
+        __m512 acc[4][NB];                                                                            \
+        for (int i = 0; i < 4; i++)                                                                   \
+            for (int t = 0; t < NB; t++)                                                              \
+                acc[i][t] = first ? _mm512_setzero_ps() : _mm512_load_ps(accm + (i * NB + t) * 16);   \
+        const float *v = (const float *)a->values + (int64_t)(r / 4) * BLOCK_VALS(a) + (int64_t)u0 * 8 * p; \
+        const uint16_t *m = (const uint16_t *)a->mask + ((int64_t)(r / 4) * nu + u0) * 8;            \
+        for (int u = u0; u < u1; u++, v += 8 * p, m += 8) {                                           \
+            for (int h = 0; h < 2; h++) {                                                             \
+                __m512 xv[NB];                                                                        \
+                for (int t = 0; t < NB; t++) xv[t] = _mm512_loadu_ps(X + t * a->ldx + u * 32 + h * 16); \
+                for (int i = 0; i < 4; i++) {                                                         \
+                    __m512 w = expand_ps(m[2 * i + h], LD_F32_##P(v + (2 * i + h) * p));              \
+                    for (int t = 0; t < NB; t++) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]);    \
                 }                                                                                     \
             }                                                                                         \
-            for (int i = 0; i < 4 && r + i < a->rows; i++)                                            \
-                for (int t = 0; t < NB; t++) Y[t * a->ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);  \
         }                                                                                             \
+        if (!last) {                                                                                  \
+            for (int i = 0; i < 4; i++)                                                               \
+                for (int t = 0; t < NB; t++) _mm512_store_ps(accm + (i * NB + t) * 16, acc[i][t]);    \
+            return;                                                                                   \
+        }                                                                                             \
+        for (int i = 0; i < 4 && r + i < a->rows; i++)                                                \
+            for (int t = 0; t < NB; t++) Y[t * a->ldy + r + i] = _mm512_reduce_add_ps(acc[i][t]);     \
     }
 #define DEF_GEMV_F32_P(P) DEF_GEMV_F32_512(1, P) DEF_GEMV_F32_512(2, P) DEF_GEMV_F32_512(3, P) DEF_GEMV_F32_512(4, P)
 DEF_GEMV_F32_P(8)
 DEF_GEMV_F32_P(4)
 DEF_GEMV_F32_P(0)
 
-#define GEMV_SWITCH(PREFIX, P)                                                    \
-    switch (nb) {                                                                 \
-        case 1: PREFIX##_1_##P(a, t0, r0, r1); break;                             \
-        case 2: PREFIX##_2_##P(a, t0, r0, r1); break;                             \
-        case 3: PREFIX##_3_##P(a, t0, r0, r1); break;                             \
-        default: PREFIX##_4_##P(a, t0, r0, r1); break;                            \
+#define GEMV_F32_SWITCH(P)                                                              \
+    switch (nb) {                                                                       \
+        case 1: gemv_f32_512_1_##P(a, t0, r, u0, u1, am, first, last); break;          \
+        case 2: gemv_f32_512_2_##P(a, t0, r, u0, u1, am, first, last); break;          \
+        case 3: gemv_f32_512_3_##P(a, t0, r, u0, u1, am, first, last); break;          \
+        default: gemv_f32_512_4_##P(a, t0, r, u0, u1, am, first, last); break;         \
     }
 
-/* Row blocks outer, token groups inner: beyond 4 tokens the block's weights are re-read from L1/L2,
- * not from memory (all rows per token group streamed the weights once per 4 tokens). */
-static T512 void gemv_f32_512(const nmk_args *a, int rb0, int rb1) {
-    for (int r0 = rb0; r0 < rb1; r0 += 4) {
-        const int r1 = r0 + 4 < rb1 ? r0 + 4 : rb1;
-        for (int t0 = 0; t0 < a->batch; t0 += 4) {
-            int nb = a->batch - t0 < 4 ? a->batch - t0 : 4;
-            if (a->p16 == 8) {
-                GEMV_SWITCH(gemv_f32_512, 8)
-            } else if (a->p16 == 4) {
-                GEMV_SWITCH(gemv_f32_512, 4)
-            } else {
-                GEMV_SWITCH(gemv_f32_512, 0)
+#define GEMV_GROUP 4 /* 4-row blocks per tile */
+
+/* Units per column tile: the x of every token over a tile (batch * units * 128 bytes) within 16 KB of
+ * L1, so that it is re-read from L1 by the tile's row blocks. Row block by row block over all columns,
+ * x (64 KB for 4 tokens x 4096 columns) came from L2 for every row block: 4096x4096 2:4 at 4 tokens ran
+ * 2.75x the time of 1 token on the same weight bytes. */
+static int gemv_units(int kp, int batch) {
+    if (batch == 1) return kp / 32; /* one token: x stays in L1 anyway; one stream, no tiling */
+    int u = 16384 / (batch * 128);
+    if (u < 4) u = 4;
+    return u < kp / 32 ? u : kp / 32;
+}
+
+static size_t gemv_scratch(int batch) { return (size_t)GEMV_GROUP * ((batch + 3) / 4) * 16; } /* vectors */
+
+/* Rows [rb0, rb1) (multiples of 4), every token: tiles of GEMV_GROUP row blocks x gemv_units() units,
+ * 4-token groups inner, so a row block's weights are re-read from L1 beyond 4 tokens and x from L1
+ * across the tile's row blocks. accs: partial sums between tiles (unused with a single tile). */
+static T512 void gemv_f32_512(const nmk_args *a, int rb0, int rb1, float *accs) {
+    const int nu = a->kp / 32, cu = gemv_units(a->kp, a->batch), ntg = (a->batch + 3) / 4;
+    for (int g0 = rb0; g0 < rb1; g0 += 4 * GEMV_GROUP) {
+        const int g1 = g0 + 4 * GEMV_GROUP < rb1 ? g0 + 4 * GEMV_GROUP : rb1;
+        for (int u0 = 0; u0 < nu; u0 += cu) {
+            const int u1 = u0 + cu < nu ? u0 + cu : nu;
+            const int first = u0 == 0, last = u1 == nu;
+            for (int r = g0; r < g1; r += 4) {
+                if (a->batch > 1) { /* prefetch the weights this row block reads next (as in gather_bf16_512);
+                                     * at 1 token, memory bound, the hardware prefetchers do better alone */
+                    const int64_t nr = last ? r + 4 * GEMV_GROUP : r;
+                    const int nu0 = last ? 0 : u1, nu1 = last ? cu : (u1 + cu < nu ? u1 + cu : nu);
+                    if (nr < rb1) {
+                        const char *pv = (const char *)((const float *)a->values + nr / 4 * BLOCK_VALS(a) +
+                                                        (int64_t)nu0 * 8 * a->p16);
+                        const char *pm = (const char *)((const uint16_t *)a->mask + (nr / 4 * nu + nu0) * 8);
+                        for (int64_t o = 0; o < (int64_t)(nu1 - nu0) * 32 * a->p16; o += 64)
+                            _mm_prefetch(pv + o, _MM_HINT_T0);
+                        for (int64_t o = 0; o < (int64_t)(nu1 - nu0) * 16; o += 64) _mm_prefetch(pm + o, _MM_HINT_T0);
+                    }
+                }
+                for (int t0 = 0; t0 < a->batch; t0 += 4) {
+                    const int nb = a->batch - t0 < 4 ? a->batch - t0 : 4;
+                    float *am = accs + ((int64_t)(r - g0) / 4 * ntg + t0 / 4) * 256;
+                    if (a->p16 == 8) {
+                        GEMV_F32_SWITCH(8)
+                    } else if (a->p16 == 4) {
+                        GEMV_F32_SWITCH(4)
+                    } else {
+                        GEMV_F32_SWITCH(0)
+                    }
+                }
             }
         }
     }
@@ -256,6 +300,14 @@ static inline __attribute__((always_inline)) T512BF __m512i expand_epi16(__mmask
 DEF_GEMV_BF16_P(16)
 DEF_GEMV_BF16_P(8)
 DEF_GEMV_BF16_P(0)
+
+#define GEMV_SWITCH(PREFIX, P)                                                    \
+    switch (nb) {                                                                 \
+        case 1: PREFIX##_1_##P(a, t0, r0, r1); break;                             \
+        case 2: PREFIX##_2_##P(a, t0, r0, r1); break;                             \
+        case 3: PREFIX##_3_##P(a, t0, r0, r1); break;                             \
+        default: PREFIX##_4_##P(a, t0, r0, r1); break;                            \
+    }
 
 /* Row blocks outer, token groups inner: beyond 4 tokens the block's weights are re-read from L1/L2,
  * not from memory (all rows per token group streamed the weights once per 4 tokens). */
@@ -356,7 +408,7 @@ DEF_GATHER_BF16(3)
 DEF_GATHER_BF16(4)
 
 #define GATHER_GROUP 4  /* 4-row blocks per tile */
-#define GATHER_UNITS 16 /* 32-column units per tile: 4 KB of decoded pairs per row block */
+#define GATHER_UNITS 32 /* 32-column units per tile: 8 KB of decoded pairs per row block */
 
 /* Scratch per thread for gather_bf16_512, in vectors (64-byte aligned): decoded pairs of one row
  * block's tile + the partial sums of a tile's row blocks x tokens. */
@@ -748,19 +800,24 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
         return 0;
     }
     if (kind == KIND_GEMV) {
+        float *accs = 0;
+        if (dtype == DT_F32 && !(accs = (float *)aligned_alloc(64, (size_t)nth * gemv_scratch(batch) * 64)))
+            return -3;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
         {
-            int r0 = 0, r1 = rows;
+            int r0 = 0, r1 = rows, tid = 0;
 #ifdef _OPENMP
-            thread_rows(rows, omp_get_num_threads(), omp_get_thread_num(), &r0, &r1);
+            tid = omp_get_thread_num();
+            thread_rows(rows, omp_get_num_threads(), tid, &r0, &r1);
 #endif
             if (dtype == DT_F32)
-                gemv_f32_512(&a, r0, r1);
+                gemv_f32_512(&a, r0, r1, accs + (size_t)tid * gemv_scratch(batch) * 16);
             else
                 gemv_bf16_512(&a, r0, r1);
         }
+        free(accs);
         return 0;
     }
     /* SpMM over token chunks of up to 64 (AVX-512) / 64 (AVX2). */
