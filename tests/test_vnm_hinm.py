@@ -106,3 +106,26 @@ def test_permutations_never_worse() -> None:
     assert sorted(h.perm.tolist()) == list(range(32))
     assert h.kept >= h.kept_default - 1e-6
     assert h.kept == pytest.approx(hinm_kept(w[h.perm], HiNM(8, 0.5)), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gyro", "swaps", "auto"])
+def test_hinm_permute_methods_valid_and_never_worse(method: str) -> None:
+    w = torch.rand(64, 64, generator=torch.Generator().manual_seed(1))
+    p = HiNM(8, 0.5)
+    h = hinm_permute(w, p, time_budget_s=0.3, method=method)
+    assert sorted(h.perm.tolist()) == list(range(64))
+    assert h.kept >= h.kept_default - 1e-6
+    assert h.kept == pytest.approx(hinm_kept(w[h.perm], p), rel=1e-6)
+    assert h.method.startswith("gyro" if method != "swaps" else "hinm_row_swaps")
+
+
+def test_hinm_gyro_beats_row_swaps_on_gaussian() -> None:
+    """Sampled balanced clustering + Hungarian re-dealing moves many rows per step; random row swaps
+    move one per tile pair (measured: +1.7% vs +0.4-0.8% kept on 1024x1024 in 5 s)."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(4)).abs()
+    p = HiNM(16, 0.5)
+    gyro = hinm_permute(w, p, time_budget_s=1.0, method="gyro")
+    swaps = hinm_permute(w, p, time_budget_s=1.0, method="swaps")
+    assert gyro.kept > swaps.kept > gyro.kept_default
+    with pytest.raises(PatternError):
+        hinm_permute(w, p, method="bogus")

@@ -445,7 +445,7 @@ int nms_stripe_pairs(float *xt, int64_t cols, int64_t rows, int n, int m, int64_
         for (int64_t p = 0; p < npairs; p++) {
             int64_t s1 = order[2 * p], s2 = order[2 * p + 1];
             const float *c[8];
-            int64_t colid[8];
+            int64_t colid[8] = {0};
             for (int j = 0; j < m; j++) { colid[j] = s1 * m + j; colid[m + j] = s2 * m + j; }
             for (int j = 0; j < 2 * m; j++) c[j] = xt + colid[j] * rows;
             double sc[35];
