@@ -472,6 +472,7 @@ static T512BF void gather_bf16_512(const nmk_args *a, int r0, int r1, __m512i *s
  * Column offsets come from the mask bits (tzcnt + blsr); exactly 2*p16 bits per 32-column unit, so
  * the inner loop has a fixed trip count. Partial sums live in YT[rows][Bp] between k-blocks.
  */
+#define SPMM_PF 16 /* units */
 #define DEF_SPMM(NAME, TGT, VEC, VW, SET1, LOADU, STOREU, FMADD, ZERO, NV, WT, WCONV, S, ADD)       \
     static TGT void NAME##_##NV(const nmk_args *a, const float *XT, int Bp, int kb0, int kb1, float *YT, \
                                 int first, int last, int t0, int bc, int r0, int r1) {                  \
@@ -489,6 +490,11 @@ static T512BF void gather_bf16_512(const nmk_args *a, int r0, int r1, __m512i *s
             for (int u = kb0 / 32; u < kb1 / 32; u++) {                                                \
                 const float *xb = XT + (int64_t)(u * 32 - kb0) * Bp;                                   \
                 const WT *vu = vb + (int64_t)u * 4 * q;                                                \
+                /* prefetch SPMM_PF units ahead (into the next row block at the end): 5.9 -> 3.3 ms for \
+                 * 4096x4096 2:4 at 16 tokens, cold; the hardware prefetchers alone fell behind */      \
+                for (int o = 0; o < 4 * q * (int)sizeof(WT); o += 64)                                  \
+                    _mm_prefetch((const char *)(vu + SPMM_PF * 4 * q) + o, _MM_HINT_T0);                \
+                if ((u & 3) == 0) _mm_prefetch((const char *)(mb + (u + SPMM_PF) * 4), _MM_HINT_T0);    \
                 uint32_t m[4] = {mb[u * 4], mb[u * 4 + 1], mb[u * 4 + 2], mb[u * 4 + 3]};              \
                 for (int j = 0; j < q; j += 2) { /* q = 32 N / M is even */                            \
                     for (int i = 0; i < 4; i++) {                                                      \
@@ -722,11 +728,11 @@ static int auto_kind(int isa, int dtype, int batch, int p16) {
          * SpMM at every batch measured (1:4, 16 tokens: 2.4 vs 2.8 ms; 64: 7.1 vs 8.1 ms). */
         return p16 == 8 && batch >= 2 ? KIND_GATHER : KIND_GEMV;
     }
-    /* GEMV (dense products of expanded weights, 4 tokens per pass over a 4-row block held in L1)
-     * vs SpMM (kept products only, one broadcast per 16 tokens): at 50 % density or more the GEMV
-     * wins up to ~20 tokens (4096x4096 2:4, 16 tokens: 5.5 vs 5.8 ms; 24: 6.7 vs 6.4 ms), at 25 %
-     * the SpMM from 8 on (1:4, 16 tokens: 2.7 vs 4.1 ms). */
-    return batch <= 8 || (batch <= 20 && 2 * p16 >= 16) ? KIND_GEMV : KIND_SPMM;
+    /* GEMV (dense products of expanded weights, 4 tokens per pass) vs SpMM (kept products only, one
+     * broadcast per 16 tokens): the SpMM from 5 tokens (4096x4096 cold, 2:4: 2.9 vs 3.2 ms at 5
+     * tokens, 3.1 vs 5.0 ms at 16; 1:4: 2.0 vs 2.1 ms at 5); at 4 the GEMV (2.0 vs ~3.0 ms). */
+    (void)p16;
+    return batch <= 4 ? KIND_GEMV : KIND_SPMM;
 }
 
 /* y = x @ W^T. Returns 0 on success, -1 for an ISA this CPU lacks, -2 for bad arguments,
