@@ -169,3 +169,48 @@ def test_stripe_pairs_deterministic_across_threads_and_improves() -> None:
     assert r.method.startswith("random_pairs[C]") and r.kept > r.kept_default
     assert sorted(r.perm.tolist()) == list(range(128))
     assert r.kept == pytest.approx(kept_by_nm(w[:, r.perm], "2:4"), rel=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 4), (1, 4), (1, 2), (2, 3)]), st.sampled_from([2, 3]))
+def test_stripe_converge_leaves_no_improving_group(seed: int, nm: tuple[int, int], k: int) -> None:
+    import itertools
+
+    from nmkit.solvers.permutation import _group_gains, kept_by_nm
+
+    n, m = nm
+    cols = m * 6
+    w = torch.rand(48, cols, generator=torch.Generator().manual_seed(seed))
+    xt, perm = w.T.contiguous(), torch.arange(cols)
+    before = kept_by_nm(w, f"{n}:{m}")
+    native.stripe_converge(xt, perm, n, m, k, seconds=30.0)
+    assert sorted(perm.tolist()) == list(range(cols)) and torch.equal(xt.T, w[:, perm])
+    after = kept_by_nm(xt.T, f"{n}:{m}")
+    assert after >= before - 1e-6
+    groups = torch.tensor(list(itertools.combinations(range(6), k)))
+    gains, _ = _group_gains(xt, groups, n, m, k)
+    assert float(gains.max()) <= 1e-5 * after  # converged: no k-stripe move gains
+
+
+def test_apex_matrix_reaches_apex_quality_fast() -> None:
+    """apex's permutation test matrix: 37.02% after pairs -> triples -> pairs (apex w=12: 36.6%), and
+    the escapes go beyond it within the issue's 1 s budget."""
+    from nmkit.solvers.permutation import permute_channels
+
+    w = torch.from_numpy(np.random.RandomState(1).rand(128, 64))  # == np.random.seed(1); rand(128, 64)
+    r = permute_channels(w, "2:4", time_budget_s=1.0)
+    assert r.method.startswith("triples[C]")
+    assert r.efficacy >= 0.37
+    r0 = permute_channels(w, "2:4", time_budget_s=30.0, max_escapes=0)
+    assert r0.efficacy == pytest.approx(0.3702, abs=5e-4)
+
+
+def test_permutation_torch_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nmkit.solvers import permutation
+
+    monkeypatch.setattr(permutation, "_native_ok", lambda: False)
+    w = torch.rand(32, 64, generator=torch.Generator().manual_seed(0))
+    r = permutation.permute_channels(w, "2:4", time_budget_s=0.3)
+    assert r.method.startswith("triples+") and r.kept >= r.kept_default
+    r = permutation.permute_channels(w, "2:4", method="random_pairs", time_budget_s=0.3)
+    assert r.method == "random_pairs" and r.kept >= r.kept_default

@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.nms_transposable.argtypes = [p, i64, i64, i64, p, i64, i, i, i, i]
     lib.nms_stripe_pairs.restype = i
     lib.nms_stripe_pairs.argtypes = [p, i64, i64, i, i, p, ctypes.c_double, ctypes.c_uint64, i, i, p]
+    lib.nms_stripe_converge.restype = i
+    lib.nms_stripe_converge.argtypes = [p, i64, i64, i, i, p, i, ctypes.c_double, i, p]
     return lib
 
 
@@ -91,3 +93,23 @@ def stripe_pairs(
     if rc != 0:
         raise ValueError(f"compiled stripe search rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
     return int(rounds.value)
+
+
+def stripe_converge(
+    xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, k: int, seconds: float, threads: int | None = None
+) -> int:
+    """Exhaustive stripe-group search (every set of ``k`` in {2, 3} stripes, every split of its columns),
+    best disjoint improvements per sweep, until none is left or ``seconds`` pass; in place like
+    :func:`stripe_pairs`. Returns the number of moves applied."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("compiled solvers not available")
+    if xt.dtype != torch.float32 or not xt.is_contiguous() or perm.dtype != torch.int64 or not perm.is_contiguous():
+        raise ValueError("stripe_converge needs contiguous float32 xt and int64 perm")
+    moves = ctypes.c_int64(0)
+    nt = threads if threads is not None else torch.get_num_threads()
+    rc = lib.nms_stripe_converge(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), k, float(seconds),
+                                 nt, ctypes.byref(moves))
+    if rc != 0:
+        raise ValueError(f"compiled stripe search rejected {tuple(xt.shape)} for {n}:{m}, k={k} (rc {rc})")
+    return int(moves.value)

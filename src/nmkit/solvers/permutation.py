@@ -319,6 +319,57 @@ def _native_random_pairs(
     return tries
 
 
+def _native_stripe_search(
+    xt: torch.Tensor,
+    perm: torch.Tensor,
+    p: NM,
+    method: str,
+    deadline: float,
+    gen: torch.Generator,
+    max_escapes: int | None,
+) -> int:
+    """The pairs -> triples -> pairs convergence of the torch search, compiled, then the same escapes
+    (random column swaps between stripes, pair re-convergence, annealed acceptance, keep the best)."""
+    from nmkit.solvers import native
+
+    n, m, stripes = p.keep, p.group, xt.shape[0] // p.group
+
+    def left() -> float:
+        return max(deadline - time.perf_counter(), 0.0)
+
+    native.stripe_converge(xt, perm, n, m, 2, left())
+    if method == "triples" and stripes >= 3:
+        native.stripe_converge(xt, perm, n, m, 3, left())
+        native.stripe_converge(xt, perm, n, m, 2, left())
+    best_kept = cur_kept = kept_by_nm(xt.T, p)
+    best = cur = (xt.clone(), perm.clone())
+    budget_left = max(left(), 1e-9)
+    temp0 = _TEMP * cur_kept / stripes
+    tol = 1e-7 * cur_kept / stripes
+    tries = 0
+    while left() > 0 and (max_escapes is None or tries < max_escapes):
+        tries += 1
+        temp = temp0 * left() / budget_left
+        for _ in range(1 + tries % 2):
+            s1, s2 = torch.randperm(stripes, generator=gen)[:2].tolist()
+            a = s1 * m + int(torch.randint(m, (1,), generator=gen))
+            b = s2 * m + int(torch.randint(m, (1,), generator=gen))
+            xt[[a, b]] = xt[[b, a]]
+            perm[[a, b]] = perm[[b, a]]
+        native.stripe_converge(xt, perm, n, m, 2, left())
+        kept = kept_by_nm(xt.T, p)
+        if kept > best_kept + tol:
+            best_kept, best = kept, (xt.clone(), perm.clone())
+        if kept > cur_kept - temp * float(torch.rand((), generator=gen)):
+            cur_kept, cur = kept, (xt.clone(), perm.clone())
+        else:
+            xt.copy_(cur[0])
+            perm.copy_(cur[1])
+    xt.copy_(best[0])
+    perm.copy_(best[1])
+    return tries
+
+
 def permute_channels(
     scores: torch.Tensor,
     pattern: NM | str = "2:4",
@@ -383,6 +434,12 @@ def permute_channels(
         _random_pairs(xt, perm, n, m, tol, deadline, gen, sample_rows)
         kept = kept_by_nm(xt.T, p)
         return PermutationResult(perm, kept, kept_default, kept_rows, time.perf_counter() - start, method)
+
+    if m <= 4 and _native_ok():
+        tries = _native_stripe_search(xt, perm, p, method, deadline, gen, max_escapes)
+        kept = kept_by_nm(xt.T, p)
+        took = time.perf_counter() - start
+        return PermutationResult(perm, kept, kept_default, kept_rows, took, f"{method}[C]+escapes({tries})")
 
     search = _StripeSearch(xt, perm, n, m, 2, tol, deadline)
     search.converge(deadline)

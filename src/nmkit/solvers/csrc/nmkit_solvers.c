@@ -433,7 +433,7 @@ int nms_stripe_pairs(float *xt, int64_t cols, int64_t rows, int n, int m, int64_
     double start = omp_get_wtime();
     int stale = 0;
     int64_t rounds = 0;
-    if (threads < 1) threads = 1;
+    if (threads < 1 || npairs * rows < ((int64_t)1 << 20)) threads = 1; /* small rounds: wake-ups cost more */
     while (omp_get_wtime() - start < seconds && stale < max_stale) {
         for (int64_t i = 0; i < stripes; i++) order[i] = i;
         for (int64_t i = stripes - 1; i > 0; i--) { /* Fisher-Yates */
@@ -475,5 +475,171 @@ int nms_stripe_pairs(float *xt, int64_t cols, int64_t rows, int n, int m, int64_
     free(order);
     free(tmp);
     if (rounds_out) *rounds_out = rounds;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Exhaustive stripe-group search (small matrices): every set of k in {2, 3} stripes is scored for every
+ * way to redistribute its k*M columns into k groups (35 splits for two 2:4 stripes, 5,775 for three).
+ * A group's score is additive over its M-column subsets, so each set costs C(kM, M) subset sums over the
+ * rows (70 or 495 for M = 4) plus a table lookup per split. Best non-overlapping improvements are
+ * applied per sweep (largest gain first); sweeps repeat until none is left or time runs out.
+ * ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int k, m, nsub, nsplit, ident;
+    uint16_t sub[495];        /* subsets of {0..kM-1} of size M, as bitmasks */
+    int16_t split[5775][3];   /* each split: k subset ids */
+} groups_t;
+
+static void groups_init(groups_t *g, int k, int m) {
+    int w = k * m, id_of[4096];
+    g->k = k; g->m = m; g->nsub = 0; g->nsplit = 0; g->ident = 0;
+    for (int mask = 0; mask < (1 << w); mask++) {
+        id_of[mask] = -1;
+        if (__builtin_popcount((unsigned)mask) == m) { id_of[mask] = g->nsub; g->sub[g->nsub++] = (uint16_t)mask; }
+    }
+    /* canonical partitions: each group contains the lowest element not yet used */
+    int full = (1 << w) - 1;
+    for (int a = 0; a < g->nsub; a++) {
+        int ma = g->sub[a];
+        if (!(ma & 1)) continue;
+        if (k == 2) {
+            int mb = full & ~ma;
+            g->split[g->nsplit][0] = (int16_t)a; g->split[g->nsplit][1] = (int16_t)id_of[mb];
+            g->nsplit++;
+            continue;
+        }
+        int rest = full & ~ma, low = rest & -rest;
+        for (int b = 0; b < g->nsub; b++) {
+            int mb = g->sub[b];
+            if ((mb & ~rest) || !(mb & low)) continue;
+            int mc = rest & ~mb;
+            g->split[g->nsplit][0] = (int16_t)a; g->split[g->nsplit][1] = (int16_t)b;
+            g->split[g->nsplit][2] = (int16_t)id_of[mc];
+            g->nsplit++;
+        }
+    }
+    int cur = 0; /* the split that keeps the current stripes: {0..m-1}, {m..2m-1}, ... */
+    for (int s = 0; s < g->nsplit; s++) {
+        int ok = 1;
+        for (int q = 0; q < k; q++) ok &= g->sub[g->split[s][q]] == (((1 << m) - 1) << (q * m));
+        if (ok) { cur = s; break; }
+    }
+    g->ident = cur;
+}
+
+/* Totals over all rows of the top-n of every subset of the set's columns c[0..kM). */
+NMS_CLONES static void subset_totals(const float *const *c, const groups_t *g, int n, int64_t rows, double *tot) {
+    int m = g->m;
+    for (int s = 0; s < g->nsub; s++) tot[s] = 0.0;
+    for (int64_t r0 = 0; r0 < rows; r0 += 256) {
+        int64_t r1 = r0 + 256 < rows ? r0 + 256 : rows;
+        for (int s = 0; s < g->nsub; s++) {
+            int idx[4] = {0, 0, 0, 0}, q = 0;
+            for (int j = 0; j < g->k * m; j++) if ((g->sub[s] >> j) & 1) idx[q++] = j;
+            for (; q < 4; q++) idx[q] = idx[0];
+            const float *a = c[idx[0]], *b = c[idx[1]], *cc = c[idx[2]], *d = c[idx[3]];
+            float acc = 0.0f;
+            if (n == 2 && m == 4) {
+#pragma omp simd reduction(+ : acc)
+                for (int64_t r = r0; r < r1; r++) acc += top2of4(a[r], b[r], cc[r], d[r]);
+            } else {
+                for (int64_t r = r0; r < r1; r++) acc += topn4(a[r], b[r], cc[r], d[r], n, m);
+            }
+            tot[s] += acc;
+        }
+    }
+}
+
+static int cmp_gain_desc(const void *pa, const void *pb) {
+    const double *a = (const double *)pa, *b = (const double *)pb; /* {gain, index} pairs */
+    if (a[0] != b[0]) return a[0] < b[0] ? 1 : -1;
+    return a[1] < b[1] ? -1 : (a[1] > b[1]);
+}
+
+int nms_stripe_converge(float *xt, int64_t cols, int64_t rows, int n, int m, int64_t *perm, int k, double seconds,
+                        int threads, int64_t *moves_out) {
+    if (m < 1 || m > 4 || n < 1 || n > m || k < 2 || k > 3 || cols % m || rows < 1) return -1;
+    int64_t stripes = cols / m;
+    if (stripes < k) { if (moves_out) *moves_out = 0; return 0; }
+    int64_t ng = k == 2 ? stripes * (stripes - 1) / 2 : stripes * (stripes - 1) * (stripes - 2) / 6;
+    if (ng > 50000000) return -3;
+    groups_t *g = (groups_t *)malloc(sizeof(groups_t));
+    int32_t *sets = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)ng);
+    double *cand = (double *)malloc(sizeof(double) * 2 * (size_t)ng);
+    int *bestsplit = (int *)malloc(sizeof(int) * (size_t)ng);
+    uint8_t *used = (uint8_t *)malloc((size_t)stripes);
+    float *tmp = (float *)malloc(sizeof(float) * 12 * (size_t)rows);
+    if (!g || !sets || !cand || !bestsplit || !used || !tmp) {
+        free(g); free(sets); free(cand); free(bestsplit); free(used); free(tmp);
+        return -2;
+    }
+    groups_init(g, k, m);
+    int64_t q = 0;
+    for (int64_t a = 0; a < stripes; a++)
+        for (int64_t b = a + 1; b < stripes; b++) {
+            if (k == 2) { sets[3 * q] = (int32_t)a; sets[3 * q + 1] = (int32_t)b; q++; continue; }
+            for (int64_t c = b + 1; c < stripes; c++) {
+                sets[3 * q] = (int32_t)a; sets[3 * q + 1] = (int32_t)b; sets[3 * q + 2] = (int32_t)c; q++;
+            }
+        }
+    double start = omp_get_wtime();
+    int64_t moves = 0;
+    if (threads < 1 || ng * rows < ((int64_t)1 << 22)) threads = 1; /* small sweeps: thread wake-ups cost more */
+    while (omp_get_wtime() - start < seconds) {
+        int64_t ncand = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+        for (int64_t i = 0; i < ng; i++) {
+            const float *c[12];
+            double tot[495];
+            for (int s = 0; s < k; s++)
+                for (int j = 0; j < m; j++) c[s * m + j] = xt + ((int64_t)sets[3 * i + s] * m + j) * rows;
+            subset_totals(c, g, n, rows, tot);
+            double base = 0.0, best = -INFINITY;
+            int bs = g->ident;
+            for (int s = 0; s < k; s++) base += tot[g->split[g->ident][s]];
+            for (int sp = 0; sp < g->nsplit; sp++) {
+                double v = tot[g->split[sp][0]] + tot[g->split[sp][1]] + (k == 3 ? tot[g->split[sp][2]] : 0.0);
+                if (v > best) { best = v; bs = sp; }
+            }
+            bestsplit[i] = bs;
+            /* float sums per row block: ignore gains at the rounding level (they could cycle) */
+            cand[2 * i] = best - base > 1e-6 * (base > 0 ? base : -base) + 1e-12 ? best - base : 0.0;
+        }
+        for (int64_t i = 0; i < ng; i++)
+            if (cand[2 * i] > 0.0) { cand[2 * ncand] = cand[2 * i]; cand[2 * ncand + 1] = (double)i; ncand++; }
+        if (!ncand) break;
+        qsort(cand, (size_t)ncand, 2 * sizeof(double), cmp_gain_desc);
+        memset(used, 0, (size_t)stripes);
+        for (int64_t t = 0; t < ncand; t++) {
+            int64_t i = (int64_t)cand[2 * t + 1];
+            int free_ = 1;
+            for (int s = 0; s < k; s++) free_ &= !used[sets[3 * i + s]];
+            if (!free_) continue;
+            int64_t colid[12], pid[12];
+            for (int s = 0; s < k; s++) {
+                used[sets[3 * i + s]] = 1;
+                for (int j = 0; j < m; j++) colid[s * m + j] = (int64_t)sets[3 * i + s] * m + j;
+            }
+            for (int j = 0; j < k * m; j++) {
+                memcpy(tmp + (size_t)j * rows, xt + colid[j] * rows, sizeof(float) * (size_t)rows);
+                pid[j] = perm[colid[j]];
+            }
+            int slot = 0; /* new group s takes the old columns of subset split[bs][s], in order */
+            for (int s = 0; s < k; s++) {
+                int mask = g->sub[g->split[bestsplit[i]][s]];
+                for (int j = 0; j < k * m; j++)
+                    if ((mask >> j) & 1) {
+                        memcpy(xt + colid[slot] * rows, tmp + (size_t)j * rows, sizeof(float) * (size_t)rows);
+                        perm[colid[slot]] = pid[j];
+                        slot++;
+                    }
+            }
+            moves++;
+        }
+    }
+    free(g); free(sets); free(cand); free(bestsplit); free(used); free(tmp);
+    if (moves_out) *moves_out = moves;
     return 0;
 }
