@@ -83,7 +83,9 @@ def test_threads_and_3d_input(threads):
     _, t = _case(300, 4096, "2:4", torch.float32)  # large enough to split across threads
     x = torch.randn(2, 3, 4096)
     y = native.linear(x, to_blocked(t), threads=threads)
-    torch.testing.assert_close(y, reference.nm_linear(x, t), rtol=1e-4, atol=1e-4)
+    ref = reference.nm_linear(x, t)
+    assert y.shape == ref.shape  # outputs ~50: accumulation order alone moves elements by ~2e-4
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < TOL[torch.float32]
     _, t = _case(300, 2048, "2:4", torch.bfloat16)  # gather kernel: per-thread scratch
     x = torch.randn(2, 8, 2048).to(torch.bfloat16)
     ref = reference.nm_linear_fp32(x, t)
