@@ -41,9 +41,9 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W kept as N:M values + bitmask in the kernel layout.
 
     ``dense_from_batch``: at this many tokens or more, decompress (one native pass) and use dense
-    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 8 for bf16
-    (torch's bf16 GEMM beat our bf16 kernels at 8-64 tokens on the development machine, by 1.4x
-    at 8 and 2-3x at 16-64) and never for fp32.
+    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 32 for bf16
+    (on the development machine torch's bf16 GEMM beat our bf16 kernels from ~32 tokens: 4096x4096
+    2:4 ran 1.3x faster sparse at 16 tokens, 0.85x at 64) and never for fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: NM | str, bias: bool = True,
@@ -52,7 +52,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.pattern = NM.parse(pattern)
         if dense_from_batch == "auto":
-            dense_from_batch = 8 if dtype == torch.bfloat16 else None
+            dense_from_batch = 32 if dtype == torch.bfloat16 else None
         self.dense_from_batch = dense_from_batch
         shell = to_blocked(compress_tensor(torch.zeros(out_features, in_features, dtype=dtype), self.pattern))
         self.register_buffer("values", shell.values)
@@ -258,7 +258,7 @@ def compress(
     dense won at every larger measured size (there it decompresses and runs dense). Without
     ``measure`` every valid layer is swapped. ``fallback="keep"`` (default) keeps a dense copy of
     the weight in layers that fall back, so large batches run at dense speed, at the cost of that
-    memory (in practice: bf16 layers, whose kernels lose from 8 tokens on). ``"decompress"`` keeps
+    memory (in practice: bf16 layers, whose kernels lose from ~32 tokens on). ``"decompress"`` keeps
     only the compressed weight and decompresses per call: measured 1.5-2x slower than dense on
     SmolLM2-sized layers and up to 8x on an 11008x4096 layer (page faults on a fresh 90 MB buffer).
     """
