@@ -211,7 +211,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.method in CALIBRATED:
         options |= {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
                     "run_config": {"model": source.path, "calibration": calib_info}}
-        if args.method.startswith("sparsegpt"):
+        if args.method.startswith("sparsegpt") or args.method == "admm":
             options.update(damp=args.damp, blocksize=args.blocksize)
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
     result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)

@@ -171,6 +171,42 @@ def sparsegpt_refit(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: 
     return refit(pruned, pruned != 0, stats.xtx, w.float(), damp)
 
 
+def admm_mask(w: torch.Tensor, xtx: torch.Tensor, pattern: Pattern, tail: TailPolicy = "error", damp: float = 0.01,
+              iters: int = 80, rho0: float = 1e-3, rho_growth: float = 1.1) -> torch.Tensor:
+    """Mask and weights from ADMM on the layer reconstruction (in the spirit of ALPS, Meng et al. 2024):
+
+        min ||(W' - W) X||^2  s.t. W' in the pattern,  split as W' (free) = D (in the pattern).
+
+    W' = (W H + rho (D - U)) (H + rho I)^-1 (one eigendecomposition of H serves every rho),
+    D = projection of W' + U onto the pattern (largest |.| kept), U += W' - D. The penalty rho grows
+    geometrically from ``rho0`` x mean(diag H), so early steps explore masks and late ones settle.
+    Unlike SparseGPT's single left-to-right sweep, every column's mask choice sees every other's.
+    Returns D (pattern-valid, not yet refitted).
+    """
+    h = xtx.double()
+    h = h + damp * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam, q = torch.linalg.eigh(h)
+    w = w.double()
+    wh = w @ h
+    d = w * mask_for(w.abs(), pattern, dim=-1, tail=tail)
+    u = torch.zeros_like(w)
+    rho = rho0 * float(h.diagonal().mean())
+    for _ in range(iters):
+        w_free = (((wh + rho * (d - u)) @ q) / (lam + rho)) @ q.T
+        z = w_free + u
+        d = z * mask_for(z.abs(), pattern, dim=-1, tail=tail)
+        u += w_free - d
+        rho *= rho_growth
+    return d.float()
+
+
+def admm(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error", damp: float = 0.01,
+         iters: int = 80, **_) -> torch.Tensor:
+    """ADMM mask/weight search on the layer reconstruction, then the least-squares refit on its mask."""
+    d = admm_mask(w.float(), stats.xtx, pattern, tail=tail, damp=damp, iters=iters)
+    return refit(d, d != 0, stats.xtx, w.float(), damp)
+
+
 def dense_target(w: torch.Tensor, stats: InputStats, damp: float) -> torch.Tensor:
     """Weights T with T X_s closest to the dense model's W X_d: T = W C H^-1 = W + W (C - H) H^-1,
     C = sum x_d x_s^T.
@@ -198,8 +234,8 @@ def sparsegpt_ec(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: Tai
 
 
 METHODS = {"magnitude": magnitude, "wanda": wanda, "esparse": esparse, "sparsegpt": sparsegpt,
-           "sparsegpt-refit": sparsegpt_refit, "sparsegpt-ec": sparsegpt_ec}
-CALIBRATED = {"wanda", "esparse", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec"}
+           "sparsegpt-refit": sparsegpt_refit, "sparsegpt-ec": sparsegpt_ec, "admm": admm}
+CALIBRATED = {"wanda", "esparse", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec", "admm"}
 # Methods that need per-channel value histograms.
 NEEDS_HISTOGRAMS = {"esparse"}
 # Methods whose layer targets come from the dense model's activations (a second, dense stream).

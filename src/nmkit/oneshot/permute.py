@@ -45,7 +45,7 @@ def importance(method: str, w: torch.Tensor, stats: InputStats | None, damp: flo
     w = w.detach().float()
     if method == "magnitude" or stats is None:
         return w.abs()
-    if method.startswith("sparsegpt"):
+    if method.startswith("sparsegpt") or method == "admm":
         h = stats.xtx.double()
         h = h + damp * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         inv_diag = torch.linalg.inv(h).diagonal().float()
