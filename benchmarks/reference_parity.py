@@ -66,6 +66,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--no-eval", action="store_true", help="compare masks only, skip the perplexity")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
     if not (args.reference / "lib" / "prune.py").is_file():
@@ -96,7 +97,8 @@ def main() -> int:
             reference.prune_sparsegpt(ref_args, model, tokenizer, torch.device("cpu"), prune_n=prune_n,
                                       prune_m=prune_m)
     seconds = time.perf_counter() - start
-    ppl = evaluate.perplexity(model, tokenizer, data.load_text("test"), args.eval_seqlen, args.eval_windows).ppl
+    ppl = None if args.no_eval else evaluate.perplexity(model, tokenizer, data.load_text("test"), args.eval_seqlen,
+                                                        args.eval_windows).ppl
     result = {"method": args.method, "pattern": str(pattern), "reference_ppl": ppl, "reference_seconds": seconds}
 
     if args.ours:
