@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cold-mb", type=int, default=512,
                         help="weight memory rotated through per method (0 = hot, one copy)")
     parser.add_argument("--isa", default=None, choices=native.ISAS, help="force a lower ISA path")
-    parser.add_argument("--kind", default="auto", choices=tuple(native.KINDS), help="force gemv or spmm")
+    parser.add_argument("--kind", default="auto", choices=tuple(native.KINDS),
+                        help="force a kernel: gemv, spmm, or gather (bf16 at half density; else spmm)")
     parser.add_argument("--module", action="store_true",
-                        help="time SparseLinear (with its default dense fallback, e.g. bf16 from 8 tokens) "
+                        help="time SparseLinear (with its default dense fallback, e.g. bf16 from 32 tokens) "
                              "instead of the raw kernel")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: this thread's CPU time, which leaves out time preempted by other jobs "
