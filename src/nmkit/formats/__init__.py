@@ -1,7 +1,7 @@
 """Compressed N:M storage: the canonical values + bitmask layout, safetensors I/O and export."""
 
 from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked
-from nmkit.formats.nm import NMTensor, compress, decompress, pack_bits, padded_cols, unpack_bits
+from nmkit.formats.nm import NMTensor, compress, decompress, pack_bits, padded_cols, unpack_bits, zeros
 
 __all__ = [
     "BlockedNM",
@@ -13,4 +13,5 @@ __all__ = [
     "pack_bits",
     "padded_cols",
     "unpack_bits",
+    "zeros",
 ]
