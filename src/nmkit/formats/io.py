@@ -16,6 +16,7 @@ A pruned directory (``nmkit prune --out``) is a Hugging Face checkpoint with zer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nmkit.errors import UserError
-from nmkit.formats.nm import NMTensor, compress, decompress, pack_bits, padded_cols, unpack_bits
+from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
 from nmkit.patterns import NM
 
 SIDECAR = "nmkit.json"
@@ -127,6 +128,17 @@ def _ct24_validate(name: str, w: torch.Tensor, pattern: str) -> None:
                         f"{name} has shape ({rows}, {cols})")
 
 
+def _positive_zeros(w: torch.Tensor) -> torch.Tensor:
+    """``-0.0`` -> ``+0.0``, every other bit pattern (NaN payloads too) unchanged. On the integer view
+    (sign bit alone -> 0): branch-free, ~7x faster than ``masked_fill(w == 0, 0)`` on a pruned weight."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if not w.is_floating_point() or w.element_size() not in ints:
+        return w
+    bits = w.view(ints[w.element_size()])
+    sign = torch.iinfo(bits.dtype).min
+    return (bits * (bits != sign)).view(w.dtype)
+
+
 def export_ct24(src: str | Path, out: str | Path) -> dict:
     """Legacy compressed-tensors ``sparse-24-bitmask`` (see module docstring and anchors.md section 9)."""
     src, out = Path(src), Path(out)
@@ -137,14 +149,17 @@ def export_ct24(src: str | Path, out: str | Path) -> dict:
     total = kept = 0
     for name in layers:
         w = tensors.pop(f"{name}.weight")
-        w = torch.where(w == 0, torch.zeros_like(w), w)  # -0.0 -> +0.0: vLLM produced garbage on -0.0
+        rows, cols = w.shape
+        w = _positive_zeros(w)  # before ranking: vLLM produced garbage on -0.0
         t = compress(w, "2:4")  # exactly 2 kept per 4; zeros fill groups with fewer non-zeros
-        mask = unpack_bits(t.mask, w.shape[1])
-        tensors[f"{name}.compressed"] = w[mask].reshape(w.shape[0], w.shape[1] // 2)
-        tensors[f"{name}.bitmask"] = pack_bits(mask)
-        tensors[f"{name}.shape"] = torch.tensor(list(w.shape), dtype=torch.int64).reshape(-1, 1)
+        # The canonical layout pads columns at the end of each row only (cols % 8 == 0 here), so the
+        # legacy tensors are its first cols/2 values and cols/8 mask bytes of every row.
+        values = t.values[:, : cols // 2]
+        tensors[f"{name}.compressed"] = values.contiguous()
+        tensors[f"{name}.bitmask"] = t.mask[:, : cols // 8].contiguous()
+        tensors[f"{name}.shape"] = torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1)
         total += w.numel()
-        kept += int((w != 0).sum())
+        kept += int(torch.count_nonzero(values))  # every non-zero of w is a kept value
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(src, out)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
@@ -190,6 +205,18 @@ def export(src: str | Path, fmt: str, out: str | Path) -> dict:
     return fn(src, out)
 
 
+def _no_init():
+    """transformers' own context that skips weight initialisation (its module path moved in 5.x)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load an ``nmkit``-format directory as a transformers model whose pruned layers are SparseLinear.
 
@@ -206,7 +233,8 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     if dtype is None:
         dtype = next(v.dtype for k, v in tensors.items() if v.is_floating_point())
     config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with _no_init():  # every weight is overwritten below; random init was a quarter of the load time
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     for name, layer in sidecar["layers"].items():
         old = model.get_submodule(name)
         pattern = NM.parse(layer["pattern"])
