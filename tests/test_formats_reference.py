@@ -134,3 +134,34 @@ def test_ct24_bytes_match_reference(tmp_path):
     kp_bytes = len(mask) // 16
     assert out["l.bitmask"].numpy().tobytes() == b"".join(mask[r * kp_bytes: r * kp_bytes + 5] for r in range(16))
     assert struct.unpack("<2q", out["l.shape"].numpy().tobytes()) == (16, 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=st.sampled_from(PATTERNS + ["1:2", "3:6", "4:32", "16:32"]), rows=st.integers(1, 5),
+       seed=st.integers(0, 2**16), flips=st.integers(0, 3))
+def test_keeps_exactly_matches_unpacked_count(pattern, rows, seed, flips):
+    """validate()'s byte-table check agrees with counting the unpacked bits, on valid and broken masks."""
+    from nmkit.formats.nm import _keeps_exactly, unpack_bits
+
+    p = NM.parse(pattern)
+    w = _random_pruned(rows, 96 // p.group, pattern, torch.float32, seed, 0.0, 0.0)
+    mask = compress(w, p).mask.clone()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(flips):  # flip random bits: usually breaks a group's count
+        r, b, j = (int(torch.randint(0, k, (1,), generator=g)) for k in (rows, mask.shape[1], 8))
+        mask[r, b] ^= 1 << j
+    counts = unpack_bits(mask).reshape(rows, -1, p.group).sum(-1)
+    assert _keeps_exactly(mask, p.keep, p.group) == bool((counts == p.keep).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(pattern=st.sampled_from(["1:4", "2:4", "2:8", "4:8", "1:16", "8:16", "4:32"]), rows=st.integers(1, 11),
+       groups=st.integers(1, 20), dtype=st.sampled_from(DTYPES))
+def test_zeros_blocked_is_blocked_zeros(pattern, rows, groups, dtype):
+    from nmkit.formats import to_blocked, zeros_blocked
+
+    p = NM.parse(pattern)
+    shape = (rows, groups * p.group)
+    a, b = zeros_blocked(shape, p, dtype), to_blocked(zeros(shape, p, dtype=dtype))
+    assert torch.equal(a.values, b.values) and a.values.dtype == dtype and torch.equal(a.mask, b.mask)
+    assert a.shape == b.shape and a.values.is_contiguous() and a.mask.is_contiguous()

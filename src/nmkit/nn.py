@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked
+from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked, zeros_blocked
 from nmkit.formats.nm import NMTensor, decompress
 from nmkit.formats.nm import compress as compress_tensor
-from nmkit.formats.nm import zeros as compressed_zeros
 from nmkit.kernels import native, nm_linear
 from nmkit.patterns import NM, PatternError, group_counts
 
@@ -55,7 +54,7 @@ class SparseLinear(nn.Module):
         if dense_from_batch == "auto":
             dense_from_batch = 32 if dtype == torch.bfloat16 else None
         self.dense_from_batch = dense_from_batch
-        shell = to_blocked(compressed_zeros((out_features, in_features), self.pattern, dtype=dtype))
+        shell = zeros_blocked((out_features, in_features), self.pattern, dtype=dtype)
         self.register_buffer("values", shell.values)
         self.register_buffer("mask", shell.mask)
         bias_t = torch.zeros(out_features, dtype=dtype)

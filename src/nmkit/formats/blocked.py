@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nmkit.formats.nm import NMTensor, pack_bits
+from nmkit.formats.nm import zeros as nm_zeros
 from nmkit.patterns import NM, PatternError
 
 
@@ -75,3 +76,15 @@ def from_blocked(b: BlockedNM) -> NMTensor:
     values = b.values.permute(0, 2, 1, 3).reshape(rb * 4, nu * q)[:rows].contiguous()
     mask = b.mask.permute(0, 2, 1, 3).reshape(rb * 4, nu * 4)[:rows].contiguous()
     return NMTensor(values=values, mask=mask, shape=b.shape, pattern=b.pattern)
+
+
+def zeros_blocked(shape: tuple[int, int], pattern: NM | str, dtype: torch.dtype = torch.float32) -> BlockedNM:
+    """``to_blocked(formats.zeros(shape, pattern, dtype))`` without the regrouping copy: every 4-row
+    block of an all-zero weight has the same mask bytes."""
+    pattern = NM.parse(pattern)
+    rows, cols = shape
+    one = to_blocked(nm_zeros((4, cols), pattern, dtype=dtype))  # one 4-row block
+    rb = -(-rows // 4)
+    values = torch.zeros((rb, *one.values.shape[1:]), dtype=dtype)
+    mask = one.mask.expand(rb, *one.mask.shape[1:]).contiguous()
+    return BlockedNM(values=values, mask=mask, shape=(rows, cols), pattern=pattern)

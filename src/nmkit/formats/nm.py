@@ -15,6 +15,7 @@ compressed-tensors' sparse-24-bitmask), so the round trip dense -> compressed ->
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,29 @@ def unpack_bits(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
     bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
     out = bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
     return out if count is None else out[..., :count]
+
+
+@functools.cache
+def _byte_lut(n: int, m: int) -> np.ndarray:
+    """For M dividing 8: bool[256], whether every M-bit field of the byte has exactly N bits set."""
+    fields = [[bin((b >> (k * m)) & ((1 << m) - 1)).count("1") == n for k in range(8 // m)] for b in range(256)]
+    return np.array([all(f) for f in fields])
+
+
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def _keeps_exactly(packed: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of M bits of a packed mask (uint8, little bit order) has exactly N set.
+    On CPU, M dividing 8 or a multiple of 8: byte lookup tables, no unpacking."""
+    if packed.device.type == "cpu" and (8 % m == 0 or m % 8 == 0):
+        b = packed.contiguous().numpy()
+        if 8 % m == 0:
+            return bool(_byte_lut(n, m)[b].all())
+        counts = _POPCOUNT[b].reshape(-1, m // 8).sum(-1, dtype=np.int32)
+        return bool((counts == n).all())
+    rows = packed.shape[0]
+    return bool((unpack_bits(packed).reshape(rows, -1, m).sum(-1) == n).all())
 
 
 @dataclass
@@ -87,8 +111,7 @@ class NMTensor:
             raise PatternError(
                 f"values must have shape {(rows, kp * n // m)}, got {tuple(self.values.shape)}"
             )
-        counts = unpack_bits(self.mask).reshape(rows, kp // m, m).sum(-1)
-        if not bool((counts == n).all()):
+        if not _keeps_exactly(self.mask, n, m):
             raise PatternError(f"mask must keep exactly {n} of every {m} columns (N:M = keep N of M)")
 
     def to_dense(self) -> torch.Tensor:
