@@ -196,6 +196,15 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
               resume=True)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruned_zeros_are_positive_zero(tiny_model_dir, method):
+    """Pruned negative weights must not be stored as -0.0 (compressed formats keep one zero)."""
+    model = _model(tiny_model_dir)
+    result = prune(model, "2:4", method, calibration=_calib(), progress=False)
+    weights = {n: m.weight.detach() for n, m in model.named_modules() if n in {x.name for x in result.layers}}
+    assert weights and all(not ((w == 0) & torch.signbit(w)).any() for w in weights.values())
+
+
 def test_calibrated_method_needs_data(tiny_model_dir):
     with pytest.raises(UserError, match="needs calibration"):
         prune(_model(tiny_model_dir), "2:4", "sparsegpt")

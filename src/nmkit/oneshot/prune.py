@@ -101,7 +101,7 @@ def prune(
             mask = mask_for(SCORERS[method](target), pattern, dim=target.reduce_dim, tail=tail)
         except PatternError as exc:
             raise UserError(f"layer {target.name} {list(weight.shape)}: {exc}") from None
-        weight.mul_(mask.to(weight.dtype))
+        weight.mul_(mask.to(weight.dtype)).add_(0.0)  # -0.0 -> +0.0: one zero, bit-exact round trips
         info = summarize(weight, pattern, dim=target.reduce_dim, tail=tail)
         result.layers.append(LayerResult(target.name, info["shape"], str(pattern), info["sparsity"], info["valid"]))
     result.seconds = time.perf_counter() - start

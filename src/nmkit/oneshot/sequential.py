@@ -42,7 +42,9 @@ def _out_in(target: Target) -> torch.Tensor:
 
 def _write_back(target: Target, w: torch.Tensor) -> None:
     weight = target.weight
-    weight.data.copy_((w.T if target.reduce_dim == 0 else w).to(weight.dtype))
+    # + 0.0 turns the -0.0 of pruned negative weights into +0.0 (IEEE), so checkpoints hold one zero
+    # and compressed round trips are bit exact
+    weight.data.copy_((w.T if target.reduce_dim == 0 else w).to(weight.dtype) + 0.0)
 
 
 def _group_by_block(targets: list[Target], prefix: str, count: int) -> list[list[Target]]:
