@@ -56,6 +56,9 @@ def _worker(rank: int, world: int, init_file: str, result_path: str) -> None:
     try:
         out = _train(rank, world)
         torch.save(out, f"{result_path}.{rank}")
+        # both ranks finish before either tears down the group: a rank destroying it while the
+        # other still talks to the file store aborts the other ("terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
