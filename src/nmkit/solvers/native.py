@@ -71,6 +71,17 @@ def transposable(scores: torch.Tensor, n: int, m: int, mode: str, threads: int |
     return out.view(torch.bool).reshape(scores.shape).to(scores.device)
 
 
+
+def _stripe_lib(name: str, xt: torch.Tensor, perm: torch.Tensor):
+    """The loaded library, after checking the in-place buffers the stripe searches write to."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("compiled solvers not available")
+    if xt.dtype != torch.float32 or not xt.is_contiguous() or perm.dtype != torch.int64 or not perm.is_contiguous():
+        raise ValueError(f"{name} needs contiguous float32 xt and int64 perm")
+    return lib
+
+
 def stripe_pairs(
     xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, seconds: float, seed: int = 0, max_stale: int = 3,
     threads: int | None = None,
@@ -81,11 +92,7 @@ def stripe_pairs(
     permuted in place. Stops after ``seconds`` or ``max_stale`` rounds without a gain; returns the
     number of rounds.
     """
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("compiled solvers not available")
-    if xt.dtype != torch.float32 or not xt.is_contiguous() or perm.dtype != torch.int64 or not perm.is_contiguous():
-        raise ValueError("stripe_pairs needs contiguous float32 xt and int64 perm")
+    lib = _stripe_lib("stripe_pairs", xt, perm)
     rounds = ctypes.c_int64(0)
     nt = threads if threads is not None else torch.get_num_threads()
     rc = lib.nms_stripe_pairs(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), float(seconds),
@@ -101,11 +108,7 @@ def stripe_converge(
     """Exhaustive stripe-group search (every set of ``k`` in {2, 3} stripes, every split of its columns),
     best disjoint improvements per sweep, until none is left or ``seconds`` pass; in place like
     :func:`stripe_pairs`. Returns the number of moves applied."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("compiled solvers not available")
-    if xt.dtype != torch.float32 or not xt.is_contiguous() or perm.dtype != torch.int64 or not perm.is_contiguous():
-        raise ValueError("stripe_converge needs contiguous float32 xt and int64 perm")
+    lib = _stripe_lib("stripe_converge", xt, perm)
     moves = ctypes.c_int64(0)
     nt = threads if threads is not None else torch.get_num_threads()
     rc = lib.nms_stripe_converge(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), k, float(seconds),

@@ -235,6 +235,17 @@ class _StripeSearch:
             dst.copy_(src)
 
 
+def _random_column_pair(stripes: int, m: int, gen: torch.Generator) -> tuple[int, int]:
+    """Two random columns in two different stripes: the perturbation of the escape rounds."""
+    s1, s2 = torch.randperm(stripes, generator=gen)[:2].tolist()
+    return s1 * m + int(torch.randint(m, (1,), generator=gen)), s2 * m + int(torch.randint(m, (1,), generator=gen))
+
+
+def _swap_rows(xt: torch.Tensor, perm: torch.Tensor, a: int, b: int) -> None:
+    xt[[a, b]] = xt[[b, a]]
+    perm[[a, b]] = perm[[b, a]]
+
+
 def _random_pairs(
     xt: torch.Tensor,
     perm: torch.Tensor,
@@ -302,11 +313,7 @@ def _native_random_pairs(
     while time.perf_counter() < deadline:
         tries += 1
         for _ in range(1 + tries % 3):
-            s1, s2 = torch.randperm(stripes, generator=gen)[:2].tolist()
-            a = s1 * p.group + int(torch.randint(p.group, (1,), generator=gen))
-            b = s2 * p.group + int(torch.randint(p.group, (1,), generator=gen))
-            xt[[a, b]] = xt[[b, a]]
-            perm[[a, b]] = perm[[b, a]]
+            _swap_rows(xt, perm, *_random_column_pair(stripes, p.group, gen))
         native.stripe_pairs(xt, perm, p.keep, p.group, max(deadline - time.perf_counter(), 0.0), seed=seed + tries)
         kept = kept_by_nm(xt.T, p)
         if kept > best_kept:
@@ -351,11 +358,7 @@ def _native_stripe_search(
         tries += 1
         temp = temp0 * left() / budget_left
         for _ in range(1 + tries % 2):
-            s1, s2 = torch.randperm(stripes, generator=gen)[:2].tolist()
-            a = s1 * m + int(torch.randint(m, (1,), generator=gen))
-            b = s2 * m + int(torch.randint(m, (1,), generator=gen))
-            xt[[a, b]] = xt[[b, a]]
-            perm[[a, b]] = perm[[b, a]]
+            _swap_rows(xt, perm, *_random_column_pair(stripes, m, gen))
         native.stripe_converge(xt, perm, n, m, 2, left())
         kept = kept_by_nm(xt.T, p)
         if kept > best_kept + tol:
@@ -459,10 +462,7 @@ def permute_channels(
         tries += 1
         temp = temp0 * max(0.0, (deadline - now) / budget_left)
         for _ in range(1 + tries % 2):
-            s1, s2 = torch.randperm(stripes, generator=gen)[:2].tolist()
-            a = s1 * m + int(torch.randint(m, (1,), generator=gen))
-            b = s2 * m + int(torch.randint(m, (1,), generator=gen))
-            search.swap_columns(a, b)
+            search.swap_columns(*_random_column_pair(stripes, m, gen))
         search.converge(deadline)
         kept = kept_by_nm(xt.T, p)
         if kept > best_kept + tol:
