@@ -103,9 +103,9 @@ def test_every_method_valid_and_bounded_by_exact(
         assert mk.dtype == torch.bool and mk.shape == w.shape
         assert pat.is_valid(mk), method
         got = tile_score(w, mk)
-        assert got <= opt + 1e-4 * max(1.0, opt), method
-        if method != "greedy":
+        if method != "greedy":  # greedy keeps at most N, which can score above the exactly-N optimum
             assert pat.is_valid(mk, exact=True), method
+            assert got <= opt + 1e-4 * max(1.0, opt), method
         # greedy is a 1/2-approximation of the kept score for non-negative scores
         assert got >= 0.5 * opt - 1e-6, method
     # deterministic: same input, same mask
