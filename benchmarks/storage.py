@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from nmkit.formats import codec as tensor_codec
 from nmkit.formats.io import SIDECAR, _read_tensors, read_ct24, read_pruned
 
 NMKIT = str(Path(sys.executable).with_name("nmkit"))
-FORMATS = ("dense", "nmkit", "compressed-tensors-24")
+# (format, codec): every export format, and the nmkit format once more entropy-coded.
+FORMATS = (("dense", "none"), ("nmkit", "none"), ("nmkit", "zstd"), ("compressed-tensors-24", "none"))
 
 LOAD_CHILD = r"""
 import json, sys, time
@@ -72,6 +75,16 @@ def _mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
 
 
+def _stored_bytes(path: Path) -> dict[str, int]:
+    """Bytes each tensor takes in the file as stored (coded tensors: their compressed planes)."""
+    sizes = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        for k in fh.keys():
+            t = fh.get_tensor(k)
+            sizes[k] = t.numel() * t.element_size()
+    return sizes
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
@@ -87,30 +100,35 @@ def _compare(back: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> str
     return f"exact (== everywhere; {flipped} -0.0 -> +0.0)"
 
 
-def run(src: Path, work: Path, dtype: str) -> list[dict]:
+def run(src: Path, work: Path, dtype: str, load: bool = True) -> list[dict]:
     rows = []
     ref, sidecar = read_pruned(src)
     pruned = [f"{name}.weight" for name in sidecar["layers"]]
     pruned_dense = sum(ref[k].numel() * ref[k].element_size() for k in pruned)
     dense_mib = None
-    for fmt in FORMATS:
-        out = work / f"{dtype}-{fmt}"
+    for fmt, codec in FORMATS:
+        out = work / f"{dtype}-{fmt}" if codec == "none" else work / f"{dtype}-{fmt}-{codec}"
         runs = []
         for _ in range(2):  # best of 2 by CPU time (the machine is shared)
             shutil.rmtree(out, ignore_errors=True)
             c0, t0 = _children_cpu(), time.perf_counter()
-            subprocess.run([NMKIT, "export", str(src), "--format", fmt, "--out", str(out)], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run([NMKIT, "export", str(src), "--format", fmt, "--codec", codec, "--out", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
             runs.append((_children_cpu() - c0, time.perf_counter() - t0))
         cpu, wall = min(runs)
         mib = _mib(out)
         dense_mib = dense_mib or mib
-        row = {"dtype": dtype, "format": fmt, "file_mib": mib, "vs_dense": mib / dense_mib,
+        row = {"dtype": dtype, "format": fmt, "codec": codec, "file_mib": mib, "vs_dense": mib / dense_mib,
                "export_wall_s": wall, "export_cpu_s": cpu}
+        if codec != "none":
+            # The same codec on the dense tensors: what N:M adds over entropy coding alone.
+            coded, _ = tensor_codec.encode(ref)
+            dense_coded = sum(v.numel() for v in coded.values()) / 2**20
+            row["dense_same_codec_mib"] = dense_coded
+            row["vs_dense_same_codec"] = mib / dense_coded
         if fmt == "nmkit":
-            t = _read_tensors(out)
-            comp = sum(t[k + s].numel() * t[k + s].element_size() for k in sidecar["layers"]
-                       for s in (".weight_values", ".weight_mask"))
+            stored = _stored_bytes(out)
+            comp = sum(stored[k + s] for k in sidecar["layers"] for s in (".weight_values", ".weight_mask"))
             row["pruned_only"] = f"{pruned_dense / 2**20:.1f} -> {comp / 2**20:.1f} MiB = {comp / pruned_dense:.4f}x"
             back, _ = read_pruned(out)
             row["round_trip"] = _compare(back, ref)
@@ -118,7 +136,7 @@ def run(src: Path, work: Path, dtype: str) -> list[dict]:
             row["round_trip"] = _compare(read_pruned(out)[0], ref)
         if fmt == "compressed-tensors-24":
             row["round_trip"] = _compare(read_ct24(out), ref)
-        if fmt in ("dense", "nmkit"):
+        if load and fmt in ("dense", "nmkit"):  # load time: see LOAD_CHILD
             loads = []
             for _ in range(2):
                 env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
@@ -138,6 +156,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/nmkit-storage"))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--no-load", action="store_true",
+                    help="skip the load timing (nmkit.load builds causal LMs; use this for encoders)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -146,7 +166,7 @@ def main() -> None:
         if dtype == "bfloat16":
             src = args.work / "src-bf16"
             _bf16_copy(args.src, src)
-        rows += run(src, args.work, dtype)
+        rows += run(src, args.work, dtype, load=not args.no_load)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -117,3 +117,60 @@ def test_export_command(tmp_path, capsys):
     cmd.add_arguments(p)
     assert cmd.run(p.parse_args([str(src), "--format", "nmkit", "--out", str(tmp_path / "o")])) == 0
     assert "the dense tensors" in capsys.readouterr().out
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.view(ints), b.view(ints))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nmkit_zstd_codec_round_trip_and_load(tmp_path, dtype):
+    src, model = _pruned_dir(tmp_path, dtype=dtype)
+    plain = export(src, "nmkit", tmp_path / "nm")
+    coded = export(src, "nmkit", tmp_path / "nmz", codec="zstd")
+    assert coded["codec"] == "zstd" and coded["bytes"] < plain["bytes"]
+    assert json.loads((tmp_path / "nmz" / "nmkit.json").read_text())["codec"] == "zstd"
+    with safe_open(str(tmp_path / "nmz" / "model.safetensors"), "pt") as f:  # coded: uint8 blobs
+        assert all(f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
+    a, _ = read_pruned(tmp_path / "nm")
+    b, _ = read_pruned(tmp_path / "nmz")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert _bits_equal(a[k], b[k]), k
+    loaded = load_compressed(tmp_path / "nmz")
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+def test_codec_only_for_nmkit_and_failed_export_leaves_nothing(tmp_path):
+    src, _ = _pruned_dir(tmp_path, pattern="1:4")
+    with pytest.raises(UserError, match="--format nmkit only"):
+        export(src, "dense", tmp_path / "d", codec="zstd")
+    with pytest.raises(UserError, match="unknown codec"):
+        export(src, "nmkit", tmp_path / "d", codec="lz4")
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "keep.txt").write_text("old")
+    with pytest.raises(UserError, match="2:4 only"):  # fails half-way: the old output stays as it was
+        export(src, "compressed-tensors-24", tmp_path / "ct")
+    assert [p.name for p in (tmp_path / "ct").iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "d").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    with pytest.raises(UserError, match="overwrite its source"):
+        export(src, "dense", src)
+
+
+def test_export_replaces_existing_output(tmp_path):
+    src, _ = _pruned_dir(tmp_path)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "stale.safetensors").write_bytes(b"x")
+    export(src, "dense", tmp_path / "o")
+    assert not (tmp_path / "o" / "stale.safetensors").exists()
+    assert (tmp_path / "o" / "model.safetensors").is_file()

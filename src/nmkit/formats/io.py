@@ -8,7 +8,8 @@ A pruned directory (``nmkit prune --out``) is a Hugging Face checkpoint with zer
 * ``nmkit``: each pruned ``P.weight`` becomes ``P.weight_values`` (kept values, row-major, canonical
   layout of :mod:`nmkit.formats.nm`) and ``P.weight_mask`` (uint8, 1 bit per weight); everything
   else is unchanged. The sidecar says ``"storage": "nmkit-compressed"``. :func:`load_compressed`
-  returns a model with :class:`nmkit.nn.SparseLinear` layers.
+  returns a model with :class:`nmkit.nn.SparseLinear` layers. With ``codec="zstd"`` every tensor is
+  stored byte-plane Zstandard coded (:mod:`nmkit.formats.codec`, lossless); readers here decode it.
 * ``compressed-tensors-24``: ``P.compressed`` / ``P.bitmask`` / ``P.shape`` as compressed-tensors
   <= 0.14 wrote them (2:4 only, in % 8 == 0, out % 8 == 0, -0.0 normalised to +0.0), and the
   ``quantization_config.sparsity_config`` block in config.json.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nmkit.errors import UserError
+from nmkit.formats import codec as tensor_codec
 from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
 from nmkit.patterns import NM
 
@@ -52,8 +56,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
+            part = {k: fh.get_tensor(k) for k in fh.keys()}
+            table = tensor_codec.table_from_metadata(fh.metadata())
+        out.update(tensor_codec.decode(part, table) if table else part)
     return out
 
 
@@ -98,8 +103,13 @@ def export_dense(src: str | Path, out: str | Path) -> dict:
     return {"format": "dense", "bytes": _file_bytes(out)}
 
 
-def export_nmkit(src: str | Path, out: str | Path) -> dict:
-    """Compressed values + bitmask for every pruned layer; reports file size vs the dense file."""
+def export_nmkit(src: str | Path, out: str | Path, codec: str = "none") -> dict:
+    """Compressed values + bitmask for every pruned layer; reports file size vs the dense tensors.
+
+    ``codec="zstd"`` also entropy-codes every tensor (lossless; see :mod:`nmkit.formats.codec`).
+    """
+    if codec not in tensor_codec.CODECS:
+        raise UserError(f"unknown codec {codec!r}; choose one of {', '.join(tensor_codec.CODECS)}")
     src, out = Path(src), Path(out)
     tensors, sidecar = read_pruned(src)
     dense_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
@@ -108,13 +118,17 @@ def export_nmkit(src: str | Path, out: str | Path) -> dict:
         t = compress(w, NM.parse(layer["pattern"]))
         tensors[f"{name}.weight_values"] = t.values
         tensors[f"{name}.weight_mask"] = t.mask
+    metadata = {"format": "pt", "nmkit": STORAGE_NMKIT}
+    if codec == "zstd":
+        tensors, table = tensor_codec.encode(tensors)
+        metadata[tensor_codec.METADATA_KEY] = json.dumps(table, separators=(",", ":"))
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(src, out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS),
-              metadata={"format": "pt", "nmkit": STORAGE_NMKIT})
-    _write_sidecar(out, sidecar, storage=STORAGE_NMKIT)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata=metadata)
+    _write_sidecar(out, sidecar, storage=STORAGE_NMKIT, codec=codec)
     size = _file_bytes(out)
-    return {"format": "nmkit", "bytes": size, "dense_bytes": dense_bytes, "ratio": size / dense_bytes}
+    return {"format": "nmkit", "codec": codec, "bytes": size, "dense_bytes": dense_bytes,
+            "ratio": size / dense_bytes}
 
 
 def _ct24_validate(name: str, w: torch.Tensor, pattern: str) -> None:
@@ -197,12 +211,37 @@ def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export(src: str | Path, fmt: str, out: str | Path) -> dict:
-    """Export a pruned directory to ``fmt`` (one of :data:`FORMATS`); returns a small summary."""
+def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none") -> dict:
+    """Export a pruned directory to ``fmt`` (one of :data:`FORMATS`); returns a small summary.
+
+    Everything is written to a temporary directory beside ``out`` and renamed into place at the end,
+    so a failed or interrupted export leaves ``out`` as it was. An existing ``out`` is replaced.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    fn = {"dense": export_dense, "nmkit": export_nmkit, "compressed-tensors-24": export_ct24}[fmt]
-    return fn(src, out)
+    if codec != "none" and fmt != "nmkit":
+        raise UserError(f"--codec {codec} applies to --format nmkit only ({fmt} keeps its standard layout "
+                        "so other tools can read it)")
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise UserError(f"export would overwrite its source {str(src)!r}; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+        if fmt == "nmkit":
+            summary = export_nmkit(src, tmp, codec=codec)
+        else:
+            summary = {"dense": export_dense, "compressed-tensors-24": export_ct24}[fmt](src, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return summary
 
 
 def _no_init():
