@@ -33,7 +33,7 @@ def test_kernel_matches_reference(isa, dtype, pattern):
     for batch in (1, 2, 3, 4, 5, 8, 16, 17, 64, 65):
         x = torch.randn(batch, 96).to(dtype)
         ref = reference.nm_linear_fp32(x, t)
-        for kind in ("auto", "gemv", "spmm", "gather"):  # a kind a path lacks falls back to the SpMM
+        for kind in ("auto", "gemv", "spmm", "gather", "pair"):  # a kind a path lacks falls back to the SpMM
             y = native.linear(x, b, isa=isa, kind=kind).float()
             err = ((y - ref).abs().max() / ref.abs().max()).item()
             assert err < TOL[dtype], (isa, kind, batch, err)
@@ -46,6 +46,11 @@ def test_kernel_matches_reference(isa, dtype, pattern):
     # of 4 with a partial last group, 1-4 tokens per register tile
     (torch.bfloat16, "2:4", 45, 1056, (1, 2, 5, 16, 33), ("auto", "gather")),
     (torch.bfloat16, "4:8", 45, 1056, (3, 16), ("auto", "gather")),
+    # bf16 2:4 pair-table kernel: more than one 256-row group with a partial last 4-row block, column
+    # tiles with a partial last one (12 units at 16 tokens, 3 at 64), 1-4 token vectors with partial
+    # last vectors, several token chunks (65: 48 + 17; 129: 3 x 43)
+    (torch.bfloat16, "2:4", 301, 1000, (1, 3, 13, 17, 33, 63, 64, 65, 129), ("auto", "pair")),
+    (torch.bfloat16, "2:4", 7, 32, (16, 50), ("pair",)),
     # fp32 GEMV in column tiles (4-row-block groups, partial sums between tiles), every load width
     (torch.float32, "2:4", 45, 1056, (2, 4, 7, 16), ("auto", "gemv")),
     (torch.float32, "2:8", 45, 1056, (4, 16), ("gemv",)),
@@ -86,11 +91,12 @@ def test_threads_and_3d_input(threads):
     ref = reference.nm_linear(x, t)
     assert y.shape == ref.shape  # outputs ~50: accumulation order alone moves elements by ~2e-4
     assert ((y - ref).abs().max() / ref.abs().max()).item() < TOL[torch.float32]
-    _, t = _case(300, 2048, "2:4", torch.bfloat16)  # gather kernel: per-thread scratch
-    x = torch.randn(2, 8, 2048).to(torch.bfloat16)
-    ref = reference.nm_linear_fp32(x, t)
-    y = native.linear(x, to_blocked(t), threads=threads).float()
-    assert ((y - ref).abs().max() / ref.abs().max()).item() < TOL[torch.bfloat16]
+    _, t = _case(300, 2048, "2:4", torch.bfloat16)
+    for lead in ((2, 8), (2, 40)):  # gather kernel (per-thread scratch); pair kernel (shared table, 2 chunks)
+        x = torch.randn(*lead, 2048).to(torch.bfloat16)
+        ref = reference.nm_linear_fp32(x, t)
+        y = native.linear(x, to_blocked(t), threads=threads).float()
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < TOL[torch.bfloat16]
 
 
 @needs_native

@@ -19,7 +19,7 @@ import torch
 from nmkit.formats.blocked import BlockedNM
 
 ISAS: tuple[str, ...] = ("portable", "avx2", "avx512", "avx512bf16")
-KINDS: dict[str, int] = {"auto": 0, "gemv": 1, "spmm": 2, "gather": 3}
+KINDS: dict[str, int] = {"auto": 0, "gemv": 1, "spmm": 2, "gather": 3, "pair": 4}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -45,7 +45,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.nmk_best_isa.restype = ctypes.c_int
     lib.nmk_linear.restype = ctypes.c_int
     i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
-    lib.nmk_linear.argtypes = [i, i, i, p, p, i, i, i, p, i64, i, p, i64, i]
+    lib.nmk_linear.argtypes = [i, i, i, p, p, i, i, i, i, p, i64, i, p, i64, i]
     lib.nmk_decompress.restype = ctypes.c_int
     lib.nmk_decompress.argtypes = [i, i, p, p, i, i, i, p, i64, i]
     return lib
@@ -130,7 +130,7 @@ def linear(
         raise NativeError("compressed weight buffers must be contiguous")
     rc = lib.nmk_linear(
         _resolve_isa(isa), KINDS[kind], _DTYPES[x.dtype], values.data_ptr(), mask.data_ptr(), rows,
-        weight.kp, weight.p16, x2.data_ptr(), ldx, batch, y.data_ptr(), y.stride(0),
+        weight.kp, weight.p16, weight.pattern.group, x2.data_ptr(), ldx, batch, y.data_ptr(), y.stride(0),
         threads or torch.get_num_threads(),
     )
     if rc != 0:

@@ -26,7 +26,7 @@
 
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
 enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { KIND_AUTO = 0, KIND_GEMV = 1, KIND_SPMM = 2, KIND_GATHER = 3 };
+enum { KIND_AUTO = 0, KIND_GEMV = 1, KIND_SPMM = 2, KIND_GATHER = 3, KIND_PAIR = 4 };
 
 /* Dummy module init so setuptools can build this as an extension module; Python never imports it. */
 void *PyInit__native(void) { return 0; }
@@ -476,6 +476,156 @@ static T512BF void gather_bf16_512(const nmk_args *a, int r0, int r1, __m512i *s
     }
 }
 
+/* ------------------------------ AVX-512 BF16 pair-table SpMM (2:4 only, from ~16 tokens; KIND_PAIR)
+ * A kept 2:4 pair of row o in group g multiplies x at two of the group's 4 columns, (pa, pb), one of
+ * the 6 pairs its mask nibble allows. A per-call table holds, for every group g, pair c and 16 tokens,
+ * the vector of bf16 pairs (x[t][4g + pa(c)], x[t][4g + pb(c)]) (tokens in the 32-bit lanes), so one
+ * vdpbf16ps of that table vector with the broadcast weight pair adds the group's two products for 16
+ * tokens: no permute and no products with pruned zeros, one 64-byte table load (a memory operand)
+ * per dot product and one 32-bit broadcast per row and group, shared by the token vectors. The gather
+ * kernel needs a vpermt2w per dot product and tops out at ~1.6 cycles per pair (BENCHMARKS.md).
+ * Tokens go in chunks of up to PAIR_MAXV vectors (64); the table of a chunk is 6 * 4 * kp bytes per
+ * vector (1.5 MB for 4096 columns x 64 tokens: L2/L3), read into L1 a column tile at a time and
+ * reused by the row blocks of a row group, whose partial sums wait in a small scratch between
+ * tiles. */
+#define PAIR_MAXV 4
+
+/* Table slot of a 2:4 nibble n: (n >> 1) - 1, which maps the six nibbles with two bits set (3, 5, 6,
+ * 9, 10, 12) onto 0..5 with a shift and a mask instead of a lookup (a LUT load per row and group cost
+ * ~1 cycle of 4 in the inner loop). pair_pos: the kept positions (pa < pb) of each slot. */
+static const uint8_t pair_pos[6][2] = {{0, 1}, {0, 2}, {1, 2}, {0, 3}, {1, 3}, {2, 3}};
+
+/* Table vectors of units [ub0, ub1) for the chunk's tokens [t0, t0 + bc) in nv vectors (tokens past
+ * bc are zero): tab[((u * 8 + j) * 6 + c) * nv + v] for group 8u + j. Each unit's 8 groups of 16
+ * tokens are first transposed into buf (one 64-bit word = a token's 4 columns of a group), then one
+ * vpermt2w per pair picks the two columns of each token. */
+static T512BF void pair_table(const nmk_args *a, __m512i *tab, int nv, int t0, int bc, int ub0, int ub1) {
+    uint64_t buf[8][16] __attribute__((aligned(64)));
+    __m512i idx[6];
+    for (int c = 0; c < 6; c++) {
+        uint16_t w[32];
+        for (int l = 0; l < 16; l++) {
+            w[2 * l] = (uint16_t)(4 * l + pair_pos[c][0]);
+            w[2 * l + 1] = (uint16_t)(4 * l + pair_pos[c][1]);
+        }
+        idx[c] = _mm512_loadu_si512(w);
+    }
+    const uint16_t *X = (const uint16_t *)a->x;
+    for (int u = ub0; u < ub1; u++) {
+        for (int v = 0; v < nv; v++) {
+            for (int l = 0; l < 16; l++) {
+                const int t = 16 * v + l;
+                uint64_t row[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                if (t < bc) memcpy(row, X + (int64_t)(t0 + t) * a->ldx + 32 * u, 64);
+                for (int j = 0; j < 8; j++) buf[j][l] = row[j];
+            }
+            for (int j = 0; j < 8; j++) {
+                const __m512i lo = _mm512_load_si512(buf[j]), hi = _mm512_load_si512(buf[j] + 8);
+                __m512i *o = tab + (int64_t)(u * 8 + j) * 6 * nv + v;
+                for (int c = 0; c < 6; c++) _mm512_store_si512(o + c * nv, _mm512_permutex2var_epi16(lo, idx[c], hi));
+            }
+        }
+    }
+}
+
+/* Row block at r, units [u0, u1), NV token vectors: acc[row][v] += w(row, g) . tab[g][c(row, g)][v].
+ * S accumulator sets (alternating groups) keep >= 12 vdpbf16ps chains in
+ * flight at 1-2 vectors (latency ~6 cycles, 2 per cycle). accm: partial sums (4 rows x NV vectors),
+ * loaded unless first, always stored. pv / pm: weights to prefetch (what this row block reads next). */
+#define DEF_PAIR_BF16(NV, S)                                                                              \
+    static T512BF void pair_bf16_##NV(const nmk_args *a, const __m512i *tab, int r, int u0, int u1,       \
+                                      float *accm, int first, const char *pv, const char *pm) {           \
+        const int nu = a->kp / 32;                                                                        \
+        __m512 acc[S][4][NV];                                                                             \
+        for (int s = 0; s < S; s++)                                                                       \
+            for (int i = 0; i < 4; i++)                                                                   \
+                for (int v = 0; v < NV; v++)                                                              \
+                    acc[s][i][v] = s || first ? _mm512_setzero_ps() : _mm512_load_ps(accm + (i * NV + v) * 16); \
+        const uint32_t *vb = (const uint32_t *)((const uint16_t *)a->values + (int64_t)(r / 4) * BLOCK_VALS(a)); \
+        const uint32_t *mb = (const uint32_t *)a->mask + (int64_t)(r / 4) * nu * 4;                       \
+        const __m512i *tp = tab + (int64_t)u0 * 48 * NV - NV; /* slot + 1 = n >> 1 */                     \
+        for (int u = u0; u < u1; u++, tp += 48 * NV) {                                                    \
+            if (pv) {                                                                                     \
+                _mm_prefetch(pv + (int64_t)(u - u0) * 128, _MM_HINT_T0);                                  \
+                _mm_prefetch(pv + (int64_t)(u - u0) * 128 + 64, _MM_HINT_T0);                             \
+                if (!((u - u0) & 3)) _mm_prefetch(pm + (int64_t)(u - u0) * 16, _MM_HINT_T0);              \
+            }                                                                                             \
+            const uint32_t *vu = vb + u * 32;                                                             \
+            const uint32_t m[4] = {mb[u * 4], mb[u * 4 + 1], mb[u * 4 + 2], mb[u * 4 + 3]};               \
+            _Pragma("GCC unroll 8") /* whole, so that acc[j % S] stays in registers */                    \
+            for (int j = 0; j < 8; j++) {                                                                 \
+                for (int i = 0; i < 4; i++) {                                                             \
+                    const __m512i *t = tp + j * 6 * NV + ((m[i] >> (4 * j + 1)) & 7) * NV;                \
+                    const __m512i w = _mm512_set1_epi32((int)vu[i * 8 + j]);                              \
+                    for (int v = 0; v < NV; v++)                                                          \
+                        acc[j % S][i][v] = dp_bf16(acc[j % S][i][v], w, _mm512_load_si512(t + v));        \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int s = 1; s < S; s++)                                                                       \
+            for (int i = 0; i < 4; i++)                                                                   \
+                for (int v = 0; v < NV; v++) acc[0][i][v] = _mm512_add_ps(acc[0][i][v], acc[s][i][v]);   \
+        for (int i = 0; i < 4; i++)                                                                       \
+            for (int v = 0; v < NV; v++) _mm512_store_ps(accm + (i * NV + v) * 16, acc[0][i][v]);        \
+    }
+DEF_PAIR_BF16(1, 4)
+DEF_PAIR_BF16(2, 2)
+DEF_PAIR_BF16(3, 1)
+DEF_PAIR_BF16(4, 1)
+
+/* Tiling, measured on 4096x4096 and 4096x11008 (1 thread, hot, 16 and 64 tokens): 256-row groups and
+ * 36 KB table tiles (3 units at 64 tokens, 12 at 16) beat 64 rows / 24 KB by 5-20 % (64 tokens:
+ * 3.8 vs 4.6 ms); 16-row groups re-read the table tiles too often (7.0 ms), 1024 rows were no better. */
+#define PAIR_ROWS 256
+#define PAIR_TILE_KB 36
+
+static int pair_units(int nv) {
+    int u = (PAIR_TILE_KB << 10) / (48 * 64 * nv);
+    return u < 1 ? 1 : u;
+}
+
+/* Rows [r0, r1) (r0 a multiple of 4) of one token chunk, in row groups of PAIR_ROWS x column tiles of
+ * pair_units(nv) units: each row block of the group runs the tile (its table slice stays in L1 across
+ * the group), partial sums in accs (PAIR_ROWS x nv vectors). */
+static T512BF void pair_bf16_512(const nmk_args *a, const __m512i *tab, int nv, int t0, int bc, int r0, int r1,
+                                 float *accs) {
+    const int nu = a->kp / 32, ut = pair_units(nv), rg = PAIR_ROWS;
+    for (int g0 = r0; g0 < r1; g0 += rg) {
+        const int g1 = g0 + rg < r1 ? g0 + rg : r1;
+        for (int u0 = 0; u0 < nu; u0 += ut) {
+            const int u1 = u0 + ut < nu ? u0 + ut : nu;
+            const int first = u0 == 0, last = u1 == nu;
+            for (int r = g0; r < g1; r += 4) {
+                /* Prefetch what this row block runs next: its next tile, or (after the last) the first
+                 * tile of the same block in the next row group. */
+                const char *pv = 0, *pm = 0;
+                const int64_t nr = last ? r + rg : r;
+                const int nu0 = last ? 0 : u1;
+                if (nr < r1) {
+                    pv = (const char *)((const uint16_t *)a->values + nr / 4 * BLOCK_VALS(a) + (int64_t)nu0 * 64);
+                    pm = (const char *)((const uint32_t *)a->mask + (nr / 4 * nu + nu0) * 4);
+                }
+                float *am = accs + (int64_t)(r - g0) * nv * 16;
+                switch (nv) {
+                    case 1: pair_bf16_1(a, tab, r, u0, u1, am, first, pv, pm); break;
+                    case 2: pair_bf16_2(a, tab, r, u0, u1, am, first, pv, pm); break;
+                    case 3: pair_bf16_3(a, tab, r, u0, u1, am, first, pv, pm); break;
+                    default: pair_bf16_4(a, tab, r, u0, u1, am, first, pv, pm); break;
+                }
+            }
+        }
+        /* y 16 rows at a time per token (see spmm_store_y) */
+        const int ge = g1 < a->rows ? g1 : a->rows;
+        for (int rb = g0; rb < ge; rb += 16) {
+            const int re = rb + 16 < ge ? rb + 16 : ge;
+            for (int t = 0; t < bc; t++) {
+                uint16_t *y = (uint16_t *)a->y + (int64_t)(t0 + t) * a->ldy;
+                for (int q = rb; q < re; q++) y[q] = f32_to_bf16(accs[(int64_t)(q - g0) * nv * 16 + t]);
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------- SpMM (AVX-512 and AVX2 variants)
  * XT[k][Bp] (fp32, Bp = tokens of this chunk rounded up to the vector width VW, NV = Bp / VW vectors).
  * For a k-block and a 4-row block, every kept weight w at column k does acc[row][v] += w * XT[k][v].
@@ -746,26 +896,28 @@ static void spmm_chunk(const nmk_args *a, int isa, float *XT, float *YT, int t0,
 }
 
 /* Which kernel a batch uses when kind == KIND_AUTO (see docs/kernels.md for the measurements). */
-static int auto_kind(int isa, int dtype, int batch, int p16) {
+static int auto_kind(int isa, int dtype, int batch, int p16, int m) {
     if (isa < ISA_AVX512) return KIND_SPMM;
     if (dtype == DT_BF16) {
         if (isa < ISA_AVX512BF16) return KIND_SPMM;
         /* Half density: the gather kernel from 2 tokens (4096x4096 2:4 cold: 1.1 vs 1.6 ms at 4
          * tokens, 2.4 vs 2.9 ms at 16); otherwise the expand GEMV, which beats the fp32-widening
          * SpMM at every batch measured (1:4, 16 tokens: 2.4 vs 2.8 ms; 64: 7.1 vs 8.1 ms). */
+        if (p16 == 8 && m == 4 && batch >= 13) return KIND_PAIR;
         return p16 == 8 && batch >= 2 ? KIND_GATHER : KIND_GEMV;
     }
     /* GEMV (dense products of expanded weights, 4 tokens per pass) vs SpMM (kept products only, one
      * broadcast per 16 tokens): the SpMM from 5 tokens (4096x4096 cold, 2:4: 2.9 vs 3.2 ms at 5
      * tokens, 3.1 vs 5.0 ms at 16; 1:4: 2.0 vs 2.1 ms at 5); at 4 the GEMV (2.0 vs ~3.0 ms). */
-    (void)p16;
+    (void)p16; (void)m;
     return batch <= 4 ? KIND_GEMV : KIND_SPMM;
 }
 
 /* y = x @ W^T. Returns 0 on success, -1 for an ISA this CPU lacks, -2 for bad arguments,
- * -3 when scratch memory cannot be allocated. isa: 0 portable, 1 avx2, 2 avx512, 3 avx512+bf16. */
+ * -3 when scratch memory cannot be allocated. isa: 0 portable, 1 avx2, 2 avx512, 3 avx512+bf16.
+ * m: the pattern's group size M (0 if unknown); the pair-table kernel needs 2:4 (p16 8, m 4). */
 int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *mask, int rows, int kp,
-               int p16, const void *x, int64_t ldx, int batch, void *y, int64_t ldy, int nthreads) {
+               int p16, int m, const void *x, int64_t ldx, int batch, void *y, int64_t ldy, int nthreads) {
     if (isa > nmk_best_isa()) return -1;
     if (rows <= 0 || kp <= 0 || kp % 32 || p16 < 1 || p16 > 16 || batch < 0 || ldx < kp || ldy < rows)
         return -2;
@@ -778,11 +930,12 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
     int64_t work = (int64_t)rows * (kp / 16) * p16 * batch;
     if (nth > 1 && work / nth < (1 << 20)) nth = (int)(work >> 20) > 1 ? (int)(work >> 20) : 1;
     if (nth > (rows + 3) / 4) nth = (rows + 3) / 4;
-    if (kind == KIND_AUTO) kind = auto_kind(isa, dtype, batch, p16);
+    if (kind == KIND_AUTO) kind = auto_kind(isa, dtype, batch, p16, m);
     if (kind == KIND_GEMV && (isa < ISA_AVX512 || (dtype == DT_BF16 && isa < ISA_AVX512BF16)))
         kind = KIND_SPMM;
-    if (kind == KIND_GATHER && !(dtype == DT_BF16 && isa >= ISA_AVX512BF16 && p16 == 8))
+    if ((kind == KIND_GATHER || kind == KIND_PAIR) && !(dtype == DT_BF16 && isa >= ISA_AVX512BF16 && p16 == 8))
         kind = KIND_SPMM;
+    if (kind == KIND_PAIR && m != 4) kind = KIND_GATHER; /* half density, but not groups of 4 */
     if (isa == ISA_PORTABLE) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -797,6 +950,49 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
         return 0;
     }
 #ifdef NMK_X86
+    if (kind == KIND_PAIR) {
+        /* Token chunks of at most PAIR_MAXV vectors, the vectors spread evenly (65 tokens: 48 + 17) */
+        const int nvt = (batch + 15) / 16, nc = (nvt + PAIR_MAXV - 1) / PAIR_MAXV, nvmax = (nvt + nc - 1) / nc;
+        const int nu = kp / 32;
+        __m512i *tab = (__m512i *)aligned_alloc(64, (size_t)nu * 48 * nvmax * 64);
+        float *accs = (float *)aligned_alloc(64, (size_t)nth * PAIR_ROWS * nvmax * 64);
+        if (!tab || !accs) {
+            free(tab);
+            free(accs);
+            return -3;
+        }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+        {
+            int tid = 0, n = 1;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+            n = omp_get_num_threads();
+#endif
+            int r0, r1;
+            thread_rows(rows, n, tid, &r0, &r1);
+            for (int ci = 0, t0 = 0; ci < nc; ci++) {
+                const int nv = nvt / nc + (ci < nvt % nc), bc = batch - t0 < 16 * nv ? batch - t0 : 16 * nv;
+                pair_table(&a, tab, nv, t0, bc, (int)((int64_t)nu * tid / n), (int)((int64_t)nu * (tid + 1) / n));
+#ifdef _OPENMP
+                if (n > 1) {
+#pragma omp barrier
+                }
+#endif
+                pair_bf16_512(&a, tab, nv, t0, bc, r0, r1, accs + (size_t)tid * PAIR_ROWS * nvmax * 16);
+#ifdef _OPENMP
+                if (n > 1) { /* the next chunk rewrites the table */
+#pragma omp barrier
+                }
+#endif
+                t0 += bc;
+            }
+        }
+        free(tab);
+        free(accs);
+        return 0;
+    }
     if (kind == KIND_GATHER) {
         const size_t per = gather_scratch(batch); /* vectors per thread */
         __m512i *scratch = (__m512i *)aligned_alloc(64, (size_t)nth * per * 64);
