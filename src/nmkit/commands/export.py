@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nmkit format only: zstd entropy-codes every tensor losslessly (byte planes; "
                              "~0.66x the uncoded nmkit file for bf16, decoded on load); default none")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--max-shard-size", default="4GiB",
+                        help="largest safetensors file before the output is sharded (HF style, with an index); "
+                             "export memory stays near this size. Default 4GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -31,13 +34,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    summary = export(args.dir, args.format, out, codec=args.codec)
+    summary = export(args.dir, args.format, out, codec=args.codec, max_shard_bytes=args.max_shard_size)
     if args.json:
         print(json.dumps(summary))
     else:
         line = f"exported {args.dir} -> {out} ({summary['format']}, {summary['bytes'] / 2**20:.1f} MiB"
         if "ratio" in summary:
             line += f", {summary['ratio']:.3f}x the dense tensors"
+        if summary.get("files", 1) > 1:
+            line += f", {summary['files']} shards"
         if summary.get("codec", "none") != "none":
             line += f", codec {summary['codec']}"
         print(line + ")")

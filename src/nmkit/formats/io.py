@@ -10,6 +10,9 @@ A pruned directory (``nmkit prune --out``) is a Hugging Face checkpoint with zer
   else is unchanged. The sidecar says ``"storage": "nmkit-compressed"``. :func:`load_compressed`
   returns a model with :class:`nmkit.nn.SparseLinear` layers. With ``codec="zstd"`` every tensor is
   stored byte-plane Zstandard coded (:mod:`nmkit.formats.codec`, lossless); readers here decode it.
+
+Exports stream tensor by tensor and write Hugging Face style shards (:mod:`nmkit.formats.checkpoint`),
+so their memory stays near one shard however large the model.
 * ``compressed-tensors-24``: ``P.compressed`` / ``P.bitmask`` / ``P.shape`` as compressed-tensors
   <= 0.14 wrote them (2:4 only, in % 8 == 0, out % 8 == 0, -0.0 normalised to +0.0), and the
   ``quantization_config.sparsity_config`` block in config.json.
@@ -22,14 +25,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from nmkit.errors import UserError
-from nmkit.formats import codec as tensor_codec
+from nmkit.formats.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    CheckpointReader,
+    ShardedWriter,
+    parse_size,
+)
+from nmkit.formats.codec import CODECS
 from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
 from nmkit.patterns import NM
 
@@ -37,7 +46,6 @@ SIDECAR = "nmkit.json"
 STORAGE_DENSE = "dense"
 STORAGE_NMKIT = "nmkit-compressed"
 FORMATS = ("dense", "nmkit", "compressed-tensors-24")
-WEIGHTS = "model.safetensors"
 CT_VERSION = "0.14.0"  # last compressed-tensors line that could read sparse-24-bitmask
 
 
@@ -50,37 +58,41 @@ def _read_sidecar(directory: Path) -> dict:
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"no *.safetensors files in {str(directory)!r}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            part = {k: fh.get_tensor(k) for k in fh.keys()}
-            table = tensor_codec.table_from_metadata(fh.metadata())
-        out.update(tensor_codec.decode(part, table) if table else part)
-    return out
+    return CheckpointReader(directory).read_all()
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Config, tokenizer and other small files; not the weights (written by the caller)."""
     for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in (SIDECAR, "model.safetensors.index.json"):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (SIDECAR, INDEX):
             shutil.copy2(f, dst / f.name)
+
+
+def _iter_pruned(directory: Path, sidecar: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, dense tensor)`` of a pruned directory one at a time; nmkit-compressed layers are
+    decompressed (zeros in place)."""
+    reader = CheckpointReader(directory)
+    if sidecar.get("storage") != STORAGE_NMKIT:
+        yield from reader.items()
+        return
+    parts = {f"{name}.weight_{kind}": name for name in sidecar["layers"] for kind in ("values", "mask")}
+    for key in reader.names():
+        name = parts.get(key)
+        if name is None:
+            yield key, reader.get(key)
+        elif key.endswith("_values"):  # the layer's weight, once, where its values are stored
+            layer = sidecar["layers"][name]
+            t = NMTensor(values=reader.get(key), mask=reader.get(f"{name}.weight_mask"),
+                         shape=tuple(layer["shape"]), pattern=NM.parse(layer["pattern"]))
+            t.validate()
+            yield f"{name}.weight", decompress(t)
 
 
 def read_pruned(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Dense tensors (zeros in place) and the sidecar of a pruned directory, dense or nmkit-compressed."""
     directory = Path(directory)
     sidecar = _read_sidecar(directory)
-    tensors = _read_tensors(directory)
-    if sidecar.get("storage") == STORAGE_NMKIT:
-        for name, layer in sidecar["layers"].items():
-            t = NMTensor(values=tensors.pop(f"{name}.weight_values"), mask=tensors.pop(f"{name}.weight_mask"),
-                         shape=tuple(layer["shape"]), pattern=NM.parse(layer["pattern"]))
-            t.validate()
-            tensors[f"{name}.weight"] = decompress(t)
-    return tensors, sidecar
+    return dict(_iter_pruned(directory, sidecar)), sidecar
 
 
 def _file_bytes(directory: Path) -> int:
@@ -92,51 +104,56 @@ def _write_sidecar(dst: Path, sidecar: dict, **changes) -> None:
     (dst / SIDECAR).write_text(json.dumps(body, indent=2) + "\n")
 
 
-def export_dense(src: str | Path, out: str | Path) -> dict:
-    """Zeros in place, one safetensors file, sidecar kept."""
+def export_dense(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Zeros in place, safetensors (sharded above ``max_shard_bytes``), sidecar kept."""
     src, out = Path(src), Path(out)
-    tensors, sidecar = read_pruned(src)
+    sidecar = _read_sidecar(src)
     out.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(out, {"format": "pt"}, max_shard_bytes=max_shard_bytes)
+    for name, t in _iter_pruned(src, sidecar):
+        writer.add(name, t)
+    files = writer.close()
     _copy_side_files(src, out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     _write_sidecar(out, sidecar, storage=STORAGE_DENSE)
-    return {"format": "dense", "bytes": _file_bytes(out)}
+    return {"format": "dense", "bytes": _file_bytes(out), "files": len(files)}
 
 
-def export_nmkit(src: str | Path, out: str | Path, codec: str = "none") -> dict:
+def export_nmkit(src: str | Path, out: str | Path, codec: str = "none",
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Compressed values + bitmask for every pruned layer; reports file size vs the dense tensors.
 
     ``codec="zstd"`` also entropy-codes every tensor (lossless; see :mod:`nmkit.formats.codec`).
     """
-    if codec not in tensor_codec.CODECS:
-        raise UserError(f"unknown codec {codec!r}; choose one of {', '.join(tensor_codec.CODECS)}")
     src, out = Path(src), Path(out)
-    tensors, sidecar = read_pruned(src)
-    dense_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
-    for name, layer in sidecar["layers"].items():
-        w = tensors.pop(f"{name}.weight")
-        t = compress(w, NM.parse(layer["pattern"]))
-        tensors[f"{name}.weight_values"] = t.values
-        tensors[f"{name}.weight_mask"] = t.mask
-    metadata = {"format": "pt", "nmkit": STORAGE_NMKIT}
-    if codec == "zstd":
-        tensors, table = tensor_codec.encode(tensors)
-        metadata[tensor_codec.METADATA_KEY] = json.dumps(table, separators=(",", ":"))
+    sidecar = _read_sidecar(src)
     out.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(out, {"format": "pt", "nmkit": STORAGE_NMKIT}, codec=codec,
+                           max_shard_bytes=max_shard_bytes)
+    pruned = {f"{name}.weight": layer for name, layer in sidecar["layers"].items()}
+    dense_bytes = 0
+    for key, w in _iter_pruned(src, sidecar):
+        dense_bytes += w.numel() * w.element_size()
+        layer = pruned.get(key)
+        if layer is None:
+            writer.add(key, w)
+            continue
+        t = compress(w, NM.parse(layer["pattern"]))
+        writer.add(f"{key}_values", t.values)
+        writer.add(f"{key}_mask", t.mask)
+    files = writer.close()
     _copy_side_files(src, out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata=metadata)
     _write_sidecar(out, sidecar, storage=STORAGE_NMKIT, codec=codec)
     size = _file_bytes(out)
     return {"format": "nmkit", "codec": codec, "bytes": size, "dense_bytes": dense_bytes,
-            "ratio": size / dense_bytes}
+            "ratio": size / dense_bytes, "files": len(files)}
 
 
-def _ct24_validate(name: str, w: torch.Tensor, pattern: str) -> None:
+def _ct24_validate(name: str, shape: tuple[int, ...], pattern: str) -> None:
     if pattern != "2:4":
         raise UserError(f"compressed-tensors-24 stores 2:4 only (keep 2 of every 4); layer {name} is {pattern}")
-    if w.dim() != 2:
-        raise UserError(f"compressed-tensors-24 needs 2-D weights; {name} has shape {tuple(w.shape)}")
-    rows, cols = w.shape
+    if len(shape) != 2:
+        raise UserError(f"compressed-tensors-24 needs 2-D weights; {name} has shape {tuple(shape)}")
+    rows, cols = shape
     if cols % 8 or rows % 8:
         raise UserError(f"compressed-tensors-24 (vLLM) needs in_features % 8 == 0 and out_features % 8 == 0; "
                         f"{name} has shape ({rows}, {cols})")
@@ -153,30 +170,35 @@ def _positive_zeros(w: torch.Tensor) -> torch.Tensor:
     return (bits * (bits != sign)).view(w.dtype)
 
 
-def export_ct24(src: str | Path, out: str | Path) -> dict:
+def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Legacy compressed-tensors ``sparse-24-bitmask`` (see module docstring and anchors.md section 9)."""
     src, out = Path(src), Path(out)
-    tensors, sidecar = read_pruned(src)
+    sidecar = _read_sidecar(src)
     layers = sidecar["layers"]
-    for name, layer in layers.items():
-        _ct24_validate(name, tensors[f"{name}.weight"], layer["pattern"])
+    for name, layer in layers.items():  # all checks before any work
+        _ct24_validate(name, tuple(layer["shape"]), layer["pattern"])
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(out, {"format": "pt"}, max_shard_bytes=max_shard_bytes)
+    pruned = {f"{name}.weight": name for name in layers}
     total = kept = 0
-    for name in layers:
-        w = tensors.pop(f"{name}.weight")
+    for key, w in _iter_pruned(src, sidecar):
+        name = pruned.get(key)
+        if name is None:
+            writer.add(key, w)
+            continue
         rows, cols = w.shape
         w = _positive_zeros(w)  # before ranking: vLLM produced garbage on -0.0
         t = compress(w, "2:4")  # exactly 2 kept per 4; zeros fill groups with fewer non-zeros
         # The canonical layout pads columns at the end of each row only (cols % 8 == 0 here), so the
         # legacy tensors are its first cols/2 values and cols/8 mask bytes of every row.
         values = t.values[:, : cols // 2]
-        tensors[f"{name}.compressed"] = values.contiguous()
-        tensors[f"{name}.bitmask"] = t.mask[:, : cols // 8].contiguous()
-        tensors[f"{name}.shape"] = torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1)
+        writer.add(f"{name}.compressed", values)
+        writer.add(f"{name}.bitmask", t.mask[:, : cols // 8])
+        writer.add(f"{name}.shape", torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1))
         total += w.numel()
         kept += int(torch.count_nonzero(values))  # every non-zero of w is a kept value
-    out.mkdir(parents=True, exist_ok=True)
+    files = writer.close()
     _copy_side_files(src, out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     cfg["quantization_config"] = {
@@ -194,7 +216,7 @@ def export_ct24(src: str | Path, out: str | Path) -> dict:
     }
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     _write_sidecar(out, sidecar, storage="compressed-tensors-24")
-    return {"format": "compressed-tensors-24", "bytes": _file_bytes(out)}
+    return {"format": "compressed-tensors-24", "bytes": _file_bytes(out), "files": len(files)}
 
 
 def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -211,14 +233,20 @@ def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none") -> dict:
+def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
+           max_shard_bytes: int | str = DEFAULT_SHARD_BYTES) -> dict:
     """Export a pruned directory to ``fmt`` (one of :data:`FORMATS`); returns a small summary.
 
-    Everything is written to a temporary directory beside ``out`` and renamed into place at the end,
-    so a failed or interrupted export leaves ``out`` as it was. An existing ``out`` is replaced.
+    Tensors stream through one at a time and are written in safetensors shards of at most
+    ``max_shard_bytes`` (uncoded), so memory stays near one shard. Everything is written to a
+    temporary directory beside ``out`` and renamed into place at the end, so a failed or
+    interrupted export leaves ``out`` as it was. An existing ``out`` is replaced.
     """
+    max_shard_bytes = parse_size(max_shard_bytes)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if codec not in CODECS:
+        raise UserError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     if codec != "none" and fmt != "nmkit":
         raise UserError(f"--codec {codec} applies to --format nmkit only ({fmt} keeps its standard layout "
                         "so other tools can read it)")
@@ -232,9 +260,10 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none") -> d
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
         if fmt == "nmkit":
-            summary = export_nmkit(src, tmp, codec=codec)
+            summary = export_nmkit(src, tmp, codec=codec, max_shard_bytes=max_shard_bytes)
         else:
-            summary = {"dense": export_dense, "compressed-tensors-24": export_ct24}[fmt](src, tmp)
+            fn = {"dense": export_dense, "compressed-tensors-24": export_ct24}[fmt]
+            summary = fn(src, tmp, max_shard_bytes=max_shard_bytes)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
