@@ -55,19 +55,19 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _bf16_copy(src: Path, dst: Path) -> None:
+def _cast_copy(src: Path, dst: Path, dtype: str) -> None:
     if (dst / SIDECAR).is_file():
         return
     from safetensors.torch import save_file
 
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in _read_tensors(src).items()}
+    tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in _read_tensors(src).items()}
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, dst / f.name)
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -154,7 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path, help="a pruned directory written by `nmkit prune` (fp32)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nmkit-storage"))
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--no-load", action="store_true",
                     help="skip the load timing (nmkit.load builds causal LMs; use this for encoders)")
@@ -163,9 +163,9 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         src = args.src
-        if dtype == "bfloat16":
-            src = args.work / "src-bf16"
-            _bf16_copy(args.src, src)
+        if dtype != "float32":  # a cast copy of the (fp32) source
+            src = args.work / f"src-{dtype}"
+            _cast_copy(args.src, src, dtype)
         rows += run(src, args.work, dtype, load=not args.no_load)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
