@@ -902,7 +902,12 @@ static int auto_kind(int isa, int dtype, int batch, int p16, int m) {
         if (isa < ISA_AVX512BF16) return KIND_SPMM;
         /* Half density: the gather kernel from 2 tokens (4096x4096 2:4 cold: 1.1 vs 1.6 ms at 4
          * tokens, 2.4 vs 2.9 ms at 16); otherwise the expand GEMV, which beats the fp32-widening
-         * SpMM at every batch measured (1:4, 16 tokens: 2.4 vs 2.8 ms; 64: 7.1 vs 8.1 ms). */
+         * SpMM at every batch measured (1:4, 16 tokens: 2.4 vs 2.8 ms; 64: 7.1 vs 8.1 ms).
+         * 2:4 from 13 tokens: the pair-table kernel, whose time is flat up to 16 tokens (one token
+         * vector) while the gather kernel's grows with the batch. Cold, 1 thread, gather vs pair,
+         * ms for 2048x2048 / 4096x4096 / 11008x4096: 12 tokens 0.44/1.63/4.57 vs 0.46/1.72/4.56,
+         * 14: 0.49/1.87/5.06 vs 0.46/1.73/4.49, 32: 0.95/3.74/9.90 vs 0.64/2.41/6.74, 64:
+         * 1.77/6.76/18.1 vs 1.18/4.42/12.2, 128: 3.48/13.1/34.4 vs 2.31/8.67/23.7. */
         if (p16 == 8 && m == 4 && batch >= 13) return KIND_PAIR;
         return p16 == 8 && batch >= 2 ? KIND_GATHER : KIND_GEMV;
     }
@@ -954,7 +959,8 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
         /* Token chunks of at most PAIR_MAXV vectors, the vectors spread evenly (65 tokens: 48 + 17) */
         const int nvt = (batch + 15) / 16, nc = (nvt + PAIR_MAXV - 1) / PAIR_MAXV, nvmax = (nvt + nc - 1) / nc;
         const int nu = kp / 32;
-        __m512i *tab = (__m512i *)aligned_alloc(64, (size_t)nu * 48 * nvmax * 64);
+        const size_t tabv = (size_t)nu * 48 * nvmax; /* table vectors per thread */
+        __m512i *tab = (__m512i *)aligned_alloc(64, (size_t)nth * tabv * 64);
         float *accs = (float *)aligned_alloc(64, (size_t)nth * PAIR_ROWS * nvmax * 64);
         if (!tab || !accs) {
             free(tab);
@@ -974,18 +980,12 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
             thread_rows(rows, n, tid, &r0, &r1);
             for (int ci = 0, t0 = 0; ci < nc; ci++) {
                 const int nv = nvt / nc + (ci < nvt % nc), bc = batch - t0 < 16 * nv ? batch - t0 : 16 * nv;
-                pair_table(&a, tab, nv, t0, bc, (int)((int64_t)nu * tid / n), (int)((int64_t)nu * (tid + 1) / n));
-#ifdef _OPENMP
-                if (n > 1) {
-#pragma omp barrier
-                }
-#endif
-                pair_bf16_512(&a, tab, nv, t0, bc, r0, r1, accs + (size_t)tid * PAIR_ROWS * nvmax * 16);
-#ifdef _OPENMP
-                if (n > 1) { /* the next chunk rewrites the table */
-#pragma omp barrier
-                }
-#endif
+                /* Each thread builds its own table: the build is cheap (~3 values per column and
+                 * token), each core then reads it from its own L2, and no barrier waits for a
+                 * preempted thread. */
+                __m512i *tt = tab + (size_t)tid * tabv;
+                pair_table(&a, tt, nv, t0, bc, 0, nu);
+                pair_bf16_512(&a, tt, nv, t0, bc, r0, r1, accs + (size_t)tid * PAIR_ROWS * nvmax * 16);
                 t0 += bc;
             }
         }
