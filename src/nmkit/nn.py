@@ -37,13 +37,22 @@ def _(x, values, mask, out_features, in_features, keep, group):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _auto_dense_from(pattern: NM, dtype: torch.dtype) -> int | None:
+    """Batch from which dense bf16 ``F.linear`` wins by default (see :class:`SparseLinear`)."""
+    if dtype != torch.bfloat16:
+        return None
+    return 128 if (pattern.keep, pattern.group) == (2, 4) else 32
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W kept as N:M values + bitmask in the kernel layout.
 
     ``dense_from_batch``: at this many tokens or more, decompress (one native pass) and use dense
-    ``F.linear``. :func:`compress` sets it from its measurement; ``"auto"`` means 32 for bf16
-    (on the development machine torch's bf16 GEMM beat our bf16 kernels from ~32 tokens: 4096x4096
-    2:4 ran 1.3x faster sparse at 16 tokens, 0.85x at 64) and never for fp32.
+    ``F.linear``. :func:`compress` sets it from its measurement. ``"auto"`` means never for fp32,
+    128 for bf16 2:4 and 32 for other bf16 patterns. Those are where torch's bf16 GEMM overtook our
+    bf16 kernels on the development machine (1 thread). 2:4 has the pair-table kernel: 1.3x at 64
+    tokens on 4096x4096, 0.9-1.0x at 128 on SmolLM2's layers. Other patterns have the gather or
+    GEMV kernel: 4096x4096 4:8 went from 1.3x at 16 tokens to 0.85x at 64.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: NM | str, bias: bool = True,
@@ -52,7 +61,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.pattern = NM.parse(pattern)
         if dense_from_batch == "auto":
-            dense_from_batch = 32 if dtype == torch.bfloat16 else None
+            dense_from_batch = _auto_dense_from(self.pattern, dtype)
         self.dense_from_batch = dense_from_batch
         shell = zeros_blocked((out_features, in_features), self.pattern, dtype=dtype)
         self.register_buffer("values", shell.values)
@@ -258,9 +267,10 @@ def compress(
     dense won at every larger measured size (there it decompresses and runs dense). Without
     ``measure`` every valid layer is swapped. ``fallback="keep"`` (default) keeps a dense copy of
     the weight in layers that fall back, so large batches run at dense speed, at the cost of that
-    memory (in practice: bf16 layers, whose kernels lose from ~32 tokens on). ``"decompress"`` keeps
-    only the compressed weight and decompresses per call: measured 1.5-2x slower than dense on
-    SmolLM2-sized layers and up to 8x on an 11008x4096 layer (page faults on a fresh 90 MB buffer).
+    memory (in practice: bf16 layers at large batches, e.g. SmolLM2's 2:4 layers from ~128
+    tokens). ``"decompress"`` keeps only the compressed weight and decompresses per call: measured
+    1.5-2x slower than dense on SmolLM2-sized layers and up to 8x on an 11008x4096 layer (page
+    faults on a fresh 90 MB buffer).
     """
     if fallback not in ("decompress", "keep"):
         raise ValueError(f"fallback must be 'decompress' or 'keep', got {fallback!r}")
