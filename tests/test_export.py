@@ -218,3 +218,14 @@ def test_shard_size_errors(tmp_path):
     for bad in ("lots", "0", "5 parsecs"):
         with pytest.raises(UserError, match="size"):
             parse_size(bad)
+
+
+def test_inspect_reads_every_export(tmp_path):
+    """`nmkit inspect` sees the same valid masks in coded and sharded nmkit directories."""
+    from nmkit.inspect import inspect_directory
+
+    src, _ = _pruned_dir(tmp_path)
+    export(src, "nmkit", tmp_path / "z", codec="zstd", max_shard_bytes="40KB")
+    rows = inspect_directory(tmp_path / "z")
+    assert rows and all(r["valid"] for r in rows)
+    assert [r["sparsity"] for r in rows] == [r["sparsity"] for r in inspect_directory(src)]

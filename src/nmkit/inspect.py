@@ -2,48 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from nmkit import sidecar
 from nmkit.errors import UserError
+from nmkit.formats.checkpoint import CheckpointReader
 from nmkit.patterns import summarize
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Map tensor name -> safetensors file (single file or sharded with an index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: directory / v for k, v in weight_map.items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise UserError(f"{str(directory)!r} has no model.safetensors (or index); was it saved by `nmkit prune`?")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
-def _stored_weight(files: dict[str, Path], name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
+def _stored_weight(reader: CheckpointReader, name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
     """The layer's weight as stored: dense, or decompressed from nmkit's values + bitmask."""
     if meta.get("storage") == "nmkit-compressed":
         from nmkit.formats.nm import NMTensor, decompress
         from nmkit.patterns import NM
 
         keys = (f"{name}.weight_values", f"{name}.weight_mask")
-        if not all(k in files for k in keys):
+        if not all(k in reader for k in keys):
             raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but not stored compressed")
-        with safe_open(files[keys[0]], framework="pt") as f:
-            values, mask = f.get_tensor(keys[0]), f.get_tensor(keys[1])
-        return decompress(NMTensor(values=values, mask=mask, shape=tuple(layer["shape"]),
-                                   pattern=NM.parse(layer["pattern"])))
+        t = NMTensor(values=reader.get(keys[0]), mask=reader.get(keys[1]), shape=tuple(layer["shape"]),
+                     pattern=NM.parse(layer["pattern"]))
+        t.validate()
+        return decompress(t)
     key = f"{name}.weight"
-    if key not in files:
+    if key not in reader:
         raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but {key} is not stored")
-    with safe_open(files[key], framework="pt") as f:
-        return f.get_tensor(key)
+    return reader.get(key)
 
 
 def inspect_directory(directory: str | Path) -> list[dict]:
@@ -52,10 +37,10 @@ def inspect_directory(directory: str | Path) -> list[dict]:
     if not directory.is_dir():
         raise UserError(f"{str(directory)!r} is not a directory")
     meta = sidecar.read(directory)
-    files = _weight_files(directory)
+    reader = CheckpointReader(directory)  # single file or shards, codec-coded or not
     rows = []
     for name, layer in meta["layers"].items():
-        weight = _stored_weight(files, name, layer, meta, directory)
+        weight = _stored_weight(reader, name, layer, meta, directory)
         info = summarize(weight, layer["pattern"], dim=layer.get("dim", -1), tail=meta.get("tail", "error"))
         rows.append({"name": name, **info})
     return rows
