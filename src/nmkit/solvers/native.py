@@ -41,6 +41,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.nms_stripe_pairs.argtypes = [p, i64, i64, i, i, p, ctypes.c_double, ctypes.c_uint64, i, i, p]
     lib.nms_stripe_converge.restype = i
     lib.nms_stripe_converge.argtypes = [p, i64, i64, i, i, p, i, ctypes.c_double, i, p]
+    lib.nms_stripe_assign.restype = i
+    d, u64 = ctypes.c_double, ctypes.c_uint64
+    lib.nms_stripe_assign.argtypes = [p, i64, i64, i, i, p, d, u64, d, i, i, i, p]
     return lib
 
 
@@ -116,3 +119,21 @@ def stripe_converge(
     if rc != 0:
         raise ValueError(f"compiled stripe search rejected {tuple(xt.shape)} for {n}:{m}, k={k} (rc {rc})")
     return int(moves.value)
+
+
+def stripe_assign(
+    xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, seconds: float, seed: int = 0, noise: float = 0.0,
+    max_rounds: int = 1 << 30, max_stale: int = 1 << 30, threads: int | None = None,
+) -> int:
+    """Column reassignment rounds (M <= 4, N < M), in place like :func:`stripe_pairs`: each round takes
+    one random column out of every stripe and puts them all back by an exact linear assignment (the best
+    of all ways, so never worse). Stops after ``seconds``, ``max_rounds`` rounds or ``max_stale`` rounds
+    in a row without a gain; returns the number of columns moved."""
+    lib = _stripe_lib("stripe_assign", xt, perm)
+    moved = ctypes.c_int64(0)
+    nt = threads if threads is not None else torch.get_num_threads()
+    rc = lib.nms_stripe_assign(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), float(seconds),
+                               seed & (2**64 - 1), float(noise), max_rounds, max_stale, nt, ctypes.byref(moved))
+    if rc != 0:
+        raise ValueError(f"compiled column reassignment rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
+    return int(moved.value)

@@ -8,9 +8,11 @@ Search ("stripe groups"): a stripe is one group of M columns. For a set of k str
 redistribute their k*M columns into k stripes is scored at once (35 ways for two 2:4 stripes,
 5,775 for three), batched over many stripe sets with torch; the best non-overlapping improvements
 are applied and the search repeats. Small matrices evaluate all stripe pairs, then all triples, then
-spend the rest of the time budget on perturb-and-reoptimise escapes; large matrices pair stripes at
-random each round (all pairs are disjoint, so every round improves every stripe pair optimally;
-compiled in ``csrc/nmkit_solvers.c`` for M <= 4).
+spend the rest of the time budget on perturb-and-reoptimise escapes. Larger matrices (compiled in
+``csrc/nmkit_solvers.c`` for M <= 4) alternate annealed column-reassignment rounds (one column out of
+every stripe, all put back at once by an exact linear assignment) with rounds of random stripe pairs
+(all pairs disjoint, every pair re-split optimally); without the compiled library they pair stripes at
+random on a row sample.
 
 Quality metric ``efficacy``: the share of the gap between plain N:M and row-wise unstructured
 pruning at the same density that the permutation closes (100% = as good as unstructured per row).
@@ -28,9 +30,12 @@ import torch
 
 from nmkit.patterns import NM, PatternError
 
-_TRIPLES_MAX_STRIPES = 16  # auto: all stripe triples up to here (560 triples), then all pairs
-_PAIRS_MAX_STRIPES = 32  # ... up to here (496 pairs); random stripe pairing above
+_TRIPLES_MAX_STRIPES = 16  # auto: all stripe triples up to here (560 triples), then column reassignment
+_PAIRS_MAX_STRIPES = 32  # ... or, without the compiled library, all pairs up to here (496 pairs), then random pairs
 _TEMP = 2e-4
+_NOISE = 0.2  # column reassignment: initial noise amplitude / (sqrt(rows) x mean score)
+_ANNEAL_FRAC = 0.8  # ... decaying to zero over this share of the budget (or of max_escapes rounds)
+_ASSIGN_ROUNDS = 5  # reassignment rounds between two random stripe-pair rounds
 
 
 @dataclass
@@ -299,31 +304,50 @@ def _native_ok() -> bool:
 
 
 def _native_random_pairs(
-    xt: torch.Tensor, perm: torch.Tensor, p: NM, deadline: float, seed: int, gen: torch.Generator
+    xt: torch.Tensor, perm: torch.Tensor, p: NM, deadline: float, seed: int, max_anneal: int | None
 ) -> int:
-    """Compiled random stripe pairing on all rows (every pair split optimally) until it stalls, then
-    escapes: a few random column swaps between stripes and re-convergence, keeping the best layout."""
+    """Compiled search for large matrices: annealed column-reassignment rounds, each followed by one round
+    of random stripe pairs, then the same moves without noise until they stop gaining (or the deadline).
+
+    A reassignment round takes one random column out of every stripe and puts them all back by an exact
+    linear assignment (``native.stripe_assign``): long exchange cycles over all stripes at once, which
+    pair moves cannot make. Uniform noise on the assignment scores, decaying linearly to zero, lets
+    early rounds accept small losses. The noise decays over ``_ANNEAL_FRAC`` of the time budget, or, with
+    ``max_anneal`` set, of that many rounds (then the result does not depend on timing; 0: no annealing,
+    plain convergence). Returns the number of rounds; never ends below the starting layout."""
     from nmkit.solvers import native
 
-    c = xt.shape[0]
-    stripes = c // p.group
-    native.stripe_pairs(xt, perm, p.keep, p.group, max(deadline - time.perf_counter(), 0.0), seed=seed)
-    best_kept, best = kept_by_nm(xt.T, p), (xt.clone(), perm.clone())
-    tries = 0
-    while time.perf_counter() < deadline:
-        tries += 1
-        for _ in range(1 + tries % 3):
-            _swap_rows(xt, perm, *_random_column_pair(stripes, p.group, gen))
-        native.stripe_pairs(xt, perm, p.keep, p.group, max(deadline - time.perf_counter(), 0.0), seed=seed + tries)
-        kept = kept_by_nm(xt.T, p)
-        if kept > best_kept:
-            best_kept, best = kept, (xt.clone(), perm.clone())
-        else:
-            xt.copy_(best[0])
-            perm.copy_(best[1])
-    xt.copy_(best[0])
-    perm.copy_(best[1])
-    return tries
+    n, m = p.keep, p.group
+    start = time.perf_counter()
+    span = max(deadline - start, 1e-9)
+    start_kept, start_state = kept_by_nm(xt.T, p), (xt.clone(), perm.clone())
+    noise0 = _NOISE * math.sqrt(xt.shape[1]) * float(xt.mean())
+    rounds = 0
+
+    def left() -> float:
+        return max(deadline - time.perf_counter(), 0.0)
+
+    def sub_seed() -> int:
+        return (seed * 1_000_003 + rounds) & (2**63 - 1)
+
+    while left() > 0 and (max_anneal is None or rounds < max_anneal):
+        frac = rounds / max_anneal if max_anneal is not None else 1.0 - left() / span
+        noise = noise0 * (1.0 - frac / _ANNEAL_FRAC)
+        if noise <= 0:
+            break
+        native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), noise=noise, max_rounds=_ASSIGN_ROUNDS)
+        native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=1)
+        rounds += 1
+    while left() > 0:  # greedy: until neither move finds a gain in 3 rounds in a row
+        moved = native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3)
+        pair_rounds = native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3)
+        rounds += 1
+        if moved == 0 and pair_rounds <= 3:
+            break
+    if kept_by_nm(xt.T, p) < start_kept:  # only possible if the deadline cut the annealing short
+        xt.copy_(start_state[0])
+        perm.copy_(start_state[1])
+    return rounds
 
 
 def _native_stripe_search(
@@ -385,17 +409,20 @@ def permute_channels(
     """Find a column permutation ``perm`` so that N:M on ``scores[:, perm]`` keeps more score.
 
     ``scores`` (rows, cols) non-negative importance (e.g. ``|W|`` or Wanda scores), groups along
-    the last dim. ``method``: ``"auto"`` (exhaustive stripe pairs/triples plus escapes for small
-    matrices, random stripe pairing for large ones), ``"pairs"``, ``"triples"`` or ``"random_pairs"``
-    (for M > 4 a stripe-pair move is the best single column swap, as redistributing 2M columns
-    exhaustively is too costly).
+    the last dim. ``method``: ``"auto"`` (exhaustive stripe triples plus escapes up to 16 stripes,
+    ``random_pairs`` above), ``"pairs"``, ``"triples"`` or ``"random_pairs"`` (for M > 4 a
+    stripe-pair move is the best single column swap, as redistributing 2M columns exhaustively is too
+    costly).
     Stops at ``time_budget_s`` or after ``max_escapes`` perturb-and-repolish rounds (None: until
-    the budget); the result is always at least as good as the identity. ``random_pairs`` proposes
-    moves on a fresh random sample of ``sample_rows`` rows each round (16x cheaper on 4096 rows) and
-    applies only those whose exact gain over all rows is positive; with the compiled solvers (M <= 4)
-    it scores every pair on all rows in C instead (~40x more rounds) and spends the rest of the budget
-    on escapes. Seeded, so repeatable
-    for a given budget (the number of escapes that fit in the budget varies with machine load).
+    the budget); the result is always at least as good as the identity. With the compiled solvers
+    (M <= 4) ``random_pairs`` alternates annealed column-reassignment rounds (a random column out of
+    every stripe, all put back by an exact linear assignment over all rows) with rounds of random stripe
+    pairs split optimally, then converges without noise; the annealing spans the time budget, or with
+    ``max_escapes`` set, that many rounds (0: no annealing), so the result does not depend on timing
+    unless the deadline cuts the search. Without them it
+    proposes pair moves on a fresh random sample of ``sample_rows`` rows each round and applies only
+    those whose exact gain over all rows is positive. Seeded, so repeatable for a given budget (the
+    number of rounds or escapes that fit in the budget varies with machine load).
     """
     start = time.perf_counter()
     p = NM.parse(pattern)
@@ -417,7 +444,7 @@ def permute_channels(
     if method == "auto":
         if m <= 4 and stripes <= _TRIPLES_MAX_STRIPES:
             method = "triples"
-        elif m <= 4 and stripes <= _PAIRS_MAX_STRIPES:
+        elif m <= 4 and stripes <= _PAIRS_MAX_STRIPES and not _native_ok():
             method = "pairs"
         else:
             method = "random_pairs"
@@ -430,10 +457,10 @@ def permute_channels(
 
     if method == "random_pairs":
         if m <= 4 and _native_ok():
-            tries = _native_random_pairs(xt, perm, p, deadline, seed, gen)
+            rounds = _native_random_pairs(xt, perm, p, deadline, seed, max_escapes)
             kept = kept_by_nm(xt.T, p)
             took = time.perf_counter() - start
-            return PermutationResult(perm, kept, kept_default, kept_rows, took, f"random_pairs[C]+escapes({tries})")
+            return PermutationResult(perm, kept, kept_default, kept_rows, took, f"random_pairs[C]+assign({rounds})")
         _random_pairs(xt, perm, n, m, tol, deadline, gen, sample_rows)
         kept = kept_by_nm(xt.T, p)
         return PermutationResult(perm, kept, kept_default, kept_rows, time.perf_counter() - start, method)

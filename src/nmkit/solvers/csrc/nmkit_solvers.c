@@ -643,3 +643,297 @@ int nms_stripe_converge(float *xt, int64_t cols, int64_t rows, int n, int m, int
     if (moves_out) *moves_out = moves;
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Column reassignment by linear assignment (large matrices). Take one column out of every stripe (a
+ * random position per stripe); each stripe keeps a "core" of M-1 columns. Putting column x back into
+ * core b keeps, per row, topN(core) + max(0, x - t_b) with t_b the N-th largest core value (N < M),
+ * so the score of an assignment of the taken-out columns to the cores is a sum of independent terms
+ * G[a][b] = sum_r max(x_a[r], t_b[r]) (+ constants). The best reassignment of all columns at once is
+ * a linear assignment problem (S x S for S stripes), solved exactly (shortest augmenting paths with
+ * potentials); the current layout is one feasible assignment, so a round never loses score. One
+ * round moves columns along arbitrary long exchange cycles, which stripe-pair moves cannot.
+ * ------------------------------------------------------------------------------------------------ */
+
+/* N-th largest (1-based) of k <= 3 values, per row. */
+static inline float nth_of3(float a, float b, float c, int k, int n) {
+    if (k == 1) return a;
+    float hi = a > b ? a : b, lo = a > b ? b : a;
+    if (k == 2) return n == 1 ? hi : lo;
+    float top = hi > c ? hi : c, mid = hi > c ? (lo > c ? lo : c) : hi, bot = lo < c ? lo : c;
+    return n == 1 ? top : (n == 2 ? mid : bot);
+}
+
+/* out[r] = the n-th largest of the k <= 3 core values of row r (the median for 2:4). */
+NMS_CLONES static void core_threshold(const float *c0, const float *c1, const float *c2, int64_t len, int k, int n,
+                                      float *out) {
+    if (k == 3 && n == 2) {
+        for (int64_t r = 0; r < len; r++) {
+            float a = c0[r], b = c1[r], c = c2[r], hi = a > b ? a : b, lo = a > b ? b : a;
+            float m2 = hi < c ? hi : c;
+            out[r] = lo > m2 ? lo : m2;
+        }
+        return;
+    }
+    for (int64_t r = 0; r < len; r++) out[r] = nth_of3(c0[r], c1[r], c2[r], k, n);
+}
+
+/* G[a][b] += sum over rows r0..r1 of max(x_a, t_b), for a in [a0, a1), all b; 4 x 4 register tiles. */
+NMS_CLONES static void assign_gain_block(const float *x, const float *t, int64_t ld, int64_t s, int64_t a0, int64_t a1,
+                                         int64_t r0, int64_t r1, double *g) {
+    const int64_t bc = 32; /* cores per chunk: 32 x 256 rows stay in L1 */
+    for (int64_t b0 = 0; b0 < s; b0 += bc) {
+        int64_t b1 = b0 + bc < s ? b0 + bc : s;
+        for (int64_t a = a0; a < a1; a += 4) {
+            const float *x0 = x + a * ld, *x1 = x + (a + 1 < s ? a + 1 : a) * ld;
+            const float *x2 = x + (a + 2 < s ? a + 2 : a) * ld, *x3 = x + (a + 3 < s ? a + 3 : a) * ld;
+            for (int64_t b = b0; b < b1; b += 4) {
+                const float *t0 = t + b * ld, *t1 = t + (b + 1 < s ? b + 1 : b) * ld;
+                const float *t2 = t + (b + 2 < s ? b + 2 : b) * ld, *t3 = t + (b + 3 < s ? b + 3 : b) * ld;
+                float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+                float s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+                for (int64_t r = r0; r < r1; r++) {
+                    float xa = x0[r], xb = x1[r], xc = x2[r], xd = x3[r];
+                    float ta = t0[r], tb = t1[r], tc = t2[r], td = t3[r];
+#define MX(p, q) ((p) > (q) ? (p) : (q))
+                    s00 += MX(xa, ta); s01 += MX(xa, tb); s02 += MX(xa, tc); s03 += MX(xa, td);
+                    s10 += MX(xb, ta); s11 += MX(xb, tb); s12 += MX(xb, tc); s13 += MX(xb, td);
+                    s20 += MX(xc, ta); s21 += MX(xc, tb); s22 += MX(xc, tc); s23 += MX(xc, td);
+                    s30 += MX(xd, ta); s31 += MX(xd, tb); s32 += MX(xd, tc); s33 += MX(xd, td);
+#undef MX
+                }
+                float acc[4][4] = {
+                    {s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+                for (int i = 0; i < 4 && a + i < s; i++)
+                    for (int j = 0; j < 4 && b + j < s; j++) g[(a + i) * s + b + j] += (double)acc[i][j];
+            }
+        }
+    }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define NMS_HAVE_AVX512 1
+/* AVX-512 version with the cores along the vector lanes (tT is rows x sp, sp = s padded to 64 with
+ * -inf): x_a[r] is broadcast and 4 taken-out columns x 64 cores accumulate in 16 registers over a
+ * block of rows, so no horizontal sums are needed. Same sums as the portable version, other order. */
+__attribute__((target("avx512f"))) static void assign_gain_avx512(const float *x, const float *tT, int64_t rows,
+                                                                  int64_t s, int64_t sp, int64_t a0, int64_t a1,
+                                                                  int64_t r0, int64_t r1, double *g) {
+    for (int64_t b0 = 0; b0 < sp; b0 += 64) {
+        for (int64_t a = a0; a < a1; a += 4) {
+            const float *xs[4];
+            for (int i = 0; i < 4; i++) xs[i] = x + (a + i < s ? a + i : a) * rows;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            for (int64_t r = r0; r < r1; r++) {
+                const float *tr = tT + r * sp + b0;
+                __m512 t0 = _mm512_loadu_ps(tr), t1 = _mm512_loadu_ps(tr + 16);
+                __m512 t2 = _mm512_loadu_ps(tr + 32), t3 = _mm512_loadu_ps(tr + 48);
+                for (int i = 0; i < 4; i++) {
+                    __m512 xi = _mm512_set1_ps(xs[i][r]);
+                    acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_max_ps(xi, t0));
+                    acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_max_ps(xi, t1));
+                    acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_max_ps(xi, t2));
+                    acc[i][3] = _mm512_add_ps(acc[i][3], _mm512_max_ps(xi, t3));
+                }
+            }
+            for (int i = 0; i < 4 && a + i < s; i++) {
+                double *gi = g + (a + i) * s;
+                for (int j = 0; j < 4; j++) {
+                    float v[16];
+                    _mm512_storeu_ps(v, acc[i][j]);
+                    for (int l = 0; l < 16; l++) {
+                        int64_t b = b0 + 16 * j + l;
+                        if (b < s) gi[b] += (double)v[l];
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* Maximum-weight perfect assignment on the n x n matrix g (row a -> column col_of[a]), as shortest
+ * augmenting paths with potentials on costs -g (Hungarian / Jonker-Volgenant, O(n^3) worst case, far
+ * less in practice). Rows start on a tight greedy matching after column and row reduction, so only the
+ * rest need a search. Returns 0, or 1 if the deadline passed first (col_of is then untouched). */
+static int lap_max(const double *g, int64_t n, int64_t *col_of, double deadline) {
+    double *u = (double *)malloc(sizeof(double) * (size_t)n), *v = (double *)malloc(sizeof(double) * (size_t)n);
+    double *spc = (double *)malloc(sizeof(double) * (size_t)n);
+    size_t ni = sizeof(int64_t) * (size_t)n;
+    int64_t *row4col = (int64_t *)malloc(ni), *col4row = (int64_t *)malloc(ni), *path = (int64_t *)malloc(ni);
+    int64_t *remaining = (int64_t *)malloc(ni), *sr = (int64_t *)malloc(ni), *sc = (int64_t *)malloc(ni);
+    int rc = 0;
+    if (!u || !v || !spc || !row4col || !col4row || !path || !remaining || !sr || !sc) { rc = -2; goto out; }
+    for (int64_t j = 0; j < n; j++) { v[j] = INFINITY; row4col[j] = -1; }
+    for (int64_t i = 0; i < n; i++) { /* column reduction: v[j] = min_i cost(i, j) */
+        const double *gi = g + i * n;
+        for (int64_t j = 0; j < n; j++) v[j] = -gi[j] < v[j] ? -gi[j] : v[j];
+    }
+    for (int64_t i = 0; i < n; i++) { /* row reduction; keep a tight free column if there is one */
+        const double *gi = g + i * n;
+        double mn = INFINITY;
+        int64_t arg = -1;
+        for (int64_t j = 0; j < n; j++) {
+            double c = -gi[j] - v[j];
+            if (c < mn || (c == mn && row4col[arg] >= 0 && row4col[j] < 0)) { mn = c; arg = j; }
+        }
+        u[i] = mn;
+        col4row[i] = -1;
+        if (row4col[arg] < 0) { row4col[arg] = i; col4row[i] = arg; }
+    }
+    for (int64_t cur = 0; cur < n; cur++) {
+        if (col4row[cur] >= 0) continue;
+        if (omp_get_wtime() > deadline) { rc = 1; goto out; }
+        /* Dijkstra from row cur over reduced costs (all >= 0); stops at the first free column */
+        int64_t nrem = n, nsr = 0, nsc = 0, i = cur, sink = -1;
+        double minval = 0.0;
+        for (int64_t j = 0; j < n; j++) { remaining[j] = n - 1 - j; spc[j] = INFINITY; }
+        while (sink < 0) {
+            sr[nsr++] = i;
+            const double *gi = g + i * n;
+            double lowest = INFINITY, base = minval - u[i];
+            int64_t idx = -1;
+            for (int64_t it = 0; it < nrem; it++) {
+                int64_t j = remaining[it];
+                double r = base - gi[j] - v[j];
+                if (r < spc[j]) { path[j] = i; spc[j] = r; }
+                if (spc[j] < lowest || (spc[j] == lowest && row4col[j] < 0)) { lowest = spc[j]; idx = it; }
+            }
+            minval = lowest;
+            int64_t j = remaining[idx];
+            if (row4col[j] < 0) sink = j; else i = row4col[j];
+            sc[nsc++] = j;
+            remaining[idx] = remaining[--nrem];
+        }
+        u[cur] += minval;
+        for (int64_t q = 0; q < nsr; q++) if (sr[q] != cur) u[sr[q]] += minval - spc[col4row[sr[q]]];
+        for (int64_t q = 0; q < nsc; q++) v[sc[q]] -= minval - spc[sc[q]];
+        for (int64_t j = sink;;) { /* augment along the path */
+            int64_t r = path[j];
+            row4col[j] = r;
+            int64_t prev = col4row[r];
+            col4row[r] = j;
+            if (r == cur) break;
+            j = prev;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) col_of[i] = col4row[i];
+out:
+    free(u); free(v); free(spc); free(row4col); free(col4row); free(path); free(remaining); free(sr); free(sc);
+    return rc;
+}
+
+/* Rounds of column reassignment (see above) until `seconds` pass, `max_rounds` rounds ran or
+ * `max_stale` rounds in a row moved nothing. `noise` > 0 adds uniform noise of that amplitude to every
+ * G entry before the assignment (an annealing step: the round may then lose score). xt (cols, rows) and
+ * perm are permuted in place; moved_out gets the number of columns moved. */
+int nms_stripe_assign(float *xt, int64_t cols, int64_t rows, int n, int m, int64_t *perm, double seconds,
+                      uint64_t seed, double noise, int max_rounds, int max_stale, int threads, int64_t *moved_out) {
+    if (m < 2 || m > 4 || n < 1 || n >= m || cols % m || cols / m < 2 || rows < 1) return -1;
+    int64_t s = cols / m, sp = (s + 63) / 64 * 64;
+    if (s > 20000) return -3;
+    int wide = 0;
+#ifdef NMS_HAVE_AVX512
+    __builtin_cpu_init();
+    /* NMKIT_SOLVERS_PORTABLE=1 forces the portable kernel (tests compare the two) */
+    wide = __builtin_cpu_supports("avx512f") && !getenv("NMKIT_SOLVERS_PORTABLE");
+#endif
+    float *x = (float *)malloc(sizeof(float) * (size_t)s * (size_t)rows);
+    float *t = (float *)malloc(sizeof(float) * (size_t)(wide ? sp : s) * (size_t)rows);
+    double *g = (double *)malloc(sizeof(double) * (size_t)s * (size_t)s);
+    size_t si = sizeof(int64_t) * (size_t)s;
+    int64_t *col_of = (int64_t *)malloc(si), *pos = (int64_t *)malloc(si), *pid = (int64_t *)malloc(si);
+    if (!x || !t || !g || !col_of || !pos || !pid) {
+        free(x); free(t); free(g); free(col_of); free(pos); free(pid);
+        return -2;
+    }
+    double start = omp_get_wtime(), deadline = start + seconds;
+    uint64_t state = seed;
+    int64_t moved = 0;
+    int stale = 0;
+    if (threads < 1 || s * s * rows < ((int64_t)1 << 24)) threads = 1;
+    const int64_t rb = 512, ab = wide ? 128 : 16; /* row block; taken-out columns per task */
+    for (int round = 0; round < max_rounds && stale < max_stale && omp_get_wtime() < deadline; round++) {
+        for (int64_t b = 0; b < s; b++) pos[b] = (int64_t)(splitmix64(&state) % (uint64_t)m);
+        /* x[a] = the column taken out of stripe a; t = per row, the N-th largest of each core (as
+         * (s, rows) for the portable kernel, transposed to (rows, sp) for the AVX-512 one) */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b0 = 0; b0 < s; b0 += 16) {
+            float blk[16 * 64];
+            int64_t b1 = b0 + 16 < s ? b0 + 16 : s;
+            for (int64_t b = b0; b < b1; b++)
+                memcpy(x + b * rows, xt + (b * m + pos[b]) * rows, sizeof(float) * (size_t)rows);
+            for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+                int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
+                for (int64_t b = b0; b < b1; b++) {
+                    const float *c[3] = {xt + (b * m + (pos[b] == 0)) * rows + r0, 0, 0};
+                    int q = 0;
+                    for (int j = 0; j < m; j++)
+                        if (j != pos[b]) c[q++] = xt + (b * m + j) * rows + r0;
+                    for (; q < 3; q++) c[q] = c[0];
+                    core_threshold(c[0], c[1], c[2], r1 - r0, m - 1, n, wide ? blk + (b - b0) * 64 : t + b * rows + r0);
+                }
+                if (wide)
+                    for (int64_t r = r0; r < r1; r++)
+                        for (int64_t b = b0; b < b0 + 16; b++)
+                            t[r * sp + b] = b < b1 ? blk[(b - b0) * 64 + r - r0] : -INFINITY;
+            }
+        }
+        if (wide)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t b = (s + 15) / 16 * 16; b < sp; b++) t[r * sp + b] = -INFINITY;
+        for (int64_t b = 0; b < s; b++) pid[b] = perm[b * m + pos[b]];
+        memset(g, 0, sizeof(double) * (size_t)s * (size_t)s);
+        int late = 0;
+        int64_t na = (s + ab - 1) / ab;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t q = 0; q < na; q++) { /* each task owns rows [a0, a1) of g */
+            int64_t a0 = q * ab, a1 = a0 + ab < s ? a0 + ab : s;
+            for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+                int is_late;
+#pragma omp atomic read
+                is_late = late;
+                if (is_late) break;
+                if (omp_get_wtime() > deadline) {
+#pragma omp atomic write
+                    late = 1;
+                    break;
+                }
+                int64_t r1 = r0 + rb < rows ? r0 + rb : rows;
+#ifdef NMS_HAVE_AVX512
+                if (wide) { assign_gain_avx512(x, t, rows, s, sp, a0, a1, r0, r1, g); continue; }
+#endif
+                for (int64_t c0 = r0; c0 < r1; c0 += 256)
+                    assign_gain_block(x, t, rows, s, a0, a1, c0, c0 + 256 < r1 ? c0 + 256 : r1, g);
+            }
+        }
+        if (late) break;
+        if (noise > 0)
+            for (int64_t q = 0; q < s * s; q++) g[q] += noise * ((double)(splitmix64(&state) >> 11) * 0x1.0p-53 - 0.5);
+        if (lap_max(g, s, col_of, deadline) != 0) break;
+        double before = 0.0, after = 0.0, mag = 0.0;
+        for (int64_t a = 0; a < s; a++) {
+            before += g[a * s + a];
+            after += g[a * s + col_of[a]];
+            mag += fabs(g[a * s + a]);
+        }
+        if (!(after - before > 1e-9 * mag + 1e-12)) { stale++; continue; }
+        int64_t here = 0;
+        for (int64_t a = 0; a < s; a++) { /* column a moves into core col_of[a], at that stripe's free slot */
+            int64_t b = col_of[a];
+            if (b == a) continue;
+            memcpy(xt + (b * m + pos[b]) * rows, x + a * rows, sizeof(float) * (size_t)rows);
+            perm[b * m + pos[b]] = pid[a];
+            here++;
+        }
+        moved += here;
+        stale = 0;
+    }
+    free(x); free(t); free(g); free(col_of); free(pos); free(pid);
+    if (moved_out) *moved_out = moved;
+    return 0;
+}
