@@ -162,3 +162,15 @@ def test_random_pairs_large_is_repeatable_with_a_round_limit() -> None:
     assert torch.equal(a.perm, b.perm)
     assert sorted(a.perm.tolist()) == list(range(256))
     assert a.efficacy > 0.05
+
+
+def test_stripe_assign_blocks_valid_and_never_worse() -> None:
+    native = _native_or_skip()
+    w = torch.rand(40, 4 * 37, generator=torch.Generator().manual_seed(8))
+    xt, perm = w.T.contiguous(), torch.arange(4 * 37)
+    kept = kept_by_nm(w, "2:4")
+    moved = native.stripe_assign(xt, perm, 2, 4, 10.0, seed=2, block=10, max_rounds=8)  # blocks of 9-10
+    assert moved > 0
+    assert sorted(perm.tolist()) == list(range(4 * 37))
+    assert torch.equal(xt, w.T[perm])
+    assert kept_by_nm(xt.T, "2:4") >= kept

@@ -43,7 +43,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.nms_stripe_converge.argtypes = [p, i64, i64, i, i, p, i, ctypes.c_double, i, p]
     lib.nms_stripe_assign.restype = i
     d, u64 = ctypes.c_double, ctypes.c_uint64
-    lib.nms_stripe_assign.argtypes = [p, i64, i64, i, i, p, d, u64, d, i, i, i, p]
+    lib.nms_stripe_assign.argtypes = [p, i64, i64, i, i, p, d, u64, d, i64, i, i, i, p]
     return lib
 
 
@@ -123,17 +123,20 @@ def stripe_converge(
 
 def stripe_assign(
     xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, seconds: float, seed: int = 0, noise: float = 0.0,
-    max_rounds: int = 1 << 30, max_stale: int = 1 << 30, threads: int | None = None,
+    block: int = 1024, max_rounds: int = 1 << 30, max_stale: int = 1 << 30, threads: int | None = None,
 ) -> int:
     """Column reassignment rounds (M <= 4, N < M), in place like :func:`stripe_pairs`: each round takes
     one random column out of every stripe and puts them all back by an exact linear assignment (the best
-    of all ways, so never worse). Stops after ``seconds``, ``max_rounds`` rounds or ``max_stale`` rounds
-    in a row without a gain; returns the number of columns moved."""
+    of all ways, so never worse; ``noise`` > 0 perturbs the scores by up to +-noise/2, so a round may
+    lose). Above ``block`` stripes each round solves random blocks of at most ``block`` stripes. Stops
+    after ``seconds``, ``max_rounds`` rounds or ``max_stale`` rounds in a row without a gain; returns
+    the number of columns moved."""
     lib = _stripe_lib("stripe_assign", xt, perm)
     moved = ctypes.c_int64(0)
     nt = threads if threads is not None else torch.get_num_threads()
     rc = lib.nms_stripe_assign(xt.data_ptr(), xt.shape[0], xt.shape[1], n, m, perm.data_ptr(), float(seconds),
-                               seed & (2**64 - 1), float(noise), max_rounds, max_stale, nt, ctypes.byref(moved))
+                               seed & (2**64 - 1), float(noise), block, max_rounds, max_stale, nt,
+                               ctypes.byref(moved))
     if rc != 0:
         raise ValueError(f"compiled column reassignment rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
     return int(moved.value)

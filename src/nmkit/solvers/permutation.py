@@ -36,6 +36,7 @@ _TEMP = 2e-4
 _NOISE = 0.2  # column reassignment: initial noise amplitude / (sqrt(rows) x mean score)
 _ANNEAL_FRAC = 0.8  # ... decaying to zero over this share of the budget (or of max_escapes rounds)
 _ASSIGN_ROUNDS = 5  # reassignment rounds between two random stripe-pair rounds
+_ASSIGN_BLOCK = 1024  # at most this many stripes per assignment (random blocks above)
 
 
 @dataclass
@@ -335,11 +336,12 @@ def _native_random_pairs(
         noise = noise0 * (1.0 - frac / _ANNEAL_FRAC)
         if noise <= 0:
             break
-        native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), noise=noise, max_rounds=_ASSIGN_ROUNDS)
+        native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), noise=noise, block=_ASSIGN_BLOCK,
+                             max_rounds=_ASSIGN_ROUNDS)
         native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=1)
         rounds += 1
     while left() > 0:  # greedy: until neither move finds a gain in 3 rounds in a row
-        moved = native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3)
+        moved = native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), block=_ASSIGN_BLOCK, max_stale=3)
         pair_rounds = native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3)
         rounds += 1
         if moved == 0 and pair_rounds <= 3:

@@ -828,112 +828,130 @@ out:
 }
 
 /* Rounds of column reassignment (see above) until `seconds` pass, `max_rounds` rounds ran or
- * `max_stale` rounds in a row moved nothing. `noise` > 0 adds uniform noise of that amplitude to every
- * G entry before the assignment (an annealing step: the round may then lose score). xt (cols, rows) and
- * perm are permuted in place; moved_out gets the number of columns moved. */
+ * `max_stale` rounds in a row moved nothing. With more than `block` stripes (<= 0: 1024), each round
+ * splits the stripes at random into near-equal blocks of at most `block` and solves one assignment per
+ * block (bounds the S x S matrix and the O(S^3) worst case). `noise` > 0 adds uniform noise of that
+ * amplitude to every G entry before the assignment (an annealing step: the round may then lose score).
+ * xt (cols, rows) and perm are permuted in place; moved_out gets the number of columns moved. */
 int nms_stripe_assign(float *xt, int64_t cols, int64_t rows, int n, int m, int64_t *perm, double seconds,
-                      uint64_t seed, double noise, int max_rounds, int max_stale, int threads, int64_t *moved_out) {
+                      uint64_t seed, double noise, int64_t block, int max_rounds, int max_stale, int threads,
+                      int64_t *moved_out) {
     if (m < 2 || m > 4 || n < 1 || n >= m || cols % m || cols / m < 2 || rows < 1) return -1;
-    int64_t s = cols / m, sp = (s + 63) / 64 * 64;
-    if (s > 20000) return -3;
+    int64_t s = cols / m;
+    int64_t nb = (s + (block > 0 ? block : 1024) - 1) / (block > 0 ? block : 1024);
+    int64_t bmax = (s + nb - 1) / nb, sp = (bmax + 63) / 64 * 64;
     int wide = 0;
 #ifdef NMS_HAVE_AVX512
     __builtin_cpu_init();
     /* NMKIT_SOLVERS_PORTABLE=1 forces the portable kernel (tests compare the two) */
     wide = __builtin_cpu_supports("avx512f") && !getenv("NMKIT_SOLVERS_PORTABLE");
 #endif
-    float *x = (float *)malloc(sizeof(float) * (size_t)s * (size_t)rows);
-    float *t = (float *)malloc(sizeof(float) * (size_t)(wide ? sp : s) * (size_t)rows);
-    double *g = (double *)malloc(sizeof(double) * (size_t)s * (size_t)s);
+    float *x = (float *)malloc(sizeof(float) * (size_t)bmax * (size_t)rows);
+    float *t = (float *)malloc(sizeof(float) * (size_t)(wide ? sp : bmax) * (size_t)rows);
+    double *g = (double *)malloc(sizeof(double) * (size_t)bmax * (size_t)bmax);
     size_t si = sizeof(int64_t) * (size_t)s;
     int64_t *col_of = (int64_t *)malloc(si), *pos = (int64_t *)malloc(si), *pid = (int64_t *)malloc(si);
-    if (!x || !t || !g || !col_of || !pos || !pid) {
-        free(x); free(t); free(g); free(col_of); free(pos); free(pid);
+    int64_t *ord = (int64_t *)malloc(si);
+    if (!x || !t || !g || !col_of || !pos || !pid || !ord) {
+        free(x); free(t); free(g); free(col_of); free(pos); free(pid); free(ord);
         return -2;
     }
     double start = omp_get_wtime(), deadline = start + seconds;
     uint64_t state = seed;
     int64_t moved = 0;
-    int stale = 0;
-    if (threads < 1 || s * s * rows < ((int64_t)1 << 24)) threads = 1;
+    int stale = 0, late = 0;
+    if (threads < 1 || bmax * bmax * rows < ((int64_t)1 << 24)) threads = 1;
     const int64_t rb = 512, ab = wide ? 128 : 16; /* row block; taken-out columns per task */
-    for (int round = 0; round < max_rounds && stale < max_stale && omp_get_wtime() < deadline; round++) {
+    for (int64_t b = 0; b < s; b++) ord[b] = b;
+    for (int round = 0; round < max_rounds && stale < max_stale && !late && omp_get_wtime() < deadline; round++) {
         for (int64_t b = 0; b < s; b++) pos[b] = (int64_t)(splitmix64(&state) % (uint64_t)m);
-        /* x[a] = the column taken out of stripe a; t = per row, the N-th largest of each core (as
-         * (s, rows) for the portable kernel, transposed to (rows, sp) for the AVX-512 one) */
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b0 = 0; b0 < s; b0 += 16) {
-            float blk[16 * 64];
-            int64_t b1 = b0 + 16 < s ? b0 + 16 : s;
-            for (int64_t b = b0; b < b1; b++)
-                memcpy(x + b * rows, xt + (b * m + pos[b]) * rows, sizeof(float) * (size_t)rows);
-            for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-                int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
-                for (int64_t b = b0; b < b1; b++) {
-                    const float *c[3] = {xt + (b * m + (pos[b] == 0)) * rows + r0, 0, 0};
-                    int q = 0;
-                    for (int j = 0; j < m; j++)
-                        if (j != pos[b]) c[q++] = xt + (b * m + j) * rows + r0;
-                    for (; q < 3; q++) c[q] = c[0];
-                    core_threshold(c[0], c[1], c[2], r1 - r0, m - 1, n, wide ? blk + (b - b0) * 64 : t + b * rows + r0);
-                }
-                if (wide)
-                    for (int64_t r = r0; r < r1; r++)
-                        for (int64_t b = b0; b < b0 + 16; b++)
-                            t[r * sp + b] = b < b1 ? blk[(b - b0) * 64 + r - r0] : -INFINITY;
+        if (nb > 1)
+            for (int64_t i = s - 1; i > 0; i--) { /* Fisher-Yates: which stripes share a block */
+                int64_t j = (int64_t)(splitmix64(&state) % (uint64_t)(i + 1)), tmp = ord[i];
+                ord[i] = ord[j]; ord[j] = tmp;
             }
-        }
-        if (wide)
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t b = (s + 15) / 16 * 16; b < sp; b++) t[r * sp + b] = -INFINITY;
-        for (int64_t b = 0; b < s; b++) pid[b] = perm[b * m + pos[b]];
-        memset(g, 0, sizeof(double) * (size_t)s * (size_t)s);
-        int late = 0;
-        int64_t na = (s + ab - 1) / ab;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t q = 0; q < na; q++) { /* each task owns rows [a0, a1) of g */
-            int64_t a0 = q * ab, a1 = a0 + ab < s ? a0 + ab : s;
-            for (int64_t r0 = 0; r0 < rows; r0 += rb) {
-                int is_late;
-#pragma omp atomic read
-                is_late = late;
-                if (is_late) break;
-                if (omp_get_wtime() > deadline) {
-#pragma omp atomic write
-                    late = 1;
-                    break;
-                }
-                int64_t r1 = r0 + rb < rows ? r0 + rb : rows;
-#ifdef NMS_HAVE_AVX512
-                if (wide) { assign_gain_avx512(x, t, rows, s, sp, a0, a1, r0, r1, g); continue; }
-#endif
-                for (int64_t c0 = r0; c0 < r1; c0 += 256)
-                    assign_gain_block(x, t, rows, s, a0, a1, c0, c0 + 256 < r1 ? c0 + 256 : r1, g);
-            }
-        }
-        if (late) break;
-        if (noise > 0)
-            for (int64_t q = 0; q < s * s; q++) g[q] += noise * ((double)(splitmix64(&state) >> 11) * 0x1.0p-53 - 0.5);
-        if (lap_max(g, s, col_of, deadline) != 0) break;
-        double before = 0.0, after = 0.0, mag = 0.0;
-        for (int64_t a = 0; a < s; a++) {
-            before += g[a * s + a];
-            after += g[a * s + col_of[a]];
-            mag += fabs(g[a * s + a]);
-        }
-        if (!(after - before > 1e-9 * mag + 1e-12)) { stale++; continue; }
         int64_t here = 0;
-        for (int64_t a = 0; a < s; a++) { /* column a moves into core col_of[a], at that stripe's free slot */
-            int64_t b = col_of[a];
-            if (b == a) continue;
-            memcpy(xt + (b * m + pos[b]) * rows, x + a * rows, sizeof(float) * (size_t)rows);
-            perm[b * m + pos[b]] = pid[a];
-            here++;
+        for (int64_t k = 0, k0 = 0; k < nb && !late; k++) {
+            int64_t sb = s / nb + (k < s % nb), k1 = k0 + sb;
+            const int64_t *st = ord + k0; /* the block's stripes; local index a is stripe st[a] */
+            k0 = k1;
+            /* x[a] = the column taken out of stripe st[a]; t = per row, the N-th largest of each core
+             * (as (sb, rows) for the portable kernel, transposed to (rows, sp) for the AVX-512 one) */
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t a0 = 0; a0 < sb; a0 += 16) {
+                float blk[16 * 64];
+                int64_t a1 = a0 + 16 < sb ? a0 + 16 : sb;
+                for (int64_t a = a0; a < a1; a++)
+                    memcpy(x + a * rows, xt + (st[a] * m + pos[st[a]]) * rows, sizeof(float) * (size_t)rows);
+                for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+                    int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
+                    for (int64_t a = a0; a < a1; a++) {
+                        int64_t b = st[a];
+                        const float *c[3] = {xt + (b * m + (pos[b] == 0)) * rows + r0, 0, 0};
+                        int q = 0;
+                        for (int j = 0; j < m; j++)
+                            if (j != pos[b]) c[q++] = xt + (b * m + j) * rows + r0;
+                        for (; q < 3; q++) c[q] = c[0];
+                        core_threshold(c[0], c[1], c[2], r1 - r0, m - 1, n,
+                                       wide ? blk + (a - a0) * 64 : t + a * rows + r0);
+                    }
+                    if (wide)
+                        for (int64_t r = r0; r < r1; r++)
+                            for (int64_t a = a0; a < a0 + 16; a++)
+                                t[r * sp + a] = a < a1 ? blk[(a - a0) * 64 + r - r0] : -INFINITY;
+                }
+            }
+            if (wide)
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t a = (sb + 15) / 16 * 16; a < sp; a++) t[r * sp + a] = -INFINITY;
+            for (int64_t a = 0; a < sb; a++) pid[a] = perm[st[a] * m + pos[st[a]]];
+            memset(g, 0, sizeof(double) * (size_t)sb * (size_t)sb);
+            int64_t na = (sb + ab - 1) / ab;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+            for (int64_t q = 0; q < na; q++) { /* each task owns rows [a0, a1) of g */
+                int64_t a0 = q * ab, a1 = a0 + ab < sb ? a0 + ab : sb;
+                for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+                    int is_late;
+#pragma omp atomic read
+                    is_late = late;
+                    if (is_late) break;
+                    if (omp_get_wtime() > deadline) {
+#pragma omp atomic write
+                        late = 1;
+                        break;
+                    }
+                    int64_t r1 = r0 + rb < rows ? r0 + rb : rows;
+#ifdef NMS_HAVE_AVX512
+                    if (wide) { assign_gain_avx512(x, t, rows, sb, sp, a0, a1, r0, r1, g); continue; }
+#endif
+                    for (int64_t c0 = r0; c0 < r1; c0 += 256)
+                        assign_gain_block(x, t, rows, sb, a0, a1, c0, c0 + 256 < r1 ? c0 + 256 : r1, g);
+                }
+            }
+            if (late) break;
+            if (noise > 0)
+                for (int64_t q = 0; q < sb * sb; q++)
+                    g[q] += noise * ((double)(splitmix64(&state) >> 11) * 0x1.0p-53 - 0.5);
+            if (lap_max(g, sb, col_of, deadline) != 0) { late = 1; break; }
+            double before = 0.0, after = 0.0, mag = 0.0;
+            for (int64_t a = 0; a < sb; a++) {
+                before += g[a * sb + a];
+                after += g[a * sb + col_of[a]];
+                mag += fabs(g[a * sb + a]);
+            }
+            if (!(after - before > 1e-9 * mag + 1e-12)) continue;
+            for (int64_t a = 0; a < sb; a++) { /* column a moves into core col_of[a], at that stripe's free slot */
+                int64_t b = st[col_of[a]];
+                if (col_of[a] == a) continue;
+                memcpy(xt + (b * m + pos[b]) * rows, x + a * rows, sizeof(float) * (size_t)rows);
+                perm[b * m + pos[b]] = pid[a];
+                here++;
+            }
         }
         moved += here;
-        stale = 0;
+        stale = here ? 0 : stale + 1;
     }
-    free(x); free(t); free(g); free(col_of); free(pos); free(pid);
+    free(x); free(t); free(g); free(col_of); free(pos); free(pid); free(ord);
     if (moved_out) *moved_out = moved;
     return 0;
 }
