@@ -38,6 +38,14 @@ def _pruned_dir(tmp_path, pattern="2:4", dtype=torch.float32, hidden=64, name="s
     return path, model
 
 
+def _assert_same_greedy_tokens(model, loaded) -> None:
+    ids = torch.randint(0, 300, (1, 5))
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ref, out)
+
+
 def test_dense_export_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -62,11 +70,7 @@ def test_nmkit_round_trip_and_load(tmp_path, dtype):
         assert torch.equal(a[k], b[k]), k
     loaded = load_compressed(tmp_path / "nm")
     assert isinstance(loaded.model.layers[1].self_attn.q_proj, SparseLinear)
-    ids = torch.randint(0, 300, (1, 5))
-    with torch.inference_mode():
-        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
-        out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(ref, out)
+    _assert_same_greedy_tokens(model, loaded)
 
 
 def test_ct24_layout_and_round_trip(tmp_path):
@@ -143,11 +147,7 @@ def test_nmkit_zstd_codec_round_trip_and_load(tmp_path, dtype):
     for k in a:
         assert _bits_equal(a[k], b[k]), k
     loaded = load_compressed(tmp_path / "nmz")
-    ids = torch.randint(0, 300, (1, 5))
-    with torch.inference_mode():
-        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
-        out = loaded.generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(ref, out)
+    _assert_same_greedy_tokens(model, loaded)
 
 
 def test_codec_only_for_nmkit_and_failed_export_leaves_nothing(tmp_path):

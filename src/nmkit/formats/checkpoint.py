@@ -98,12 +98,14 @@ class ShardedWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._added: set[str] = set()  # every name so far, pending or written
         self.tensor_bytes = 0  # uncoded bytes of everything added
         self._stored_bytes = 0  # bytes of the tensors as written (coded: the blobs)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._added:
             raise ValueError(f"tensor {name!r} added twice")
+        self._added.add(name)
         tensor = tensor.contiguous()
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
