@@ -100,7 +100,18 @@ def _native_or_skip():
 
 
 @pytest.mark.parametrize(
-    ("pattern", "rows", "cols"), [("2:4", 64, 96), ("1:4", 33, 64), ("3:4", 16, 40), ("1:2", 20, 30)]
+    ("pattern", "rows", "cols"),
+    [
+        ("2:4", 64, 96),
+        ("1:4", 33, 64),
+        ("3:4", 16, 40),
+        ("1:2", 20, 30),
+        ("2:8", 40, 96),
+        ("4:8", 24, 64),
+        ("7:8", 9, 48),
+        ("8:16", 20, 96),
+        ("3:32", 17, 128),
+    ],
 )
 def test_stripe_assign_valid_and_never_worse(pattern: str, rows: int, cols: int) -> None:
     native = _native_or_skip()
@@ -121,7 +132,7 @@ def test_stripe_assign_valid_and_never_worse(pattern: str, rows: int, cols: int)
     assert torch.equal(xt, w.T[perm])
 
 
-@pytest.mark.parametrize(("pattern", "cols"), [("2:4", 12), ("1:2", 10)])
+@pytest.mark.parametrize(("pattern", "cols"), [("2:4", 12), ("1:2", 10), ("2:8", 16), ("5:8", 16), ("3:6", 18)])
 def test_stripe_assign_reaches_a_reassignment_optimum(pattern: str, cols: int) -> None:
     # After many rounds no way of taking one column out of every stripe and putting them back
     # (any positions, any assignment) may gain: checks the exact assignment solver by brute force.
@@ -142,17 +153,31 @@ def test_stripe_assign_reaches_a_reassignment_optimum(pattern: str, cols: int) -
             assert alt <= kept + 1e-5 * kept
 
 
-def test_stripe_assign_portable_matches_wide(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_stripe_assign_portable_matches_wide(monkeypatch: pytest.MonkeyPatch, pattern: str) -> None:
     native = _native_or_skip()
+    n, m = (int(v) for v in pattern.split(":"))
     w = torch.rand(300, 520, generator=torch.Generator().manual_seed(3))
     out = []
     for portable in (False, True):
         if portable:
             monkeypatch.setenv("NMKIT_SOLVERS_PORTABLE", "1")
         xt, perm = w.T.contiguous(), torch.arange(520)
-        native.stripe_assign(xt, perm, 2, 4, 30.0, seed=4, max_rounds=3)
-        out.append(kept_by_nm(xt.T, "2:4"))
+        native.stripe_assign(xt, perm, n, m, 30.0, seed=4, max_rounds=3)
+        out.append(kept_by_nm(xt.T, pattern))
     assert out[0] == pytest.approx(out[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["2:8", "8:16"])
+def test_random_pairs_wide_groups_use_the_compiled_reassignment(pattern: str) -> None:
+    # M > 4 has no compiled stripe-pair move; the reassignment alone must still gain and stay valid
+    _native_or_skip()
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(6)).abs()
+    r = permute_channels(w, pattern, time_budget_s=30.0, max_escapes=0)
+    assert r.method.startswith("random_pairs[C]")
+    assert sorted(r.perm.tolist()) == list(range(512))
+    assert r.kept == pytest.approx(kept_by_nm(w[:, r.perm], pattern), rel=1e-6)
+    assert r.efficacy > 0.1
 
 
 def test_random_pairs_large_is_repeatable_with_a_round_limit() -> None:

@@ -125,7 +125,7 @@ def stripe_assign(
     xt: torch.Tensor, perm: torch.Tensor, n: int, m: int, seconds: float, seed: int = 0, noise: float = 0.0,
     block: int = 1024, max_rounds: int = 1 << 30, max_stale: int = 1 << 30, threads: int | None = None,
 ) -> int:
-    """Column reassignment rounds (M <= 4, N < M), in place like :func:`stripe_pairs`: each round takes
+    """Column reassignment rounds (M <= 32, N < M), in place like :func:`stripe_pairs`: each round takes
     one random column out of every stripe and puts them all back by an exact linear assignment (the best
     of all ways, so never worse; ``noise`` > 0 perturbs the scores by up to +-noise/2, so a round may
     lose). Above ``block`` stripes each round solves random blocks of at most ``block`` stripes. Stops

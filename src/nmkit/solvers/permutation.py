@@ -9,9 +9,9 @@ redistribute their k*M columns into k stripes is scored at once (35 ways for two
 5,775 for three), batched over many stripe sets with torch; the best non-overlapping improvements
 are applied and the search repeats. Small matrices evaluate all stripe pairs, then all triples, then
 spend the rest of the time budget on perturb-and-reoptimise escapes. Larger matrices (compiled in
-``csrc/nmkit_solvers.c`` for M <= 4) alternate annealed column-reassignment rounds (one column out of
-every stripe, all put back at once by an exact linear assignment) with rounds of random stripe pairs
-(all pairs disjoint, every pair re-split optimally); without the compiled library they pair stripes at
+``csrc/nmkit_solvers.c`` for M <= 32) alternate annealed column-reassignment rounds (one column out of
+every stripe, all put back at once by an exact linear assignment) with, for M <= 4, rounds of random
+stripe pairs (all pairs disjoint, every pair re-split optimally); without the compiled library they pair stripes at
 random on a row sample.
 
 Quality metric ``efficacy``: the share of the gap between plain N:M and row-wise unstructured
@@ -37,6 +37,8 @@ _NOISE = 0.2  # column reassignment: initial noise amplitude / (sqrt(rows) x mea
 _ANNEAL_FRAC = 0.8  # ... decaying to zero over this share of the budget (or of max_escapes rounds)
 _ASSIGN_ROUNDS = 5  # reassignment rounds between two random stripe-pair rounds
 _ASSIGN_BLOCK = 1024  # at most this many stripes per assignment (random blocks above)
+_ASSIGN_MAX_M = 32  # the compiled column reassignment takes groups of up to this many columns
+_PAIRS_MAX_M = 4  # ... and its stripe-pair rounds (every split of 2M columns) up to this many
 
 
 @dataclass
@@ -308,7 +310,7 @@ def _native_random_pairs(
     xt: torch.Tensor, perm: torch.Tensor, p: NM, deadline: float, seed: int, max_anneal: int | None
 ) -> int:
     """Compiled search for large matrices: annealed column-reassignment rounds, each followed by one round
-    of random stripe pairs, then the same moves without noise until they stop gaining (or the deadline).
+    of random stripe pairs (M <= 4), then the same moves without noise until they stop gaining (or the deadline).
 
     A reassignment round takes one random column out of every stripe and puts them all back by an exact
     linear assignment (``native.stripe_assign``): long exchange cycles over all stripes at once, which
@@ -319,6 +321,7 @@ def _native_random_pairs(
     from nmkit.solvers import native
 
     n, m = p.keep, p.group
+    pairs = m <= _PAIRS_MAX_M  # above, splitting 2M columns every way costs too much: reassignment alone
     start = time.perf_counter()
     span = max(deadline - start, 1e-9)
     start_kept, start_state = kept_by_nm(xt.T, p), (xt.clone(), perm.clone())
@@ -336,13 +339,15 @@ def _native_random_pairs(
         noise = noise0 * (1.0 - frac / _ANNEAL_FRAC)
         if noise <= 0:
             break
-        native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), noise=noise, block=_ASSIGN_BLOCK,
-                             max_rounds=_ASSIGN_ROUNDS)
-        native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=1)
+        native.stripe_assign(
+            xt, perm, n, m, left(), seed=sub_seed(), noise=noise, block=_ASSIGN_BLOCK, max_rounds=_ASSIGN_ROUNDS
+        )
+        if pairs:
+            native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=1)
         rounds += 1
     while left() > 0:  # greedy: until neither move finds a gain in 3 rounds in a row
         moved = native.stripe_assign(xt, perm, n, m, left(), seed=sub_seed(), block=_ASSIGN_BLOCK, max_stale=3)
-        pair_rounds = native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3)
+        pair_rounds = native.stripe_pairs(xt, perm, n, m, left(), seed=sub_seed(), max_stale=3) if pairs else 0
         rounds += 1
         if moved == 0 and pair_rounds <= 3:
             break
@@ -417,9 +422,9 @@ def permute_channels(
     costly).
     Stops at ``time_budget_s`` or after ``max_escapes`` perturb-and-repolish rounds (None: until
     the budget); the result is always at least as good as the identity. With the compiled solvers
-    (M <= 4) ``random_pairs`` alternates annealed column-reassignment rounds (a random column out of
-    every stripe, all put back by an exact linear assignment over all rows) with rounds of random stripe
-    pairs split optimally, then converges without noise; the annealing spans the time budget, or with
+    (M <= 32) ``random_pairs`` alternates annealed column-reassignment rounds (a random column out of
+    every stripe, all put back by an exact linear assignment over all rows) with (M <= 4) rounds of
+    random stripe pairs split optimally, then converges without noise; the annealing spans the time budget, or with
     ``max_escapes`` set, that many rounds (0: no annealing), so the result does not depend on timing
     unless the deadline cuts the search. Without them it
     proposes pair moves on a fresh random sample of ``sample_rows`` rows each round and applies only
@@ -458,7 +463,7 @@ def permute_channels(
     gen = torch.Generator().manual_seed(seed)
 
     if method == "random_pairs":
-        if m <= 4 and _native_ok():
+        if m <= _ASSIGN_MAX_M and _native_ok():
             rounds = _native_random_pairs(xt, perm, p, deadline, seed, max_escapes)
             kept = kept_by_nm(xt.T, p)
             took = time.perf_counter() - start

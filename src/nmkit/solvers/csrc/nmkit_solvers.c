@@ -655,6 +655,8 @@ int nms_stripe_converge(float *xt, int64_t cols, int64_t rows, int n, int m, int
  * round moves columns along arbitrary long exchange cycles, which stripe-pair moves cannot.
  * ------------------------------------------------------------------------------------------------ */
 
+#define NMS_ASSIGN_MAX_M 32 /* column reassignment: groups of up to this many columns */
+
 /* N-th largest (1-based) of k <= 3 values, per row. */
 static inline float nth_of3(float a, float b, float c, int k, int n) {
     if (k == 1) return a;
@@ -664,18 +666,35 @@ static inline float nth_of3(float a, float b, float c, int k, int n) {
     return n == 1 ? top : (n == 2 ? mid : bot);
 }
 
-/* out[r] = the n-th largest of the k <= 3 core values of row r (the median for 2:4). */
-NMS_CLONES static void core_threshold(const float *c0, const float *c1, const float *c2, int64_t len, int k, int n,
-                                      float *out) {
+/* out[r] = the n-th largest of the k < NMS_ASSIGN_MAX_M core values c[0..k)[r] of row r (the median
+ * for 2:4). k <= 3 uses a few compares; larger cores (M = 8, 16, 32) keep the n largest seen so far
+ * in a small descending list. */
+NMS_CLONES static void core_threshold(const float *const *c, int64_t len, int k, int n, float *out) {
     if (k == 3 && n == 2) {
+        const float *c0 = c[0], *c1 = c[1], *c2 = c[2];
         for (int64_t r = 0; r < len; r++) {
-            float a = c0[r], b = c1[r], c = c2[r], hi = a > b ? a : b, lo = a > b ? b : a;
-            float m2 = hi < c ? hi : c;
+            float a = c0[r], b = c1[r], d = c2[r], hi = a > b ? a : b, lo = a > b ? b : a;
+            float m2 = hi < d ? hi : d;
             out[r] = lo > m2 ? lo : m2;
         }
         return;
     }
-    for (int64_t r = 0; r < len; r++) out[r] = nth_of3(c0[r], c1[r], c2[r], k, n);
+    if (k <= 3) {
+        for (int64_t r = 0; r < len; r++) out[r] = nth_of3(c[0][r], c[k > 1][r], c[k > 2 ? 2 : 0][r], k, n);
+        return;
+    }
+    for (int64_t r = 0; r < len; r++) {
+        float top[NMS_ASSIGN_MAX_M];
+        int have = 0;
+        for (int j = 0; j < k; j++) {
+            float v = c[j][r];
+            if (have == n && v <= top[n - 1]) continue;
+            int i = have < n ? have++ : n - 1; /* insert v, dropping the smallest when the list is full */
+            while (i > 0 && top[i - 1] < v) { top[i] = top[i - 1]; i--; }
+            top[i] = v;
+        }
+        out[r] = top[n - 1];
+    }
 }
 
 /* G[a][b] += sum over rows r0..r1 of max(x_a, t_b), for a in [a0, a1), all b; 4 x 4 register tiles. */
@@ -836,7 +855,7 @@ out:
 int nms_stripe_assign(float *xt, int64_t cols, int64_t rows, int n, int m, int64_t *perm, double seconds,
                       uint64_t seed, double noise, int64_t block, int max_rounds, int max_stale, int threads,
                       int64_t *moved_out) {
-    if (m < 2 || m > 4 || n < 1 || n >= m || cols % m || cols / m < 2 || rows < 1) return -1;
+    if (m < 2 || m > NMS_ASSIGN_MAX_M || n < 1 || n >= m || cols % m || cols / m < 2 || rows < 1) return -1;
     int64_t s = cols / m;
     int64_t nb = (s + (block > 0 ? block : 1024) - 1) / (block > 0 ? block : 1024);
     int64_t bmax = (s + nb - 1) / nb, sp = (bmax + 63) / 64 * 64;
@@ -887,13 +906,11 @@ int nms_stripe_assign(float *xt, int64_t cols, int64_t rows, int n, int m, int64
                     int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
                     for (int64_t a = a0; a < a1; a++) {
                         int64_t b = st[a];
-                        const float *c[3] = {xt + (b * m + (pos[b] == 0)) * rows + r0, 0, 0};
+                        const float *c[NMS_ASSIGN_MAX_M];
                         int q = 0;
                         for (int j = 0; j < m; j++)
                             if (j != pos[b]) c[q++] = xt + (b * m + j) * rows + r0;
-                        for (; q < 3; q++) c[q] = c[0];
-                        core_threshold(c[0], c[1], c[2], r1 - r0, m - 1, n,
-                                       wide ? blk + (a - a0) * 64 : t + a * rows + r0);
+                        core_threshold(c, r1 - r0, m - 1, n, wide ? blk + (a - a0) * 64 : t + a * rows + r0);
                     }
                     if (wide)
                         for (int64_t r = r0; r < r1; r++)
