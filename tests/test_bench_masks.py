@@ -18,3 +18,12 @@ def test_bench_masks_tasd_section_json(capsys) -> None:
     assert rows["2:4+1:4", "staggered"] < rows["3:4", "aligned"]
     assert rows["1:4+2:8", "aligned"] < rows["2:4", "aligned"]
     assert "machine" in out["meta"]
+
+
+def test_bench_masks_permutation_section_json(capsys) -> None:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--quick", "--only", "permutation", "--json", "--perm-budget", "1"])) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert {r["pattern"] for r in rows} == {"2:4", "2:8", "8:16"}
+    assert all(r["efficacy_pct"] > 0 and r["kept"] > r["kept_default"] for r in rows)

@@ -1,7 +1,8 @@
 """`nmkit bench masks`: a fixed, seeded suite of mask-solver quality and wall time.
 
 Sections: transposable N:M (error vs the exact LP optimum, validity, time; 8192x8192 8:16 speed),
-channel permutations (apex's random 128x64 matrix, 4096x4096 Gaussian), V:N:M, HiNM, TASD.
+channel permutations (apex's random 128x64 matrix, 4096x4096 Gaussian; 2:8 and 8:16 on 576x1536),
+V:N:M, HiNM, TASD.
 Quality figures are deterministic; times depend on the machine and its load (reported with them).
 """
 
@@ -36,8 +37,8 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def _permutation_row(matrix: str, budget: float, r, seconds: float, cpu: float) -> dict:
-    return {"section": "permutation", "matrix": matrix, "pattern": "2:4", "budget_s": budget, "method": r.method,
+def _permutation_row(matrix: str, budget: float, r, seconds: float, cpu: float, pattern: str = "2:4") -> dict:
+    return {"section": "permutation", "matrix": matrix, "pattern": pattern, "budget_s": budget, "method": r.method,
             "efficacy_pct": 100 * r.efficacy, "kept": r.kept, "kept_default": r.kept_default, "seconds": seconds,
             "cpu_s": cpu}
 
@@ -127,6 +128,11 @@ def _permutation(rows: list, quick: bool, budget_big: float | None) -> None:
     budget = budget_big if budget_big is not None else (5.0 if quick else 55.0)
     timed = _timed_cpu(lambda: permute_channels(big, "2:4", time_budget_s=budget))
     rows.append(_permutation_row(f"|N(0,1)| {size}x{size} (seed 2)", budget, *timed))
+    # wider groups (compiled column reassignment, M <= 32) on the shape of SmolLM2's down_proj
+    wide, budget = _gauss(576, 1536, 0).abs(), 1.0 if quick else 5.0
+    for pattern in ("2:8", "8:16"):
+        timed = _timed_cpu(lambda pattern=pattern: permute_channels(wide, pattern, time_budget_s=budget))
+        rows.append(_permutation_row("|N(0,1)| 576x1536 (seed 0)", budget, *timed, pattern=pattern))
 
 
 def _vnm(rows: list, quick: bool) -> None:
