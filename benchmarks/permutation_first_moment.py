@@ -25,67 +25,12 @@ MIP): the estimate must lie above each of them.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import numpy as np
 import torch
 
-from nmkit.solvers.permutation import kept_by_nm, kept_by_rows, permute_channels
-
-
-def log_partitions(cols: int, m: int = 4) -> float:
-    """ln of the number of ways to split `cols` columns into unordered groups of `m` unordered columns."""
-    g = cols // m
-    return math.lgamma(cols + 1) - g * math.lgamma(m + 1) - math.lgamma(g + 1)
-
-
-def random_order_mean(w: np.ndarray) -> float:
-    """Exact mean of the 2:4 kept score over random orders of every row. Sorted descending, the
-    i-th value of a row (i-1 larger values) is kept when at most one of its 3 group mates, a uniform
-    3-subset of the other cols-1 values, is larger."""
-    rows, cols = w.shape
-    i = np.arange(cols)  # number of larger values
-    smaller = cols - 1 - i
-    p_kept = (_choose3(smaller) + i * smaller * (smaller - 1) / 2) / _choose3(np.full(cols, cols - 1))
-    return float((-np.sort(-w, axis=1) @ p_kept).sum())
-
-
-def _choose3(k: np.ndarray) -> np.ndarray:
-    k = k.astype(np.float64)
-    return k * (k - 1) * (k - 2) / 6
-
-
-def random_order_variance(w: np.ndarray, samples: int, sample_rows: int, rng: np.random.Generator) -> float:
-    """Variance of the 2:4 kept score of the whole matrix over random orders of every row, estimated
-    from `samples` random partitions of `sample_rows` randomly chosen rows, scaled to all rows."""
-    rows, cols = w.shape
-    pick = rng.choice(rows, size=min(sample_rows, rows), replace=False)
-    variances = []
-    for r in pick:
-        perms = np.argsort(rng.random((samples, cols)), axis=1)
-        v = np.sort(w[r][perms].reshape(samples, cols // 4, 4), axis=2)
-        variances.append((v[:, :, 2] + v[:, :, 3]).sum(1).var(ddof=1))
-    return float(np.mean(variances)) * rows
-
-
-def estimate(rows: int, cols: int, seed: int, samples: int, sample_rows: int, search_s: float) -> dict:
-    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).abs()
-    found = permute_channels(x, "2:4", time_budget_s=search_s) if search_s > 0 else None
-    k_id, k_rows = kept_by_nm(x, "2:4"), kept_by_rows(x, 0.5)
-    w = x.double().numpy()
-    mean, var = random_order_mean(w), random_order_variance(w, samples, sample_rows, np.random.default_rng(seed))
-    lp = log_partitions(cols)
-    e_star = (math.sqrt(2 * var * lp) - (k_id - mean)) / (k_rows - k_id)
-    # log of the expected number of partitions at 20% efficacy, same Gaussian tail
-    t20 = 0.2 * (k_rows - k_id) + (k_id - mean)
-    return {
-        "e_star": e_star,
-        "log_count_at_20": lp - t20 * t20 / (2 * var),
-        "log_partitions": lp,
-        "identity_z": (k_id - mean) / math.sqrt(var),
-        "found": found,
-    }
+from nmkit.bench.first_moment import first_moment_ceiling
+from nmkit.solvers.permutation import permute_channels
 
 
 def main() -> None:
@@ -108,13 +53,14 @@ def main() -> None:
     for c in args.cols:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            r = estimate(args.rows, c, seed, args.samples, args.sample_rows, args.search)
-            found = r["found"]
+            x = torch.randn(args.rows, c, generator=torch.Generator().manual_seed(seed)).abs()
+            found = permute_channels(x, "2:4", time_budget_s=args.search) if args.search > 0 else None
+            r = first_moment_ceiling(x, args.samples, args.sample_rows, seed)
             searched = f"  search {100 * found.efficacy:.2f}% in {found.seconds:.0f} s" if found else ""
             print(
-                f"rows={args.rows} cols={c} seed={seed}: e* = {100 * r['e_star']:.2f}%  "
-                f"ln E[#partitions >= 20%] = {r['log_count_at_20']:.0f} (ln #partitions {r['log_partitions']:.0f}; "
-                f"identity at {r['identity_z']:+.2f} sd){searched}  ({time.perf_counter() - t0:.0f} s)",
+                f"rows={args.rows} cols={c} seed={seed}: e* = {100 * r.e_star:.2f}%  "
+                f"ln E[#partitions >= 20%] = {r.log_count_at_20:.0f} (ln #partitions {r.log_partitions:.0f}; "
+                f"identity at {r.identity_z:+.2f} sd){searched}  ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
 
