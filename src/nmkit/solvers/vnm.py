@@ -97,7 +97,9 @@ def _exhaustive_block_best(x: torch.Tensor, p: VNM) -> torch.Tensor:
     return topn_sum(cand, p.keep).sum(1).max(-1).values
 
 
-def _reassign_round(xp: torch.Tensor, perm: torch.Tensor, p: VNM, gen: torch.Generator, block: int) -> int:
+def _reassign_round(
+    xp: torch.Tensor, perm: torch.Tensor, p: VNM, gen: torch.Generator, block: int, deadline: float = math.inf
+) -> int:
     """One column-reassignment round for the exhaustive V:N:M objective, in place; returns columns moved.
 
     One random column leaves every group (random blocks of at most ``block`` groups). Putting column x
@@ -105,6 +107,7 @@ def _reassign_round(xp: torch.Tensor, perm: torch.Tensor, p: VNM, gen: torch.Gen
     4-subset and, over every 3-subset T of the core, sum_r topN(T) + max(0, x_r - t_r) (t: T's N-th
     largest); so the score of every (column, core) pairing is computed at once and the best
     reassignment of all taken-out columns is an exact linear assignment, which never loses score.
+    A block not scored by ``deadline`` is left as it is.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -123,14 +126,19 @@ def _reassign_round(xp: torch.Tensor, perm: torch.Tensor, p: VNM, gen: torch.Gen
         core_cols = (chunk[:, None] * m + slots)[slots != pos[chunk][:, None]].reshape(k, m - 1)
         x = xp[:, out_cols].T.contiguous()  # (k, R)
         g = torch.empty(k, k, dtype=torch.float64)
+        step = max(1, (1 << 24) // (r * len(triples)))  # taken-out columns per pass: bounds memory
         for j in range(k):
+            if time.perf_counter() > deadline:
+                return moved
             core = xp[:, core_cols[j]]  # (R, M-1)
             own = _exhaustive_block_best(core, p)  # (blocks,)
             trip = core[:, triples]  # (R, T, 3)
             t = trip.sort(-1, descending=True).values[..., p.keep - 1]  # (R, T)
             base = (topn_sum(trip, p.keep) - t).reshape(nb, p.v, -1).sum(1)  # (blocks, T)
-            with_x = torch.maximum(x[:, :, None], t[None]).reshape(k, nb, p.v, -1).sum(2) + base  # (k, blocks, T)
-            g[:, j] = torch.maximum(with_x.max(-1).values, own).double().sum(-1)
+            for a0 in range(0, k, step):
+                xa = x[a0 : a0 + step, :, None]
+                with_x = torch.maximum(xa, t[None]).reshape(len(xa), nb, p.v, -1).sum(2) + base  # (a, blocks, T)
+                g[a0 : a0 + step, j] = torch.maximum(with_x.max(-1).values, own).double().sum(-1)
         _, col_of = linear_sum_assignment(g.numpy(), maximize=True)
         col_of = torch.from_numpy(col_of)
         if float(g[torch.arange(k), col_of].sum()) <= float(g.diagonal().sum()) * (1 + 1e-9):
@@ -172,7 +180,7 @@ def vnm_permute(
     rounds = stale = 0
     if resolved == "exhaustive" and p.keep < p.columns < p.group:
         while time.perf_counter() - start < time_budget_s and groups >= 2 and stale < 3:
-            stale = 0 if _reassign_round(xp, perm, p, gen, block) else stale + 1
+            stale = 0 if _reassign_round(xp, perm, p, gen, block, start + time_budget_s) else stale + 1
             rounds += 1
 
     def group_scores(xp: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
