@@ -15,16 +15,11 @@ from nmkit.patterns import summarize
 def _stored_weight(reader: CheckpointReader, name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
     """The layer's weight as stored: dense, or decompressed from nmkit's values + bitmask."""
     if meta.get("storage") == "nmkit-compressed":
-        from nmkit.formats.nm import NMTensor, decompress
-        from nmkit.patterns import NM
+        from nmkit.formats.io import decompress_stored
 
-        keys = (f"{name}.weight_values", f"{name}.weight_mask")
-        if not all(k in reader for k in keys):
+        if not all(f"{name}.weight_{kind}" in reader for kind in ("values", "mask")):
             raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but not stored compressed")
-        t = NMTensor(values=reader.get(keys[0]), mask=reader.get(keys[1]), shape=tuple(layer["shape"]),
-                     pattern=NM.parse(layer["pattern"]))
-        t.validate()
-        return decompress(t)
+        return decompress_stored(reader, name, layer)
     key = f"{name}.weight"
     if key not in reader:
         raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but {key} is not stored")

@@ -68,6 +68,15 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def decompress_stored(reader: CheckpointReader, name: str, layer: dict) -> torch.Tensor:
+    """Layer ``name``'s dense weight (zeros in place) from its stored ``weight_values`` and
+    ``weight_mask``, checked against the sidecar entry ``layer`` (shape, pattern)."""
+    t = NMTensor(values=reader.get(f"{name}.weight_values"), mask=reader.get(f"{name}.weight_mask"),
+                 shape=tuple(layer["shape"]), pattern=NM.parse(layer["pattern"]))
+    t.validate()
+    return decompress(t)
+
+
 def _iter_pruned(directory: Path, sidecar: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, dense tensor)`` of a pruned directory one at a time; nmkit-compressed layers are
     decompressed (zeros in place)."""
@@ -81,11 +90,7 @@ def _iter_pruned(directory: Path, sidecar: dict) -> Iterator[tuple[str, torch.Te
         if name is None:
             yield key, reader.get(key)
         elif key.endswith("_values"):  # the layer's weight, once, where its values are stored
-            layer = sidecar["layers"][name]
-            t = NMTensor(values=reader.get(key), mask=reader.get(f"{name}.weight_mask"),
-                         shape=tuple(layer["shape"]), pattern=NM.parse(layer["pattern"]))
-            t.validate()
-            yield f"{name}.weight", decompress(t)
+            yield f"{name}.weight", decompress_stored(reader, name, sidecar["layers"][name])
 
 
 def read_pruned(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
