@@ -79,6 +79,36 @@ def test_eval_command(pruned_dir, tiny_data_dir, capsys):
     assert code == 0 and json.loads(out)["ppl"] == pytest.approx(report["ppl_sparse"], rel=1e-5)
 
 
+def test_eval_with_run_time_sparsity(tiny_model_dir, tiny_data_dir, capsys):
+    common = ["eval", tiny_model_dir, "--eval-seqlen", "64", "--eval-windows", "2", "--data-dir", tiny_data_dir,
+              "--json"]
+    code, out, _ = run(common, capsys)
+    plain = json.loads(out)["ppl"]
+    code, out, _ = run([*common, "--attention", "2:4", "--attention-layers", "0-1", "--activations", "4:8",
+                        "--baseline"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["attention"] == "2:4" and result["attention_layers"] == [0, 1]
+    assert result["activations"] == "4:8" and result["ppl_baseline"] == pytest.approx(plain, rel=1e-6)
+    assert result["ppl_ratio"] == pytest.approx(result["ppl"] / plain) and result["ppl"] != plain
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attention-layers", "0"], "needs --attention"),
+        (["--attention", "2:4", "--attention-layers", "a-b"], "layer numbers and ranges"),
+        (["--attention", "2:4", "--attention-layers", "5"], "do not exist"),
+        (["--baseline"], "add --attention or --activations"),
+        (["--attention", "3:2"], "keep N of every M"),
+        (["--activations", "3:5"], "not a multiple of M=5"),
+    ],
+)
+def test_eval_bad_run_time_sparsity_exits_2(tiny_model_dir, tiny_data_dir, capsys, extra, message):
+    code, _, err = run(["eval", tiny_model_dir, "--eval-seqlen", "64", "--eval-windows", "1", "--data-dir",
+                        tiny_data_dir, *extra], capsys)
+    assert code == 2 and message in err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

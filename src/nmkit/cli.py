@@ -23,6 +23,7 @@ BENCH_SUITES = {
     "kernels": ("nmkit.bench.kernels", "sparse kernels vs torch dense F.linear, interleaved"),
     "generate": ("nmkit.bench.generate", "greedy decode and prefill, dense vs compressed"),
     "train": ("nmkit.bench.train", "sparse training methods on a tiny GPT"),
+    "dynamic": ("nmkit.bench.dynamic", "run-time N:M attention (DFSS) and FFN inputs: quality per config"),
 }
 EXTRA_COMMANDS = {
     "export": ("nmkit.commands.export", "export a pruned model (dense+sidecar, nmkit compressed, ...)"),
@@ -110,9 +111,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of Markdown")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a model or pruned directory (pinned protocol)")
+    p = sub.add_parser("eval", help="perplexity of a model or pruned directory (pinned protocol)",
+                       description="Perplexity of a causal LM under the pinned protocol, optionally with run-time "
+                                   "N:M sparsity in attention scores (DFSS) or FFN inputs. An encoder (e.g. minilm) "
+                                   "is scored by embedding cosine against itself without that sparsity.")
     p.add_argument("model", help="built-in alias, local HF directory (e.g. a `nmkit prune` output) or HF id")
     _add_eval_args(p)
+    p.add_argument("--attention", default=None, metavar="N:M",
+                   help="prune attention scores at run time: each query keeps the N largest of every M keys "
+                        "(DFSS), e.g. 2:4")
+    p.add_argument("--attention-layers", default=None, metavar="LIST",
+                   help="only these layers get N:M attention, e.g. 2-29 or 0,1,5 (default: all)")
+    p.add_argument("--activations", default=None, metavar="N:M",
+                   help="prune each token's FFN hidden state (the input of the down projection) to N:M by "
+                        "magnitude at run time, e.g. 2:4")
+    p.add_argument("--baseline", action="store_true",
+                   help="also evaluate without the run-time sparsity and report the ratio")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -284,25 +298,81 @@ def _checkpoint_dir(out: str) -> Path:
     return out_path.with_name(out_path.name + ".nmkit-ckpt")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from nmkit import data, models
-    from nmkit.evaluate import perplexity
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``"2-5,9"`` -> [2, 3, 4, 5, 9]; None stays None (every layer)."""
+    if spec is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--attention-layers {spec!r}: use layer numbers and ranges, e.g. 2-29 or 0,1,5") from None
+    if not layers or min(layers) < 0:
+        raise UserError(f"--attention-layers {spec!r} selects no layer")
+    return layers
 
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from nmkit import data, models
+    from nmkit.dynamic import NMActivations, NMAttention
+    from nmkit.evaluate import embedding_fidelity, perplexity
+    from nmkit.patterns import NM
+
+    attention = None if args.attention is None else NM.parse(args.attention)
+    activations = None if args.activations is None else NM.parse(args.activations)
+    layers = parse_layers(args.attention_layers)
+    if layers is not None and attention is None:
+        raise UserError("--attention-layers needs --attention N:M")
+    dynamic = attention is not None or activations is not None
+    if args.baseline and not dynamic:
+        raise UserError("--baseline compares against run-time sparsity; add --attention or --activations")
     source = models.resolve(args.model)
-    if source.kind != "causal-lm":
-        raise UserError(f"{args.model!r} is not a causal language model; perplexity needs one")
+    if source.kind != "causal-lm" and not dynamic:
+        raise UserError(f"{args.model!r} is not a causal language model; perplexity needs one (an encoder can "
+                        "be scored against itself with --attention or --activations)")
     if data.data_dir(args.data_dir) is not None:
         data.check_data_dir(data.data_dir(args.data_dir))
     model, tokenizer = models.load(source), models.load_tokenizer(source)
     text = data.load_text("test", args.data_dir)
-    result = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
-    if args.json:
-        print(json.dumps({"model": source.name, "ppl": result.ppl, "nll": result.nll, "eval": result.protocol},
-                         indent=2))
+
+    def sparse_context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if attention is not None:
+            stack.enter_context(NMAttention(model, attention, layers))
+        if activations is not None:
+            stack.enter_context(NMActivations(model, activations))
+        return stack
+
+    out: dict = {"model": source.name, "attention": None if attention is None else str(attention),
+                 "attention_layers": layers, "activations": None if activations is None else str(activations)}
+    if source.kind != "causal-lm":
+        reference = embedding_fidelity(model, tokenizer, text)
+        with sparse_context():
+            fid = embedding_fidelity(model, tokenizer, text, reference=reference)
+        out |= {"embedding_cosine_mean": fid.cosine_mean, "embedding_cosine_min": fid.cosine_min,
+                "eval": fid.protocol}
+        summary = (f"{source.name}: embedding cosine vs itself without run-time sparsity: mean "
+                   f"{fid.cosine_mean:.5f}, min {fid.cosine_min:.5f} ({fid.protocol['sentences']} sentences)")
     else:
+        with sparse_context():
+            result = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
+        out |= {"ppl": result.ppl, "nll": result.nll, "eval": result.protocol}
         p = result.protocol
-        print(f"{source.name}: perplexity {result.ppl:.4f} on {p['dataset']} {p['split']} "
-              f"({p['windows']} windows x {p['seqlen']} tokens, source {p['source']})")
+        summary = (f"{source.name}: perplexity {result.ppl:.4f} on {p['dataset']} {p['split']} "
+                   f"({p['windows']} windows x {p['seqlen']} tokens, source {p['source']})")
+        if args.baseline:
+            base = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
+            out |= {"ppl_baseline": base.ppl, "ppl_ratio": result.ppl / base.ppl}
+            summary += f"; without run-time sparsity {base.ppl:.4f} (x{result.ppl / base.ppl:.3f})"
+    if dynamic:
+        what = [f"attention {attention}" + ("" if layers is None else f" in layers {args.attention_layers}")
+                if attention else "", f"FFN inputs {activations}" if activations else ""]
+        summary += "\nrun-time N:M: " + ", ".join(w for w in what if w)
+    print(json.dumps(out, indent=2) if args.json else summary)
     return 0
 
 

@@ -44,6 +44,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.nms_stripe_assign.restype = i
     d, u64 = ctypes.c_double, ctypes.c_uint64
     lib.nms_stripe_assign.argtypes = [p, i64, i64, i, i, p, d, u64, d, i64, i, i, i, p]
+    lib.nms_topn_fill.restype = i
+    lib.nms_topn_fill.argtypes = [p, i64, i, i, ctypes.c_float, i]
     return lib
 
 
@@ -140,3 +142,19 @@ def stripe_assign(
     if rc != 0:
         raise ValueError(f"compiled column reassignment rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
     return int(moved.value)
+
+
+def topn_fill_(x: torch.Tensor, n: int, m: int, fill: float, threads: int | None = None) -> torch.Tensor:
+    """In place: in every group of ``m`` consecutive entries of ``x`` (contiguous fp32 on CPU, numel a
+    multiple of m) keep the ``n`` largest, ties to the lower index, and set the rest to ``fill``."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("compiled solvers unavailable")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() % m:
+        raise ValueError("topn_fill_ needs a contiguous fp32 CPU tensor whose size is a multiple of m")
+    if not 1 <= m <= MAX_GROUP:
+        raise ValueError(f"group size {m} outside 1..{MAX_GROUP}")
+    rc = lib.nms_topn_fill(x.data_ptr(), x.numel() // m, m, n, fill, threads or torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"nms_topn_fill failed with code {rc}")
+    return x
