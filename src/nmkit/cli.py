@@ -119,7 +119,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--attention", default=None, metavar="N:M",
                    help="prune attention scores at run time: each query keeps the N largest of every M keys "
-                        "(DFSS), e.g. 2:4")
+                        "(DFSS), e.g. 2:4 (default: what DIR/nmkit.json records from `nmkit finetune "
+                        "--attention`; 'none' leaves it out)")
     p.add_argument("--attention-layers", default=None, metavar="LIST",
                    help="only these layers get N:M attention, e.g. 2-29 or 0,1,5 (default: all)")
     p.add_argument("--activations", default=None, metavar="N:M",
@@ -314,6 +315,13 @@ def parse_layers(spec: str | None) -> list[int] | None:
     return layers
 
 
+def _recorded_attention(model: str) -> dict | None:
+    from nmkit import sidecar
+
+    path = Path(model).expanduser()
+    return sidecar.runtime_attention(sidecar.read(path)) if (path / sidecar.SIDECAR).is_file() else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -322,9 +330,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nmkit.evaluate import embedding_fidelity, perplexity
     from nmkit.patterns import NM
 
-    attention = None if args.attention is None else NM.parse(args.attention)
+    attention = None if args.attention in (None, "none", "dense") else NM.parse(args.attention)
     activations = None if args.activations is None else NM.parse(args.activations)
     layers = parse_layers(args.attention_layers)
+    recorded = _recorded_attention(args.model) if args.attention is None else None
+    if recorded is not None:  # the model was fine-tuned with it; --attention none evaluates without
+        attention, layers = NM.parse(recorded["pattern"]), recorded["layers"]
+        _log(f"run-time attention {attention} from {args.model}/nmkit.json (--attention none to leave it out)")
     if layers is not None and attention is None:
         raise UserError("--attention-layers needs --attention N:M")
     dynamic = attention is not None or activations is not None

@@ -44,3 +44,9 @@ def read(directory: str | Path) -> dict:
     if body.get("format") != FORMAT:
         raise UserError(f"{path} is not an nmkit sparsity sidecar (format={body.get('format')!r})")
     return body
+
+
+def runtime_attention(meta: dict) -> dict | None:
+    """The run-time N:M attention a model was fine-tuned with ({"pattern", "layers"}), if any."""
+    attention = (meta.get("runtime") or {}).get("attention")
+    return dict(attention) if attention else None

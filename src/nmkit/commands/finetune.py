@@ -18,7 +18,8 @@ from nmkit.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="pruned model directory written by `nmkit prune`")
+    p.add_argument("dir", help="pruned model directory written by `nmkit prune`; with --attention also any "
+                               "model (alias, HF directory or id), fine-tuned dense for N:M attention")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: DIR-ft)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -35,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help="train masked LoRA adapters of rank R instead of the weights (merged, still N:M)",
     )
+    p.add_argument("--attention", default=None, metavar="N:M",
+                   help="train (and evaluate) with run-time N:M attention (DFSS): each query keeps the N largest "
+                        "of every M keys; recorded in nmkit.json so `nmkit eval` applies it (default: as DIR's "
+                        "nmkit.json says, else none)")
+    p.add_argument("--attention-layers", default=None, metavar="LIST",
+                   help="only these layers get N:M attention, e.g. 2-29 (default: all)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of the training-window order (default 0)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="default: the prune report's protocol, else 2048")
@@ -63,11 +70,26 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.dir).expanduser()
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    meta = sidecar.read(src)
+    attention = runtime_attention(args.attention, args.attention_layers)
+    if (src / sidecar.SIDECAR).is_file() or attention is None:
+        meta = sidecar.read(src)
+        attention = attention or sidecar.runtime_attention(meta)
+    else:  # a dense model, fine-tuned for N:M attention only
+        if args.lora:
+            raise UserError("--lora trains adapters on pruned layers; a dense model has none (drop --lora)")
+        source = models.resolve(args.dir)
+        if source.kind != "causal-lm":
+            raise UserError(f"{args.dir!r} is not a causal language model; finetune trains on next-token loss")
+        meta = {"model": source.name, "pattern": "dense", "layers": {}}
+        if not args.out:
+            raise UserError(f"{args.dir!r} is not a directory written by `nmkit prune`; name the output with --out")
+    dense_source = meta["pattern"] == "dense"
     try:
-        pattern = NM.parse(meta["pattern"])
+        pattern = None if dense_source else NM.parse(meta["pattern"])
     except Exception as exc:
         raise UserError(f"finetune needs an N:M-pruned directory; {src} has pattern {meta.get('pattern')!r}") from exc
+    if dense_source and attention is None:
+        raise UserError(f"{src} is not pruned; pass --attention N:M to fine-tune it for N:M attention")
     layers = [name for name, info in meta["layers"].items() if info.get("dim", 1) == 1]
     out = Path(args.out).expanduser() if args.out else src.with_name(src.name + "-ft")
     check_output_dir(out, args.overwrite)
@@ -78,9 +100,14 @@ def run(args: argparse.Namespace) -> int:
     eval_seqlen = args.eval_seqlen or protocol.get("seqlen") or 2048
     eval_windows = args.eval_windows or protocol.get("windows") or 16
 
-    _log(f"loading {src}")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    _log(f"loading {args.dir}")
+    if dense_source and not (src / sidecar.SIDECAR).is_file():
+        model, tokenizer = models.load(args.dir), models.load_tokenizer(args.dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    # The source's recorded perplexity was measured without this attention unless its sidecar had it.
+    new_attention = attention is not None and attention != sidecar.runtime_attention(meta)
     zeros_before = {n: (m.weight == 0).clone() for n, m in model.named_modules() if n in set(layers)}
     teacher = None
     if args.distill:
@@ -97,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     report: dict = {
         "source": str(src),
-        "pattern": str(pattern),
+        "pattern": "dense" if pattern is None else str(pattern),
+        "attention": attention,
         "steps": args.steps,
         "distill": args.distill,
         "teacher": (args.teacher or meta.get("model")) if args.distill else None,
@@ -107,16 +135,21 @@ def run(args: argparse.Namespace) -> int:
         "lora_rank": args.lora,
         "train_data": train.info,
         "ppl_dense": prune_report.get("ppl_dense"),
-        "ppl_before": prune_report.get("ppl_sparse"),
+        "ppl_before": None if new_attention else prune_report.get("ppl_sparse"),
         "ppl_before_source": "prune report",
     }
     text = None
     if not args.no_eval:
         text = data.load_text("test", args.data_dir)
         test_ids = data.tokenize(tokenizer, text)
+        if dense_source and report["ppl_dense"] is None:
+            _log("evaluating the model as it is, without run-time sparsity")
+            report["ppl_dense"] = perplexity(model, tokenizer, text, eval_seqlen, eval_windows, ids=test_ids).ppl
         if args.eval_before or report["ppl_before"] is None:
-            _log("evaluating before fine-tuning")
-            report["ppl_before"] = perplexity(model, tokenizer, text, eval_seqlen, eval_windows, ids=test_ids).ppl
+            _log("evaluating before fine-tuning" + (f" (attention {attention['pattern']})" if attention else ""))
+            with _attention(model, attention):
+                report["ppl_before"] = perplexity(model, tokenizer, text, eval_seqlen, eval_windows,
+                                                  ids=test_ids).ppl
             report["ppl_before_source"] = "measured"
 
     cfg = RecoveryConfig(
@@ -126,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora,
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
     )
-    result = recovery_finetune(model, layers, pattern, batches, cfg, teacher=teacher, log=_log)
+    with _attention(model, attention):
+        result = recovery_finetune(model, layers, pattern, batches, cfg, teacher=teacher, log=_log)
     report.update(
         steps_done=result.steps_done,
         train_seconds=round(result.seconds, 1),
@@ -140,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     report["mask_unchanged"] = changed == 0
     if not args.no_eval:
         t = time.perf_counter()
-        res = perplexity(model, tokenizer, text, eval_seqlen, eval_windows, ids=test_ids)
+        with _attention(model, attention):
+            res = perplexity(model, tokenizer, text, eval_seqlen, eval_windows, ids=test_ids)
         report["ppl_after"], report["eval"] = res.ppl, res.protocol
         report["eval_seconds"] = round(time.perf_counter() - t, 1)
         dense, before = report["ppl_dense"], report["ppl_before"]
@@ -150,10 +185,12 @@ def run(args: argparse.Namespace) -> int:
     with atomic_directory(out, args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        kept = {k: v for k, v in meta.items() if k not in ("layers", "versions", "format", "version", "runtime")}
         sidecar.write(
             tmp,
             meta["layers"],
-            **{k: v for k, v in meta.items() if k not in ("layers", "versions", "format", "version")},
+            **kept,
+            **({"runtime": {"attention": attention}} if attention else {}),
             finetune={k: v for k, v in report.items() if k not in ("loss_first", "loss_last")},
         )
         (tmp / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -165,12 +202,35 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["all_valid"] and report["mask_unchanged"] else 1
 
 
+def runtime_attention(spec: str | None, layer_spec: str | None) -> dict | None:
+    """``--attention`` / ``--attention-layers`` as the sidecar records them: {"pattern", "layers"}."""
+    from nmkit.cli import parse_layers
+    from nmkit.patterns import NM
+
+    if spec is None:
+        if layer_spec is not None:
+            raise UserError("--attention-layers needs --attention N:M")
+        return None
+    return {"pattern": str(NM.parse(spec)), "layers": parse_layers(layer_spec)}
+
+
+def _attention(model, attention: dict | None):
+    import contextlib
+
+    from nmkit.dynamic import NMAttention
+
+    return contextlib.nullcontext() if attention is None else NMAttention(model, attention["pattern"],
+                                                                           attention["layers"])
+
+
 def _markdown(r: dict) -> str:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
     lines = [
-        f"Recovery fine-tune of {r['source']} ({r['pattern']}, mask fixed): {r['steps_done']}/{r['steps']} steps "
+        f"Recovery fine-tune of {r['source']} ({r['pattern']}, mask fixed"
+        + (f"; attention {r['attention']['pattern']}" if r.get("attention") else "")
+        + f"): {r['steps_done']}/{r['steps']} steps "
         f"in {r['train_seconds']} s, distill={r['distill']}, lora_rank={r['lora_rank']}",
         "",
         "| dense ppl | pruned ppl | fine-tuned ppl | gap closed | N:M valid | mask unchanged |",

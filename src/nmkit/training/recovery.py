@@ -63,7 +63,7 @@ def _lr_at(step: int, elapsed: float, cfg: RecoveryConfig) -> float:
 def recovery_finetune(
     model: nn.Module,
     layers: list[str],
-    pattern: NM | str,
+    pattern: NM | str | None,
     batches: torch.Tensor,
     cfg: RecoveryConfig,
     teacher: nn.Module | None = None,
@@ -71,10 +71,14 @@ def recovery_finetune(
 ) -> RecoveryResult:
     """Fine-tune ``model`` (HF causal LM) on ``batches`` (steps, batch, seqlen) keeping every zero of ``layers``.
 
-    Embeddings and the LM head stay frozen (they are dense and tied in small LMs). Returns per-step
-    losses and the finalize report (N:M validity of every layer).
+    Embeddings and the LM head stay frozen (they are dense and tied in small LMs). With no
+    ``layers`` (``pattern`` None) the model is dense and every other weight trains freely, e.g. to
+    adapt it to run-time N:M attention. Returns per-step losses and the finalize report (N:M
+    validity of every layer).
     """
-    pattern = NM.parse(pattern)
+    pattern = None if pattern is None else NM.parse(pattern)
+    if layers and pattern is None:
+        raise ValueError("pruned layers need their N:M pattern")
     model.train()
     for name, p in model.named_parameters():
         if "embed" in name or "lm_head" in name:
@@ -84,8 +88,10 @@ def recovery_finetune(
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
         sparse = None
-    else:
+    elif layers:
         sparse = SparseTraining(model, pattern, method="fixed", masks="nonzero", include=layers, exclude=())
+    else:
+        sparse = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     result = RecoveryResult(0, 0.0)
@@ -122,6 +128,8 @@ def recovery_finetune(
     result.seconds = time.perf_counter() - t0
     if sparse is not None:
         result.finalize = sparse.finalize()
+    elif not layers:
+        result.finalize = {"valid": True, "layers": {}}
     else:
         merge_sparse_lora(model)
         result.finalize = {"valid": all(pattern.is_valid(dict(model.named_modules())[n].weight) for n in layers)}
