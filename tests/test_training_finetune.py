@@ -126,6 +126,11 @@ def test_finetune_a_dense_model_for_nm_attention(tiny_model_dir, tiny_data_dir, 
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    control = tmp_path / "dense-control"
+    assert _finetune([tiny_model_dir, "--steps", "2", "--batch", "1", "--seqlen", "32", "--out", control,
+                      "--attention", "dense", "--no-eval", "--data-dir", tiny_data_dir]) == 0
+    assert "runtime" not in json.loads((control / "nmkit.json").read_text())
+    assert json.loads((control / "finetune.json").read_text())["attention"] is None
 
 
 @pytest.mark.parametrize("extra, message", [

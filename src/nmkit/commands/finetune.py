@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None, metavar="N:M",
                    help="train (and evaluate) with run-time N:M attention (DFSS): each query keeps the N largest "
                         "of every M keys; recorded in nmkit.json so `nmkit eval` applies it (default: as DIR's "
-                        "nmkit.json says, else none)")
+                        "nmkit.json says, else none); 'dense' fine-tunes a dense model with dense attention, "
+                        "the control for such a run")
     p.add_argument("--attention-layers", default=None, metavar="LIST",
                    help="only these layers get N:M attention, e.g. 2-29 (default: all)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     attention = runtime_attention(args.attention, args.attention_layers)
-    if (src / sidecar.SIDECAR).is_file() or attention is None:
+    control = args.attention == "dense"  # the same recipe with dense attention, to compare against
+    if (src / sidecar.SIDECAR).is_file() or (attention is None and not control):
         meta = sidecar.read(src)
         attention = attention or sidecar.runtime_attention(meta)
     else:  # a dense model, fine-tuned for N:M attention only
@@ -88,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         pattern = None if dense_source else NM.parse(meta["pattern"])
     except Exception as exc:
         raise UserError(f"finetune needs an N:M-pruned directory; {src} has pattern {meta.get('pattern')!r}") from exc
-    if dense_source and attention is None:
-        raise UserError(f"{src} is not pruned; pass --attention N:M to fine-tune it for N:M attention")
+    if dense_source and attention is None and not control:
+        raise UserError(f"{src} is not pruned; pass --attention N:M to fine-tune it for N:M attention "
+                        "(--attention dense runs the same recipe with dense attention, as a control)")
     layers = [name for name, info in meta["layers"].items() if info.get("dim", 1) == 1]
     out = Path(args.out).expanduser() if args.out else src.with_name(src.name + "-ft")
     check_output_dir(out, args.overwrite)
@@ -207,7 +210,7 @@ def runtime_attention(spec: str | None, layer_spec: str | None) -> dict | None:
     from nmkit.cli import parse_layers
     from nmkit.patterns import NM
 
-    if spec is None:
+    if spec is None or spec == "dense":
         if layer_spec is not None:
             raise UserError("--attention-layers needs --attention N:M")
         return None
