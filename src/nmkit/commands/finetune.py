@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         if dense_source and report["ppl_dense"] is None:
             _log("evaluating the model as it is, without run-time sparsity")
             report["ppl_dense"] = perplexity(model, tokenizer, text, eval_seqlen, eval_windows, ids=test_ids).ppl
+        if dense_source and attention is None:  # the control: nothing differs from the dense model yet
+            report["ppl_before"], report["ppl_before_source"] = report["ppl_dense"], "= dense"
         if args.eval_before or report["ppl_before"] is None:
             _log("evaluating before fine-tuning" + (f" (attention {attention['pattern']})" if attention else ""))
             with _attention(model, attention):
