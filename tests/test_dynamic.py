@@ -79,6 +79,16 @@ def test_fast_and_differentiable_paths_agree(keys):
     torch.testing.assert_close(fast, slow.detach())
 
 
+def test_bf16_attention_follows_the_fp32_reference():
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (t.bfloat16() for t in torch.randn(3, 1, 2, 12, 16, generator=g).unbind(0))
+    with torch.no_grad():
+        fast = nm_attention(q, k, v, "2:4", is_causal=True)
+    reference = nm_attention(q.requires_grad_(), k, v, "2:4", is_causal=True)  # torch path, bf16 scores
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, reference.detach(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_query_blocks_change_nothing(causal):
     g = torch.Generator().manual_seed(8)
