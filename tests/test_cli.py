@@ -79,6 +79,18 @@ def test_eval_command(pruned_dir, tiny_data_dir, capsys):
     assert code == 0 and json.loads(out)["ppl"] == pytest.approx(report["ppl_sparse"], rel=1e-5)
 
 
+def test_eval_of_a_directory_reproduces_its_report_by_default(pruned_dir, tiny_data_dir, capsys):
+    code, out, err = run(["eval", pruned_dir, "--data-dir", tiny_data_dir, "--json"], capsys)
+    report = json.loads((pruned_dir / "report.json").read_text())
+    result = json.loads(out)
+    assert code == 0 and "protocol from" in err and result["eval"]["windows"] == 2
+    assert result["ppl"] == pytest.approx(report["ppl_sparse"], rel=1e-5)
+    code, out, _ = run(["eval", pruned_dir, "--data-dir", tiny_data_dir, "--eval-windows", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["eval"]["windows"] == 1
+    code, _, err = run(["eval", pruned_dir, "--data-dir", tiny_data_dir, "--eval-seqlen", "0"], capsys)
+    assert code == 2 and "--eval-seqlen must be >= 2" in err
+
+
 def test_eval_with_run_time_sparsity(tiny_model_dir, tiny_data_dir, capsys):
     common = ["eval", tiny_model_dir, "--eval-seqlen", "64", "--eval-windows", "2", "--data-dir", tiny_data_dir,
               "--json"]

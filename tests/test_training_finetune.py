@@ -104,8 +104,9 @@ def test_finetune_with_nm_attention_records_it_for_eval(pruned, tiny_model_dir, 
     assert meta["runtime"] == {"attention": {"pattern": "1:4", "layers": [1]}} and meta["pattern"] == "2:4"
     assert report["ppl_before_source"] == "measured" and report["mask_unchanged"] and report["all_valid"]
     capsys.readouterr()
-    assert main(["eval", str(out), *map(str, common), "--json"]) == 0
+    assert main(["eval", str(out), "--data-dir", str(tiny_data_dir), "--json"]) == 0  # protocol from nmkit.json
     applied = json.loads(capsys.readouterr().out)
+    assert applied["eval"]["seqlen"] == 64 and applied["eval"]["windows"] == 2
     assert applied["attention"] == "1:4" and applied["attention_layers"] == [1]
     assert applied["ppl"] == pytest.approx(report["ppl_after"], rel=1e-5)
     assert main(["eval", str(out), *map(str, common), "--attention", "none", "--json"]) == 0

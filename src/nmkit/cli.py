@@ -52,11 +52,14 @@ def _attach(p: argparse.ArgumentParser, module: str, selected: bool) -> None:
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
-def _add_eval_args(p: argparse.ArgumentParser, default_seqlen: int = 2048) -> None:
+def _add_eval_args(p: argparse.ArgumentParser, default_seqlen: int | None = 2048) -> None:
+    recorded = default_seqlen is None  # `eval`: the directory's recorded protocol first
     p.add_argument("--eval-seqlen", type=int, default=default_seqlen, metavar="S",
-                   help=f"tokens per evaluation window (default {default_seqlen})")
+                   help="tokens per evaluation window (default: " + ("as DIR/nmkit.json records, else 2048)"
+                                                                     if recorded else f"{default_seqlen})"))
     p.add_argument("--eval-windows", type=int, default=None, metavar="K",
-                   help="score only the first K windows (default: all)")
+                   help="score only the first K windows (default: " + ("as DIR/nmkit.json records, else all)"
+                                                                       if recorded else "all)"))
     p.add_argument("--data-dir", default=None, metavar="D",
                    help="folder holding wikitext-2-raw/wiki.{train,valid,test}.raw (default: $NMKIT_DATA; "
                         "without either, HF datasets if reachable, else Python's bundled pydoc text)")
@@ -116,7 +119,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                    "N:M sparsity in attention scores (DFSS) or FFN inputs. An encoder (e.g. minilm) "
                                    "is scored by embedding cosine against itself without that sparsity.")
     p.add_argument("model", help="built-in alias, local HF directory (e.g. a `nmkit prune` output) or HF id")
-    _add_eval_args(p)
+    _add_eval_args(p, default_seqlen=None)
     p.add_argument("--attention", default=None, metavar="N:M",
                    help="prune attention scores at run time: each query keeps the N largest of every M keys "
                         "(DFSS), e.g. 2:4 (default: what DIR/nmkit.json records from `nmkit finetune "
@@ -315,11 +318,26 @@ def parse_layers(spec: str | None) -> list[int] | None:
     return layers
 
 
-def _recorded_attention(model: str) -> dict | None:
+def _recorded(model: str) -> dict:
+    """What ``nmkit prune`` / ``finetune`` recorded in MODEL/nmkit.json ({} for anything else)."""
     from nmkit import sidecar
 
     path = Path(model).expanduser()
-    return sidecar.runtime_attention(sidecar.read(path)) if (path / sidecar.SIDECAR).is_file() else None
+    return sidecar.read(path) if (path / sidecar.SIDECAR).is_file() else {}
+
+
+def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | None]:
+    """--eval-seqlen / --eval-windows, defaulting to the protocol the directory's report used, so
+    `nmkit eval DIR` reproduces the number in DIR's report."""
+    recorded = meta.get("eval") or {}
+    seqlen = args.eval_seqlen if args.eval_seqlen is not None else recorded.get("seqlen", 2048)
+    windows = args.eval_windows if args.eval_windows is not None else recorded.get("windows")
+    if recorded and (args.eval_seqlen is None or args.eval_windows is None):
+        _log(f"protocol from {args.model}/nmkit.json: {windows or 'all'} windows x {seqlen} tokens "
+             "(--eval-seqlen/--eval-windows to change)")
+    if seqlen < 2 or (windows is not None and windows < 1):
+        raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
+    return seqlen, windows
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -333,7 +351,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attention = None if args.attention in (None, "none", "dense") else NM.parse(args.attention)
     activations = None if args.activations is None else NM.parse(args.activations)
     layers = parse_layers(args.attention_layers)
-    recorded = _recorded_attention(args.model) if args.attention is None else None
+    meta = _recorded(args.model)
+    seqlen, windows = _eval_protocol(args, meta)
+    from nmkit import sidecar
+
+    recorded = sidecar.runtime_attention(meta) if args.attention is None else None
     if recorded is not None:  # the model was fine-tuned with it; --attention none evaluates without
         attention, layers = NM.parse(recorded["pattern"]), recorded["layers"]
         _log(f"run-time attention {attention} from {args.model}/nmkit.json (--attention none to leave it out)")
@@ -371,13 +393,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    f"{fid.cosine_mean:.5f}, min {fid.cosine_min:.5f} ({fid.protocol['sentences']} sentences)")
     else:
         with sparse_context():
-            result = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
+            result = perplexity(model, tokenizer, text, seqlen, windows)
         out |= {"ppl": result.ppl, "nll": result.nll, "eval": result.protocol}
         p = result.protocol
         summary = (f"{source.name}: perplexity {result.ppl:.4f} on {p['dataset']} {p['split']} "
                    f"({p['windows']} windows x {p['seqlen']} tokens, source {p['source']})")
         if args.baseline:
-            base = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows)
+            base = perplexity(model, tokenizer, text, seqlen, windows)
             out |= {"ppl_baseline": base.ppl, "ppl_ratio": result.ppl / base.ppl}
             summary += f"; without run-time sparsity {base.ppl:.4f} (x{result.ppl / base.ppl:.3f})"
     if dynamic:

@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         kept = {k: v for k, v in meta.items() if k not in ("layers", "versions", "format", "version", "runtime")}
+        if report.get("eval"):  # the protocol `nmkit eval` of the output reproduces by default
+            kept["eval"] = report["eval"]
         sidecar.write(
             tmp,
             meta["layers"],
