@@ -343,7 +343,7 @@ def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | Non
 def cmd_eval(args: argparse.Namespace) -> int:
     import contextlib
 
-    from nmkit import data, models
+    from nmkit import data, models, sidecar
     from nmkit.dynamic import NMActivations, NMAttention
     from nmkit.evaluate import embedding_fidelity, perplexity
     from nmkit.patterns import NM
@@ -353,8 +353,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     layers = parse_layers(args.attention_layers)
     meta = _recorded(args.model)
     seqlen, windows = _eval_protocol(args, meta)
-    from nmkit import sidecar
-
     recorded = sidecar.runtime_attention(meta) if args.attention is None else None
     if recorded is not None:  # the model was fine-tuned with it; --attention none evaluates without
         attention, layers = NM.parse(recorded["pattern"]), recorded["layers"]
