@@ -341,10 +341,8 @@ def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | Non
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import contextlib
-
     from nmkit import data, models, sidecar
-    from nmkit.dynamic import NMActivations, NMAttention
+    from nmkit.dynamic import runtime_sparsity
     from nmkit.evaluate import embedding_fidelity, perplexity
     from nmkit.patterns import NM
 
@@ -371,26 +369,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = models.load(source), models.load_tokenizer(source)
     text = data.load_text("test", args.data_dir)
 
-    def sparse_context() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if attention is not None:
-            stack.enter_context(NMAttention(model, attention, layers))
-        if activations is not None:
-            stack.enter_context(NMActivations(model, activations))
-        return stack
-
     out: dict = {"model": source.name, "attention": None if attention is None else str(attention),
                  "attention_layers": layers, "activations": None if activations is None else str(activations)}
     if source.kind != "causal-lm":
         reference = embedding_fidelity(model, tokenizer, text)
-        with sparse_context():
+        with runtime_sparsity(model, attention, layers, activations):
             fid = embedding_fidelity(model, tokenizer, text, reference=reference)
         out |= {"embedding_cosine_mean": fid.cosine_mean, "embedding_cosine_min": fid.cosine_min,
                 "eval": fid.protocol}
         summary = (f"{source.name}: embedding cosine vs itself without run-time sparsity: mean "
                    f"{fid.cosine_mean:.5f}, min {fid.cosine_min:.5f} ({fid.protocol['sentences']} sentences)")
     else:
-        with sparse_context():
+        with runtime_sparsity(model, attention, layers, activations):
             result = perplexity(model, tokenizer, text, seqlen, windows)
         out |= {"ppl": result.ppl, "nll": result.nll, "eval": result.protocol}
         p = result.protocol

@@ -11,7 +11,6 @@ dense scores, so they show the overhead of the masking, not a speed-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.patterns import NM
 
@@ -71,17 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def _sparsity(model: torch.nn.Module, config: DynamicConfig) -> contextlib.ExitStack:
-    from nmkit.dynamic import NMActivations, NMAttention
-
-    stack = contextlib.ExitStack()
-    if config.attention is not None:
-        stack.enter_context(NMAttention(model, config.attention, config.layers))
-    if config.activations is not None:
-        stack.enter_context(NMActivations(model, config.activations))
-    return stack
-
-
 def run(args: argparse.Namespace) -> int:
     from nmkit import data, models
     from nmkit.data import tokenize
@@ -125,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for config in configs:
         t0 = time.perf_counter()
-        with torch.inference_mode(), _sparsity(model, config):
+        with torch.inference_mode(), runtime_sparsity(model, config.attention, config.layers, config.activations):
             result = score(None if causal else base["fidelity"])
         seconds = time.perf_counter() - t0
         row = {"config": config.label, "eval_s": seconds, "eval_time_ratio": seconds / base_s}

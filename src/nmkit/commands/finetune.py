@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     attention = runtime_attention(args.attention, args.attention_layers)
     control = args.attention == "dense"  # the same recipe with dense attention, to compare against
-    if (src / sidecar.SIDECAR).is_file() or (attention is None and not control):
+    pruned_dir = (src / sidecar.SIDECAR).is_file()
+    if pruned_dir or (attention is None and not control):
         meta = sidecar.read(src)
         attention = attention or sidecar.runtime_attention(meta)
     else:  # a dense model, fine-tuned for N:M attention only
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     eval_windows = args.eval_windows or protocol.get("windows") or 16
 
     _log(f"loading {args.dir}")
-    if dense_source and not (src / sidecar.SIDECAR).is_file():
+    if not pruned_dir:
         model, tokenizer = models.load(args.dir), models.load_tokenizer(args.dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -224,12 +225,9 @@ def runtime_attention(spec: str | None, layer_spec: str | None) -> dict | None:
 
 
 def _attention(model, attention: dict | None):
-    import contextlib
+    from nmkit.dynamic import runtime_sparsity
 
-    from nmkit.dynamic import NMAttention
-
-    return contextlib.nullcontext() if attention is None else NMAttention(model, attention["pattern"],
-                                                                           attention["layers"])
+    return runtime_sparsity(model, *((attention["pattern"], attention["layers"]) if attention else ()))
 
 
 def _markdown(r: dict) -> str:
