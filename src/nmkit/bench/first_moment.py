@@ -6,7 +6,7 @@ group) has the same distribution of kept score: a sum of independent row terms. 
 of partitions reaching a kept score K is #partitions x P(the identity reaches K); where it is far below
 one, no partition reaches K. With a Gaussian tail for that sum, ``e_star`` is the efficacy at which
 the expected count is one. An estimate for i.i.d. matrices only (real weights have structured columns),
-checked in BENCHMARKS.md to lie above every exact optimum and LP bound measured.
+checked in docs/benchmarks-history.md to lie above every exact optimum and LP bound measured.
 """
 
 from __future__ import annotations
