@@ -82,8 +82,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--method", default="magnitude",
                    help="magnitude (no data); calibrated: wanda (|W| x input norm), esparse (entropy-enhanced "
                         "Wanda), sparsegpt (OBS with weight update), sparsegpt-refit (SparseGPT + joint "
-                        "least-squares refit: best measured), sparsegpt-ec (experimental, measured worse) "
-                        "(default magnitude)")
+                        "least-squares refit: best measured) (default magnitude)")
     p.add_argument("--calib-samples", type=int, default=64, metavar="K",
                    help="calibration sequences from the train split, for calibrated methods (default 64)")
     p.add_argument("--calib-seqlen", type=int, default=512, metavar="L", help="tokens per calibration sequence "

@@ -207,39 +207,11 @@ def admm(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy 
     return refit(d, d != 0, stats.xtx, w.float(), damp)
 
 
-def dense_target(w: torch.Tensor, stats: InputStats, damp: float) -> torch.Tensor:
-    """Weights T with T X_s closest to the dense model's W X_d: T = W C H^-1 = W + W (C - H) H^-1,
-    C = sum x_d x_s^T.
-
-    Aiming each layer at the dense model's output (rather than at its own unpruned output on
-    already-degraded inputs) lets later layers undo error left by earlier ones.
-    """
-    h = stats.xtx.double()
-    h_damped = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    # Written as a correction of W, so that damping only tempers the correction: with identical
-    # streams (C = H) the target is exactly W, where W C (H + damp)^-1 would shrink it.
-    rhs = w.double() @ (stats.cross.double() - h)
-    correction = torch.linalg.solve(h_damped, rhs.T).T  # H symmetric: (H^-1 (W(C-H))^T)^T
-    return (w.double() + correction).float()
-
-
-def sparsegpt_ec(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy = "error",
-                 blocksize: int = 128, damp: float = 0.01, **_) -> torch.Tensor:
-    """Error-correcting SparseGPT: SparseGPT and a refit aimed at the dense model's layer output."""
-    if stats.cross is None:
-        raise RuntimeError("sparsegpt-ec needs dense-stream statistics (run it through prune_sequential)")
-    target = dense_target(w, stats, damp)
-    pruned = sparsegpt(target, stats, pattern, tail=tail, blocksize=blocksize, damp=damp)
-    return refit(pruned, pruned != 0, stats.xtx, target, damp)
-
-
 METHODS = {"magnitude": magnitude, "wanda": wanda, "esparse": esparse, "sparsegpt": sparsegpt,
-           "sparsegpt-refit": sparsegpt_refit, "sparsegpt-ec": sparsegpt_ec, "admm": admm}
-CALIBRATED = {"wanda", "esparse", "sparsegpt", "sparsegpt-refit", "sparsegpt-ec", "admm"}
+           "sparsegpt-refit": sparsegpt_refit, "admm": admm}
+CALIBRATED = {"wanda", "esparse", "sparsegpt", "sparsegpt-refit", "admm"}
 # Methods that need per-channel value histograms.
 NEEDS_HISTOGRAMS = {"esparse"}
-# Methods whose layer targets come from the dense model's activations (a second, dense stream).
-NEEDS_DENSE_STREAM = {"sparsegpt-ec"}
 
 
 def reconstruction_error(w_old: torch.Tensor, w_new: torch.Tensor, stats: InputStats) -> float:

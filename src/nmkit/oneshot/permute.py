@@ -59,8 +59,6 @@ def importance(method: str, w: torch.Tensor, stats: InputStats | None, damp: flo
 
 def _permute_stats(stats: InputStats, perm: torch.Tensor) -> None:
     stats.xtx = stats.xtx[perm][:, perm]
-    if stats.cross is not None:
-        stats.cross = stats.cross[perm][:, perm]
     if stats.histogram is not None:
         stats.histogram = stats.histogram[perm]
         stats.hist_range = stats.hist_range[perm]
