@@ -29,8 +29,7 @@ from typing import Literal
 
 import torch
 
-from nmkit.pattern_zoo import Transposable
-from nmkit.patterns import NM, PatternError
+from nmkit.patterns import NM, PatternError, Transposable, parse
 
 Method = Literal["auto", "exact", "optimal", "greedy", "entropic", "fast"]
 METHODS: tuple[str, ...] = ("auto", "exact", "optimal", "greedy", "entropic", "fast")
@@ -42,8 +41,6 @@ def _as_pattern(pattern: Transposable | NM | str) -> Transposable:
     if isinstance(pattern, Transposable):
         return pattern
     if isinstance(pattern, str):
-        from nmkit.patterns import parse
-
         pattern = parse(pattern)
     if isinstance(pattern, NM):
         return Transposable(pattern.keep, pattern.group)
