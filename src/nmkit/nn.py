@@ -21,6 +21,7 @@ from nmkit.formats.nm import NMTensor, decompress
 from nmkit.formats.nm import compress as compress_tensor
 from nmkit.kernels import native, nm_linear
 from nmkit.patterns import NM, PatternError, group_counts
+from nmkit.selection import selected
 
 
 @torch.library.custom_op("nmkit::nm_linear", mutates_args=())
@@ -234,9 +235,7 @@ def _targets(model: nn.Module, include, exclude) -> list[tuple[str, nn.Linear]]:
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:
             continue
-        if include is not None and not any(s in name for s in include):
-            continue
-        if any(s in name for s in exclude):
+        if not selected(name, include, exclude):
             continue
         if seen.get(id(mod.weight), 0) > 1:  # tied (e.g. lm_head = embeddings): leave it alone
             continue
@@ -254,7 +253,7 @@ def compress(
     cold_mb: int = 48,
     fallback: str = "keep",
     include: list[str] | None = None,
-    exclude: tuple[str, ...] = ("lm_head",),
+    exclude: tuple[str, ...] = ("*lm_head*",),
     verbose: bool = False,
 ) -> CompressReport:
     """Swap pruned ``nn.Linear`` layers for :class:`SparseLinear`, in place; returns what it did.

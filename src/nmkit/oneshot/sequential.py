@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
-from nmkit.oneshot.methods import METHODS, NEEDS_HISTOGRAMS, reconstruction_error
+from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
-from nmkit.oneshot.prune import LayerResult, PruneResult
+from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse, summarize
@@ -167,7 +167,7 @@ def prune_sequential(
     for i in range(first, len(blocks)):
         block, block_targets = blocks[i], per_block[i]
         if block_targets:
-            bins = 64 if method in NEEDS_HISTOGRAMS else 0
+            bins = 64 if METHODS[method].histograms else 0
             with StatsCollector(block_targets, histogram_bins=bins) as collector:
                 for s in range(0, hidden.shape[0], batch):
                     collector.new_batch()
@@ -178,7 +178,7 @@ def prune_sequential(
             for t in block_targets:
                 stats = collector.stats[t.name]
                 w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
-                w_new = METHODS[method](w_old, stats, pattern, tail=tail, **options)
+                w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
                 _write_back(t, w_new)
                 info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
                 result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
