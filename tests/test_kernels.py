@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nmkit import clib
 from nmkit.formats import compress, to_blocked
 from nmkit.kernels import native, nm_linear, reference
 from nmkit.solvers.nm import nm_mask
@@ -75,11 +76,15 @@ def test_kernel_tiling(isa, dtype, pattern, rows, cols, batches, kinds):
 @pytest.mark.parametrize("isa", ISAS)
 def test_env_var_forces_isa(isa, monkeypatch):
     monkeypatch.setenv("NMKIT_ISA", isa)
-    assert native._resolve_isa(None) == native.ISAS.index(isa)
-    _, t = _case(8, 64, "2:4", torch.float32)
-    x = torch.randn(2, 64)
-    torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
-                               rtol=1e-5, atol=1e-5)
+    clib.reset()  # the environment is read once per process; re-read it (and again after the test)
+    try:
+        assert native._resolve_isa(None) == native.ISAS.index(isa)
+        _, t = _case(8, 64, "2:4", torch.float32)
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        clib.reset()
 
 
 @needs_native

@@ -303,7 +303,7 @@ def _checkpoint_dir(out: str) -> Path:
 def _recorded(model: str) -> dict:
     """What ``nmkit prune`` / ``finetune`` recorded in MODEL/nmkit.json ({} for anything else)."""
     path = Path(model).expanduser()
-    return sidecar.read(path) if (path / sidecar.SIDECAR).is_file() else {}
+    return sidecar.read(path) if sidecar.exists(path) else {}
 
 
 def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | None]:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked, zeros_blocked
-from nmkit.formats.nm import NMTensor, decompress
+from nmkit.formats.nm import NMTensor
 from nmkit.formats.nm import compress as compress_tensor
-from nmkit.kernels import native, nm_linear
+from nmkit.kernels import dense_weight, nm_linear
 from nmkit.patterns import NM, PatternError, group_counts
 from nmkit.selection import selected
 
@@ -104,11 +104,7 @@ class SparseLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, decompressed on demand (forward builds it only for the dense fallback)."""
-        b = self._blocked()
-        if native.available() and b.values.dtype in (torch.float32, torch.bfloat16) and b.values.device.type == "cpu" \
-                and 16 % self.pattern.group == 0:
-            return native.decompress(b)
-        return decompress(self.compressed())
+        return dense_weight(self._blocked())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(1, self.in_features)

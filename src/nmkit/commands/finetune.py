@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     attention = runtime_attention(args.attention, args.attention_layers)
     control = args.attention == "dense"  # the same recipe with dense attention, to compare against
-    pruned_dir = (src / sidecar.SIDECAR).is_file()
+    pruned_dir = sidecar.exists(src)
     if pruned_dir or (attention is None and not control):
         meta = sidecar.read(src)
         attention = attention or sidecar.runtime_attention(meta)
