@@ -8,8 +8,8 @@ Environment (read on first use; :func:`reset` re-reads it, for tests):
 
 - ``NMKIT_NATIVE=0`` disables every compiled library.
 - ``NMKIT_ISA`` lowers the kernels' ISA level (``portable``, ``avx2``, ``avx512``, ``avx512bf16``).
-- A library's ``override`` variable (``NMKIT_NATIVE_LIB`` for the kernels, ``NMKIT_SOLVERS_LIB`` for the
-  solvers) points at a development build of the same C file.
+- A library's ``override`` variable, ``NMKIT_<NAME>_LIB`` (``NMKIT_NATIVE_LIB`` for the kernels,
+  ``NMKIT_SOLVERS_LIB`` for the solvers), points at a development build of the same C file.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Environment:
 @lru_cache(maxsize=1)
 def environment() -> Environment:
     """The NMKIT_* settings of this process, read once."""
-    overrides = {k: v for k, v in os.environ.items() if k in ("NMKIT_NATIVE_LIB", "NMKIT_SOLVERS_LIB") and v}
+    overrides = {k: v for k, v in os.environ.items() if k.startswith("NMKIT_") and k.endswith("_LIB") and v}
     return Environment(os.environ.get("NMKIT_NATIVE", "1") != "0", os.environ.get("NMKIT_ISA") or None, overrides)
 
 
