@@ -203,3 +203,15 @@ def test_export_compressed_then_inspect_and_load(pruned_dir, tmp_path, capsys):
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prune_help_lists_the_method_records(capsys):
+    """--method's help comes from the Method records: every method is listed, the deleted one is not."""
+    from nmkit.oneshot.methods import METHODS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--help"])
+    assert exc.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse may wrap anywhere, even at a hyphen
+    assert all(f"{name}(" in text for name in METHODS)
+    assert "sparsegpt-ec" not in text

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from nmkit.dynamic import NMActivations, NMAttention, ffn_down_projections, nm_attention, prune_activations, score_mask
 from nmkit.errors import UserError
+from nmkit.kernels import native as kernels_native
 from nmkit.patterns import NM
-from nmkit.solvers import native as solvers_native
 
 PATTERNS = ["1:2", "2:4", "1:4", "4:8", "2:8"]
 
@@ -56,7 +56,7 @@ def test_nm_attention_is_sdpa_over_the_kept_scores(pattern, queries, keys, seed)
     torch.testing.assert_close(nm_attention(q, k, v, pattern), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not solvers_native.available(), reason="compiled solvers not built")
+@pytest.mark.skipif(not kernels_native.available(), reason="native kernels not built")
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (8, 16), (2, 3), (5, 32), (1, 1)]),
        st.integers(1, 40), st.integers(0, 2**31 - 1))
@@ -65,7 +65,7 @@ def test_compiled_top_n_fill_matches_the_reference(nm, groups, seed):
     x = torch.randn(groups, m, generator=torch.Generator().manual_seed(seed)).round(decimals=1)
     x[x < -1.5] = -math.inf
     expected = x.masked_fill(~brute_force_keep(x, n, m), -7.0)
-    assert torch.equal(solvers_native.topn_fill_(x.clone(), n, m, -7.0), expected)
+    assert torch.equal(kernels_native.topn_fill_(x.clone(), n, m, -7.0), expected)
 
 
 @pytest.mark.parametrize("keys", [16, 19])

@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nmkit.compressed_model import load_compressed
 from nmkit.errors import UserError
-from nmkit.formats.io import export, load_compressed, read_ct24, read_pruned
+from nmkit.formats.io import export, read_ct24, read_pruned
 from nmkit.nn import SparseLinear
 from nmkit.solvers.nm import nm_mask
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nmkit import sidecar
 from nmkit.formats import compress, decompress, zeros
 from nmkit.formats.io import _positive_zeros
 from nmkit.patterns import NM
@@ -126,7 +127,7 @@ def test_ct24_bytes_match_reference(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     save_file({"l.weight": w}, str(src / "model.safetensors"))
-    (src / "nmkit.json").write_text('{"layers": {"l": {"pattern": "2:4", "shape": [16, 40]}}}')
+    sidecar.write(src, {"l": {"pattern": "2:4", "shape": [16, 40]}})  # export checks the sidecar's format
     export_ct24(src, tmp_path / "ct")
     out = load_file(str(tmp_path / "ct" / "model.safetensors"))
     values, mask = reference_pack(w.masked_fill(w == 0, 0), 2, 4)

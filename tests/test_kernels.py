@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nmkit import clib
 from nmkit.formats import compress, to_blocked
-from nmkit.kernels import native, nm_linear, reference
+from nmkit.kernels import cuda, native, nm_linear, reference
 from nmkit.solvers.nm import nm_mask
 
 ISAS = native.supported_isas()
@@ -75,11 +76,15 @@ def test_kernel_tiling(isa, dtype, pattern, rows, cols, batches, kinds):
 @pytest.mark.parametrize("isa", ISAS)
 def test_env_var_forces_isa(isa, monkeypatch):
     monkeypatch.setenv("NMKIT_ISA", isa)
-    assert native._resolve_isa(None) == native.ISAS.index(isa)
-    _, t = _case(8, 64, "2:4", torch.float32)
-    x = torch.randn(2, 64)
-    torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
-                               rtol=1e-5, atol=1e-5)
+    clib.reset()  # the environment is read once per process; re-read it (and again after the test)
+    try:
+        assert native._resolve_isa(None) == native.ISAS.index(isa)
+        _, t = _case(8, 64, "2:4", torch.float32)
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(native.linear(x, to_blocked(t)), reference.nm_linear(x, t),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        clib.reset()
 
 
 @needs_native
@@ -126,8 +131,6 @@ def test_without_native_library(monkeypatch):
 
 
 def test_cuda_module_imports_and_skips_cleanly():
-    from nmkit.kernels import cuda
-
     if not cuda.available():
         with pytest.raises(RuntimeError, match="GPU"):
             cuda.SemiStructuredLinear.from_dense(torch.nn.Linear(64, 64).half())
@@ -138,6 +141,18 @@ def test_cuda_module_imports_and_skips_cleanly():
     s = cuda.SemiStructuredLinear.from_dense(lin)
     x = torch.randn(5, 200, dtype=torch.half, device="cuda")
     torch.testing.assert_close(s(x), lin(x), rtol=2e-2, atol=2e-2)
+
+
+def test_nm_linear_reaches_cuda_for_gpu_2_4():
+    """nm_linear is the one dispatch point: a GPU fp16 2:4 weight runs the semi-structured path."""
+    w, t = _case(72, 192, "2:4", torch.float16)
+    assert not cuda.supports(t, torch.randn(2, 192, dtype=torch.float16))  # CPU input: never CUDA
+    if not cuda.available():
+        pytest.skip("no CUDA GPU with compute capability >= 8.0")
+    t_gpu = type(t)(values=t.values.cuda(), mask=t.mask.cuda(), shape=t.shape, pattern=t.pattern)
+    x = torch.randn(5, 192, dtype=torch.float16, device="cuda")
+    assert cuda.supports(t_gpu, x)
+    torch.testing.assert_close(nm_linear(x, t_gpu), torch.nn.functional.linear(x, w.cuda()), rtol=2e-2, atol=2e-2)
 
 
 @needs_native

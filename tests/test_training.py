@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nmkit.patterns import NM
+from nmkit.solvers import mask_for
 from nmkit.training import (
     Schedule,
     SparseTraining,
@@ -86,7 +87,7 @@ def test_fixed_mask_never_changes_and_matches_forward():
     with torch.no_grad():  # a "one-shot pruned" model: zero 2 of every 4 by magnitude
         for m in model:
             if isinstance(m, nn.Linear) and m.in_features % 4 == 0:
-                m.weight.mul_(NM(2, 4).project(m.weight.abs()))
+                m.weight.mul_(mask_for(m.weight.abs(), NM(2, 4)))
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     sparse = SparseTraining(model, "2:4", method="fixed", masks="nonzero")
     _train(model, sparse, steps=8)
@@ -178,7 +179,7 @@ def test_bidirectional_function_uses_backward_mask():
     torch.manual_seed(0)
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(8, 8, requires_grad=True)
-    bmask = NM(2, 4).project(w.detach().abs().T).T
+    bmask = mask_for(w.detach().abs().T, NM(2, 4)).T
     y = bidirectional_linear(x, w, None, bmask)
     g = torch.randn_like(y)
     y.backward(g)
@@ -205,7 +206,7 @@ def test_lora_merge_keeps_exact_nm():
     with torch.no_grad():
         for m in model:
             if isinstance(m, nn.Linear) and m.in_features % 4 == 0:
-                m.weight.mul_(NM(2, 4).project(m.weight.abs()))
+                m.weight.mul_(mask_for(m.weight.abs(), NM(2, 4)))
     before = {i: (model[i].weight != 0).clone() for i in (0, 2)}
     names = add_sparse_lora(model, rank=4, alpha=8, exclude=("4",))
     assert names == ["0", "2"]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from nmkit.pattern_zoo import VNM, HiNM
 from nmkit.patterns import NM, PatternError, parse
+from nmkit.solvers import mask_for
 from nmkit.solvers.hinm import hinm_kept, hinm_mask, hinm_permute
 from nmkit.solvers.vnm import vnm_kept, vnm_mask, vnm_permute
 
@@ -44,7 +45,7 @@ def test_vnm_exhaustive_is_exact_and_beats_l1(seed: int, vnm: tuple[int, int, in
     assert float((w.double() * ex).sum()) == pytest.approx(brute, rel=1e-6)
     assert float((w * ex).sum()) >= float((w * l1).sum()) - 1e-5
     # every V:N:M mask is also row-wise N:M over M (feasible start), so never better than that
-    assert float((w * ex).sum()) <= float((w * NM(n, m).project(w)).sum()) + 1e-5
+    assert float((w * ex).sum()) <= float((w * mask_for(w, NM(n, m))).sum()) + 1e-5
 
 
 def test_vnm_validation_rejects_bad_masks() -> None:
@@ -78,7 +79,7 @@ def test_hinm_valid_and_bounded(seed: int, vec: float, inner: tuple[int, int]) -
     assert bool((mk.reshape(2, 4, 32).any(1).sum(-1) <= p.kept_vectors(32)).all())
     # a HiNM mask is a subset of a plain N:M-compatible density; with all vectors kept it equals N:M
     if p.kept_vectors(32) == 32:
-        assert torch.equal(mk, NM(*inner).project(w))
+        assert torch.equal(mk, mask_for(w, NM(*inner)))
 
 
 def test_hinm_validator_allows_empty_kept_vectors_and_rejects_too_many() -> None:

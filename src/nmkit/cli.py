@@ -13,8 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+from nmkit import data, models, sidecar
+from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
-from nmkit.patterns import NM_HELP
+from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
+from nmkit.inspect import inspect_directory
+from nmkit.oneshot import find_targets, prune
+from nmkit.oneshot.methods import METHODS, method_help
+from nmkit.outputs import atomic_directory, check_output_dir
+from nmkit.patterns import NM, NM_HELP, parse
+from nmkit.report import machine, now, plot_layer_errors, prune_markdown
+from nmkit.selection import parse_layers
 
 # Commands provided by other modules: each has add_arguments(parser) and run(args) -> int.
 # They are listed only when their module is present.
@@ -80,10 +89,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4 (keep 2 of 4), 4:8, 1:4, 2:8; "
                                                     "or 50%% (unstructured) (default 2:4)")
     p.add_argument("--method", default="magnitude",
-                   help="magnitude (no data); calibrated: wanda (|W| x input norm), esparse (entropy-enhanced "
-                        "Wanda), sparsegpt (OBS with weight update), sparsegpt-refit (SparseGPT + joint "
-                        "least-squares refit: best measured), sparsegpt-ec (experimental, measured worse) "
-                        "(default magnitude)")
+                   help=method_help() + " (default magnitude)")
     p.add_argument("--calib-samples", type=int, default=64, metavar="K",
                    help="calibration sequences from the train split, for calibrated methods (default 64)")
     p.add_argument("--calib-seqlen", type=int, default=512, metavar="L", help="tokens per calibration sequence "
@@ -158,15 +164,11 @@ def _log(msg: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from nmkit import data, models, sidecar
-    from nmkit.outputs import atomic_directory, check_output_dir
-    from nmkit.patterns import parse
-    from nmkit.report import machine, now, prune_markdown
+
+
 
     # Validate everything cheap before loading anything heavy.
     pattern = parse(args.pattern)
-    from nmkit.oneshot.methods import CALIBRATED, METHODS
-
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
     if args.calib_samples < 1 or args.calib_seqlen < 2:
@@ -183,8 +185,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_seqlen < 2 or (args.eval_windows is not None and args.eval_windows < 1):
         raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
 
-    from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
-    from nmkit.oneshot import find_targets, prune
 
     t0 = time.perf_counter()
     _log(f"loading {source.name} ({source.description})")
@@ -193,7 +193,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
     load_s = time.perf_counter() - t0
     calibration, calib_info = None, None
-    if args.method in CALIBRATED:
+    method = METHODS[args.method]
+    if method.calibrated:
         train = data.load_text("train", args.data_dir)
         calibration = data.calibration_windows(data.tokenize(tokenizer, train), args.calib_samples,
                                                args.calib_seqlen, args.calib_seed)
@@ -226,11 +227,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_s += time.perf_counter() - t
 
     options = {"permute": True, "permute_budget_s": args.permute_budget} if args.permute else {}
-    if args.method in CALIBRATED:
+    if method.calibrated:
         options |= {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
                     "run_config": {"model": source.path, "calibration": calib_info}}
-        if args.method.startswith("sparsegpt") or args.method == "admm":
-            options.update(damp=args.damp, blocksize=args.blocksize)
+        options |= {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
     result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
     prune_cpu_s = time.process_time() - cpu0
@@ -269,8 +269,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(prune_markdown(report))
         if any(x.rel_error is not None for x in result.layers):
-            from nmkit.report import plot_layer_errors
-
             plot_layer_errors(report, tmp / "layer_errors.png")
     _log(f"wrote {args.out}")
     print(json.dumps(report, indent=2) if args.json else prune_markdown(report))
@@ -302,28 +300,10 @@ def _checkpoint_dir(out: str) -> Path:
     return out_path.with_name(out_path.name + ".nmkit-ckpt")
 
 
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``"2-5,9"`` -> [2, 3, 4, 5, 9]; None stays None (every layer)."""
-    if spec is None:
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"--attention-layers {spec!r}: use layer numbers and ranges, e.g. 2-29 or 0,1,5") from None
-    if not layers or min(layers) < 0:
-        raise UserError(f"--attention-layers {spec!r} selects no layer")
-    return layers
-
-
 def _recorded(model: str) -> dict:
     """What ``nmkit prune`` / ``finetune`` recorded in MODEL/nmkit.json ({} for anything else)."""
-    from nmkit import sidecar
-
     path = Path(model).expanduser()
-    return sidecar.read(path) if (path / sidecar.SIDECAR).is_file() else {}
+    return sidecar.read(path) if sidecar.exists(path) else {}
 
 
 def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | None]:
@@ -341,10 +321,8 @@ def _eval_protocol(args: argparse.Namespace, meta: dict) -> tuple[int, int | Non
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nmkit import data, models, sidecar
-    from nmkit.dynamic import runtime_sparsity
-    from nmkit.evaluate import embedding_fidelity, perplexity
-    from nmkit.patterns import NM
+
+
 
     attention = None if args.attention in (None, "none", "dense") else NM.parse(args.attention)
     activations = None if args.activations is None else NM.parse(args.activations)
@@ -399,8 +377,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from nmkit.inspect import inspect_directory
-
     rows = inspect_directory(args.dir)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from nmkit.data import Text, tokenize
 from nmkit.errors import UserError
+from nmkit.models import cache_dir
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,6 @@ class DensePerplexityCache:
         import os
         from pathlib import Path
 
-        from nmkit.models import cache_dir
 
         self.path = Path(path) if path else cache_dir() / "perplexity.json"
         self.enabled = os.environ.get("NMKIT_NO_PPL_CACHE") is None

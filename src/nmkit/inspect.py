@@ -9,14 +9,13 @@ import torch
 from nmkit import sidecar
 from nmkit.errors import UserError
 from nmkit.formats.checkpoint import CheckpointReader
+from nmkit.formats.io import decompress_stored
 from nmkit.patterns import summarize
 
 
 def _stored_weight(reader: CheckpointReader, name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
     """The layer's weight as stored: dense, or decompressed from nmkit's values + bitmask."""
     if meta.get("storage") == "nmkit-compressed":
-        from nmkit.formats.io import decompress_stored
-
         if not all(f"{name}.weight_{kind}" in reader for kind in ("values", "mask")):
             raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but not stored compressed")
         return decompress_stored(reader, name, layer)

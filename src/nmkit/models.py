@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from nmkit import sidecar
+from nmkit.compressed_model import load_compressed
 from nmkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,8 +157,6 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
     source = resolve(name) if isinstance(name, str) else name
     path = _materialise(source)
     if _is_compressed_dir(path):  # `nmkit export --format nmkit`: pruned layers become SparseLinear
-        from nmkit.formats.io import load_compressed
-
         return load_compressed(path, dtype=dtype).eval()
     cls = AutoModelForCausalLM if source.kind == "causal-lm" else AutoModel
     model = cls.from_pretrained(path, dtype=dtype)
@@ -164,10 +164,7 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
 
 
 def _is_compressed_dir(path: str) -> bool:
-    import json
-
-    sidecar = Path(path) / "nmkit.json"
-    return sidecar.is_file() and json.loads(sidecar.read_text()).get("storage") == "nmkit-compressed"
+    return sidecar.stores_compressed(path)
 
 
 def load_tokenizer(name: str | ModelSource):

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmkit.formats.blocked import BlockedNM, from_blocked, to_blocked, zeros_blocked
-from nmkit.formats.nm import NMTensor, decompress
+from nmkit.formats.nm import NMTensor
 from nmkit.formats.nm import compress as compress_tensor
-from nmkit.kernels import native, nm_linear
+from nmkit.kernels import dense_weight, nm_linear
 from nmkit.patterns import NM, PatternError, group_counts
+from nmkit.selection import selected
 
 
 @torch.library.custom_op("nmkit::nm_linear", mutates_args=())
@@ -103,11 +104,7 @@ class SparseLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, decompressed on demand (forward builds it only for the dense fallback)."""
-        b = self._blocked()
-        if native.available() and b.values.dtype in (torch.float32, torch.bfloat16) and b.values.device.type == "cpu" \
-                and 16 % self.pattern.group == 0:
-            return native.decompress(b)
-        return decompress(self.compressed())
+        return dense_weight(self._blocked())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(1, self.in_features)
@@ -234,9 +231,7 @@ def _targets(model: nn.Module, include, exclude) -> list[tuple[str, nn.Linear]]:
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:
             continue
-        if include is not None and not any(s in name for s in include):
-            continue
-        if any(s in name for s in exclude):
+        if not selected(name, include, exclude):
             continue
         if seen.get(id(mod.weight), 0) > 1:  # tied (e.g. lm_head = embeddings): leave it alone
             continue
@@ -254,7 +249,7 @@ def compress(
     cold_mb: int = 48,
     fallback: str = "keep",
     include: list[str] | None = None,
-    exclude: tuple[str, ...] = ("lm_head",),
+    exclude: tuple[str, ...] = ("*lm_head*",),
     verbose: bool = False,
 ) -> CompressReport:
     """Swap pruned ``nn.Linear`` layers for :class:`SparseLinear`, in place; returns what it did.

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nmkit import scores
 from nmkit.patterns import NM
 from nmkit.solvers.permutation import kept_by_nm, permute_channels
 
@@ -27,8 +28,8 @@ ScoreFn = Callable[[str, nn.Linear], torch.Tensor]
 
 
 def magnitude(_: str, layer: nn.Linear) -> torch.Tensor:
-    """Default importance: |W|."""
-    return layer.weight.detach().abs()
+    """Default importance: |W| (:func:`nmkit.scores.magnitude`), in the ``ScoreFn`` signature."""
+    return scores.magnitude(layer.weight)
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""``nmkit.json``: the sparsity sidecar saved next to a pruned model (pattern per layer, provenance)."""
+"""``nmkit.json``: the sparsity sidecar saved next to a pruned model (pattern per layer, provenance).
+
+The one module that reads and writes it: everything else goes through :func:`read`, :func:`write`
+and :func:`rewrite`, so the format check is never skipped.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,20 @@ import json
 import platform
 from pathlib import Path
 
+import nmkit
+from nmkit.errors import UserError
+
 SIDECAR = "nmkit.json"
 FORMAT = "nmkit-sparsity"
 VERSION = 1
+# How a directory stores its pruned layers ("storage"; absent means dense, as `nmkit prune` writes).
+STORAGE_DENSE = "dense"
+STORAGE_NMKIT = "nmkit-compressed"
 
 
 def versions() -> dict:
     import torch
-    import transformers
-
-    import nmkit
+    import transformers  # optional-cost import: only when provenance is written
 
     return {
         "nmkit": nmkit.__version__,
@@ -34,11 +42,24 @@ def write(directory: str | Path, layers: dict[str, dict], **extra) -> Path:
     return path
 
 
-def read(directory: str | Path) -> dict:
-    from nmkit.errors import UserError
+def rewrite(directory: str | Path, sidecar: dict, **changes) -> Path:
+    """Write a sidecar read from another directory, with ``changes`` (e.g. a new ``storage``), as is."""
+    path = Path(directory) / SIDECAR
+    path.write_text(json.dumps({**sidecar, **changes}, indent=2) + "\n")
+    return path
 
+
+def exists(directory: str | Path) -> bool:
+    return (Path(directory) / SIDECAR).is_file()
+
+
+def read(directory: str | Path, needed_by: str | None = None) -> dict:
+    """The sidecar of ``directory``, checked to be one. ``needed_by`` names the command in the error."""
     path = Path(directory) / SIDECAR
     if not path.is_file():
+        if needed_by:
+            raise UserError(f"{str(directory)!r} has no {SIDECAR}: {needed_by} needs a directory written by "
+                            "`nmkit prune` (it names the pruned layers and their N:M pattern)")
         raise UserError(f"{str(directory)!r} has no {SIDECAR}; is it a directory written by `nmkit prune`?")
     body = json.loads(path.read_text())
     if body.get("format") != FORMAT:
@@ -50,3 +71,9 @@ def runtime_attention(meta: dict) -> dict | None:
     """The run-time N:M attention a model was fine-tuned with ({"pattern", "layers"}), if any."""
     attention = (meta.get("runtime") or {}).get("attention")
     return dict(attention) if attention else None
+
+
+def stores_compressed(directory: str | Path) -> bool:
+    """True for a directory written by ``nmkit export --format nmkit`` (pruned layers stored compressed)."""
+    path = Path(directory) / SIDECAR
+    return path.is_file() and json.loads(path.read_text()).get("storage") == STORAGE_NMKIT

@@ -20,9 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
+from nmkit import data, models
+from nmkit.data import tokenize
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
+from nmkit.evaluate import embedding_fidelity, perplexity_of_windows, protocol_for
+from nmkit.evaluate import eval_windows as cut_windows
 from nmkit.patterns import NM
+from nmkit.selection import parse_layers
 
 DEFAULT_CONFIGS = [
     "attention=1:2", "attention=2:4", "attention=4:8", "attention=1:4", "attention=2:8",
@@ -40,8 +45,6 @@ class DynamicConfig:
 
 
 def parse_config(spec: str) -> DynamicConfig:
-    from nmkit.cli import parse_layers
-
     attention = activations = layers = None
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, _, value = part.partition("=")
@@ -72,11 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nmkit import data, models
-    from nmkit.data import tokenize
-    from nmkit.evaluate import embedding_fidelity, perplexity_of_windows, protocol_for
-    from nmkit.evaluate import eval_windows as cut_windows
-
     configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
     source = models.resolve(args.model)
     if data.data_dir(args.data_dir) is not None:

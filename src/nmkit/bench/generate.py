@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from nmkit import models
 from nmkit.nn import compress
 from nmkit.patterns import NM
 from nmkit.solvers.nm import nm_mask
@@ -57,7 +58,6 @@ def _tiny_model(dtype: torch.dtype) -> nn.Module:
 def _load(name: str, dtype: torch.dtype) -> nn.Module:
     if name == "tiny":
         return _tiny_model(dtype)
-    from nmkit import models
 
     return models.load(name, dtype=dtype)
 

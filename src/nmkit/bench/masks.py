@@ -18,6 +18,16 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+from nmkit.bench.first_moment import first_moment_ceiling
+from nmkit.patterns import NM, VNM, HiNM, Transposable
+from nmkit.solvers import mask_for, native
+from nmkit.solvers.hinm import hinm_mask, hinm_permute
+from nmkit.solvers.nm import topk_mask
+from nmkit.solvers.permutation import permute_channels
+from nmkit.solvers.tasd import tasd_decompose
+from nmkit.solvers.transposable import _exact_lp, from_tiles, tile_score, to_tiles, transposable_mask
+from nmkit.solvers.vnm import vnm_mask, vnm_permute
+
 SECTIONS = ("transposable", "transposable_speed", "permutation", "vnm", "hinm", "tasd")
 
 
@@ -59,9 +69,6 @@ def _gauss(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 def _transposable(rows: list, quick: bool) -> None:
-    from nmkit.pattern_zoo import Transposable
-    from nmkit.solvers.transposable import tile_score, transposable_mask
-
     size = 256 if quick else 1024
     w = _gauss(size, size, 0).abs()
     total = float(w.double().sum())
@@ -71,7 +78,6 @@ def _transposable(rows: list, quick: bool) -> None:
         opt = tile_score(w, exact)
         rec = {"section": "transposable", "shape": f"{size}x{size}", "pattern": str(pat), "exact_s": t_exact}
         if m == 4:  # the 90-pattern matmul against the LP on a 256x256 corner
-            from nmkit.solvers.transposable import _exact_lp, from_tiles, to_tiles
 
             c = w[:256, :256]
             lp = from_tiles(_exact_lp(to_tiles(c, m), n, m), c.shape, m)
@@ -86,10 +92,6 @@ def _transposable(rows: list, quick: bool) -> None:
 
 
 def _transposable_speed(rows: list, quick: bool) -> None:
-    from nmkit.pattern_zoo import Transposable
-    from nmkit.solvers import native
-    from nmkit.solvers.transposable import transposable_mask
-
     size = 2048 if quick else 8192
     w = _gauss(size, size, 1).abs()
     pat = Transposable(8, 16)
@@ -120,9 +122,6 @@ def _transposable_speed(rows: list, quick: bool) -> None:
 
 
 def _permutation(rows: list, quick: bool, budget_big: float | None) -> None:
-    from nmkit.bench.first_moment import first_moment_ceiling
-    from nmkit.solvers.permutation import permute_channels
-
     np.random.seed(1)  # apex permutation_tests: --seed 1, np.random.rand(filters=128, channels=64)
     apex = torch.from_numpy(np.random.rand(128, 64))
     ceiling = first_moment_ceiling(apex).e_star
@@ -143,13 +142,9 @@ def _permutation(rows: list, quick: bool, budget_big: float | None) -> None:
 
 
 def _vnm(rows: list, quick: bool) -> None:
-    from nmkit.pattern_zoo import VNM
-    from nmkit.patterns import NM
-    from nmkit.solvers.vnm import vnm_mask, vnm_permute
-
     size = 256 if quick else 1024
     w = _gauss(size, size, 3).abs()
-    nm_kept = float((w * NM(2, 8).project(w)).sum())
+    nm_kept = float((w * mask_for(w, NM(2, 8))).sum())
     for v in (16, 64):
         p = VNM(v, 2, 8)
         rec = {"section": "vnm", "shape": f"{size}x{size}", "pattern": str(p), "nm_2:8_kept": nm_kept}
@@ -165,10 +160,6 @@ def _vnm(rows: list, quick: bool) -> None:
 
 
 def _hinm(rows: list, quick: bool) -> None:
-    from nmkit.pattern_zoo import HiNM
-    from nmkit.patterns import NM
-    from nmkit.solvers.hinm import hinm_mask, hinm_permute
-
     size = 256 if quick else 1024
     w = _gauss(size, size, 4).abs()
     p = HiNM(64 if not quick else 16, 0.5, NM(2, 4))
@@ -182,7 +173,7 @@ def _hinm(rows: list, quick: bool) -> None:
                 "shape": f"{size}x{size}",
                 "pattern": str(p),
                 "kept": float((w * mk).sum()),
-                "nm_1:4_kept": float((w * NM(1, 4).project(w)).sum()),
+                "nm_1:4_kept": float((w * mask_for(w, NM(1, 4))).sum()),
                 "seconds": t,
                 "valid": p.is_valid(mk, exact=True),
                 "row_perm": r.method,
@@ -193,9 +184,6 @@ def _hinm(rows: list, quick: bool) -> None:
 
 
 def _tasd(rows: list, quick: bool) -> None:
-    from nmkit.solvers.nm import topk_mask
-    from nmkit.solvers.tasd import tasd_decompose
-
     size = 256 if quick else 1024
     a = _gauss(size, size, 5)
     a = a * topk_mask(a.abs().reshape(-1), a.numel() // 4).reshape(a.shape)  # 75% unstructured sparse

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from nmkit.data import load_text
+from nmkit.errors import UserError
 from nmkit.training import Schedule, SparseTraining, plot_history
+from nmkit.training.core import History
 from nmkit.training.tinygpt import CharVocab, TinyGPT
 
 ALL_METHODS = ("dense", "ste", "srste", "sste", "decay", "srste_df")
@@ -61,8 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_text(data_dir: str | None) -> tuple[str, str, str]:
-    from nmkit.data import load_text
-
     train, valid = load_text("train", data_dir), load_text("valid", data_dir)
     return train.text, valid.text, f"{train.dataset} ({train.source})"
 
@@ -248,8 +249,6 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
-        from nmkit.errors import UserError
-
         raise UserError(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     train_text, valid_text, data_name = _load_text(args.data_dir)
@@ -306,8 +305,6 @@ def run(args: argparse.Namespace) -> int:
             curves = {}
             for r in results:
                 if r["pattern"] == pattern and r["seed"] == seeds[0]:
-                    from nmkit.training.core import History
-
                     h = r["history"]
                     curves[r["method"]] = History(
                         loss_steps=list(range(1, len(h["loss"]) + 1)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nmkit.errors import UserError
 from nmkit.formats.codec import CODECS
 from nmkit.formats.io import FORMATS, export
 
@@ -29,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nmkit.errors import UserError
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

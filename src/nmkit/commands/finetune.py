@@ -14,7 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from nmkit import data, models, sidecar
+from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
+from nmkit.evaluate import perplexity
+from nmkit.outputs import atomic_directory, check_output_dir
+from nmkit.patterns import NM
+from nmkit.selection import parse_layers
+from nmkit.training.recovery import RecoveryConfig, recovery_finetune
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,18 +69,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nmkit import data, models, sidecar
-    from nmkit.evaluate import perplexity
-    from nmkit.outputs import atomic_directory, check_output_dir
-    from nmkit.patterns import NM
-    from nmkit.training.recovery import RecoveryConfig, recovery_finetune
 
     src = Path(args.dir).expanduser()
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     attention = runtime_attention(args.attention, args.attention_layers)
     control = args.attention == "dense"  # the same recipe with dense attention, to compare against
-    pruned_dir = (src / sidecar.SIDECAR).is_file()
+    pruned_dir = sidecar.exists(src)
     if pruned_dir or (attention is None and not control):
         meta = sidecar.read(src)
         attention = attention or sidecar.runtime_attention(meta)
@@ -214,8 +216,6 @@ def run(args: argparse.Namespace) -> int:
 
 def runtime_attention(spec: str | None, layer_spec: str | None) -> dict | None:
     """``--attention`` / ``--attention-layers`` as the sidecar records them: {"pattern", "layers"}."""
-    from nmkit.cli import parse_layers
-    from nmkit.patterns import NM
 
     if spec is None or spec == "dense":
         if layer_spec is not None:
@@ -225,8 +225,6 @@ def runtime_attention(spec: str | None, layer_spec: str | None) -> dict | None:
 
 
 def _attention(model, attention: dict | None):
-    from nmkit.dynamic import runtime_sparsity
-
     return runtime_sparsity(model, *((attention["pattern"], attention["layers"]) if attention else ()))
 
 

@@ -12,13 +12,13 @@ tensor, so on its own it saves no time.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 
 import torch
 
 from nmkit.errors import UserError
 from nmkit.patterns import NM
+from nmkit.selection import matches
 from nmkit.solvers.nm import nm_mask
 
 
@@ -86,4 +86,4 @@ class NMActivations:
 
 def _match(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in linear if matches(n, patterns)]

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from nmkit.errors import UserError
+from nmkit.kernels import native as kernels_native
 from nmkit.patterns import NM
-from nmkit.solvers import native as solvers_native
 from nmkit.solvers.nm import nm_mask
 
 
@@ -39,19 +39,19 @@ def score_mask(scores: torch.Tensor, pattern: NM | str = "2:4") -> torch.Tensor:
 def prune_scores(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
     """``scores`` with every score outside its group's top N set to ``-inf``.
 
-    Without autograd, on CPU, the compiled solver library does it in place in one pass (about 6x
+    Without autograd, on CPU, the native kernel library does it in place in one pass (about 6x
     faster than the torch reference at 2:4), on fp32 scores (half-precision ones are converted
     first; the result is then fp32); ``scores`` must be a temporary the caller owns. Otherwise the
     torch reference (:func:`score_mask`) is used.
     """
     if (not scores.requires_grad and scores.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and scores.device.type == "cpu" and pattern.group <= solvers_native.MAX_GROUP
-            and solvers_native.available()):
+            and scores.device.type == "cpu" and pattern.group <= kernels_native.TOPN_MAX_GROUP
+            and kernels_native.available()):
         scores = scores.float()  # the softmax runs in fp32 anyway
         keys = scores.shape[-1]
         tail = -keys % pattern.group
         full = F.pad(scores, (0, tail), value=-math.inf) if tail else scores.contiguous()
-        solvers_native.topn_fill_(full, pattern.keep, pattern.group, -math.inf)
+        kernels_native.topn_fill_(full, pattern.keep, pattern.group, -math.inf)
         return full[..., :keys] if tail else full
     with torch.no_grad():
         keep = score_mask(scores.detach(), pattern)

@@ -20,7 +20,6 @@ so their memory stays near one shard however large the model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
 from nmkit.formats.checkpoint import (
     DEFAULT_SHARD_BYTES,
@@ -41,24 +41,24 @@ from nmkit.formats.checkpoint import (
 from nmkit.formats.codec import CODECS
 from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
 from nmkit.patterns import NM
+from nmkit.sidecar import SIDECAR, STORAGE_DENSE, STORAGE_NMKIT
 
-SIDECAR = "nmkit.json"
-STORAGE_DENSE = "dense"
-STORAGE_NMKIT = "nmkit-compressed"
 FORMATS = ("dense", "nmkit", "compressed-tensors-24")
 CT_VERSION = "0.14.0"  # last compressed-tensors line that could read sparse-24-bitmask
 
 
 def _read_sidecar(directory: Path) -> dict:
-    path = directory / SIDECAR
-    if not path.is_file():
-        raise UserError(f"{str(directory)!r} has no {SIDECAR}: export needs a directory written by "
-                        "`nmkit prune` (it names the pruned layers and their N:M pattern)")
-    return json.loads(path.read_text())
+    return sidecar_file.read(directory, needed_by="export")
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return CheckpointReader(directory).read_all()
+
+
+def read_stored(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every stored tensor as saved (compressed layers as ``weight_values``/``weight_mask``) and the sidecar."""
+    directory = Path(directory)
+    return _read_tensors(directory), _read_sidecar(directory)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -105,8 +105,7 @@ def _file_bytes(directory: Path) -> int:
 
 
 def _write_sidecar(dst: Path, sidecar: dict, **changes) -> None:
-    body = {**sidecar, **changes}
-    (dst / SIDECAR).write_text(json.dumps(body, indent=2) + "\n")
+    sidecar_file.rewrite(dst, sidecar, **changes)
 
 
 def export_dense(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
@@ -278,60 +277,5 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
     return summary
 
 
-def _no_init():
-    """transformers' own context that skips weight initialisation (its module path moved in 5.x)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
-
-
-def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load an ``nmkit``-format directory as a transformers model whose pruned layers are SparseLinear.
-
-    A dense pruned directory loads too (its pruned layers are compressed on load).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from nmkit.nn import SparseLinear
-
-    directory = Path(directory)
-    tensors = _read_tensors(directory)
-    sidecar = _read_sidecar(directory)
-    compressed = sidecar.get("storage") == STORAGE_NMKIT
-    if dtype is None:
-        dtype = next(v.dtype for k, v in tensors.items() if v.is_floating_point())
-    config = AutoConfig.from_pretrained(directory)
-    with _no_init():  # every weight is overwritten below; random init was a quarter of the load time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    for name, layer in sidecar["layers"].items():
-        old = model.get_submodule(name)
-        pattern = NM.parse(layer["pattern"])
-        mod = SparseLinear(old.in_features, old.out_features, pattern, bias=old.bias is not None, dtype=dtype)
-        if compressed:
-            t = NMTensor(values=tensors.pop(f"{name}.weight_values").to(dtype),
-                         mask=tensors.pop(f"{name}.weight_mask"), shape=tuple(layer["shape"]), pattern=pattern)
-            t.validate()
-        else:
-            t = compress(tensors.pop(f"{name}.weight").to(dtype), pattern)
-        mod.load_compressed(t)
-        if old.bias is not None:
-            mod.bias.data.copy_(tensors.pop(f"{name}.bias"))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, mod)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not k.endswith((".values", ".mask")) and not (tied and "lm_head" in k)]
-    if missing or unexpected:
-        raise UserError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    return model
-
-
-__all__ = ["FORMATS", "export", "export_ct24", "export_dense", "export_nmkit", "load_compressed", "padded_cols",
+__all__ = ["FORMATS", "export", "export_ct24", "export_dense", "export_nmkit", "padded_cols",
            "read_ct24", "read_pruned"]

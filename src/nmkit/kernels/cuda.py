@@ -58,3 +58,30 @@ class SemiStructuredLinear(nn.Module):
             x = F.pad(x, (0, pad))
         y = F.linear(x, self.weight)[..., : self.out_features]
         return y if self.bias is None else y + self.bias
+
+
+def supports(weight, x: torch.Tensor) -> bool:
+    """Whether :func:`linear` runs this compressed 2:4 weight (values on the GPU, fp16/bf16) and input."""
+    pattern = getattr(weight, "pattern", None)
+    return (
+        x.device.type == "cuda"
+        and weight.values.device.type == "cuda"
+        and pattern is not None
+        and (pattern.keep, pattern.group) == (2, 4)
+        and weight.values.dtype in DTYPES
+        and x.dtype == weight.values.dtype
+        and available()
+    )
+
+
+def linear(x: torch.Tensor, dense_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with a 2:4 ``dense_weight`` (zeros where pruned) as a semi-structured
+    operand. Converts the weight on every call: layers that run many times hold a
+    :class:`SemiStructuredLinear` instead."""
+    out_f, in_f = dense_weight.shape
+    padded = torch.zeros(_round_up(out_f, PAD), _round_up(in_f, PAD), dtype=dense_weight.dtype, device="cuda")
+    padded[:out_f, :in_f] = dense_weight
+    if in_f != padded.shape[1]:
+        x = F.pad(x, (0, padded.shape[1] - in_f))
+    y = F.linear(x, torch.sparse.to_sparse_semi_structured(padded))[..., :out_f]
+    return y if bias is None else y + bias

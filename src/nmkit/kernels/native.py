@@ -2,20 +2,18 @@
 
 ISA levels: ``portable`` < ``avx2`` < ``avx512`` < ``avx512bf16`` (AVX-512 plus VBMI2 and BF16).
 The best level the CPU has is used unless lowered by the ``isa=`` argument or the ``NMKIT_ISA``
-environment variable (tests use both to cover every path the machine has). If the library is missing
-or fails to load, :func:`available` is False and callers use :mod:`nmkit.kernels.reference`.
+environment variable (read once by :mod:`nmkit.clib`, the one loader of nmkit's compiled libraries).
+If the library is missing or fails to load, :func:`available` is False and callers use
+:mod:`nmkit.kernels.reference`. Also here: :func:`topn_fill_`, the run-time N:M of attention scores.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
-import warnings
 from functools import lru_cache
 
 import torch
 
+from nmkit import clib
 from nmkit.formats.blocked import BlockedNM
 
 ISAS: tuple[str, ...] = ("portable", "avx2", "avx512", "avx512bf16")
@@ -27,28 +25,22 @@ class NativeError(RuntimeError):
     """The native library rejected a call (it should not happen for inputs that pass :func:`supports`)."""
 
 
-@lru_cache(maxsize=1)
-def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("NMKIT_NATIVE", "1") == "0":
-        return None
-    try:
-        override = os.environ.get("NMKIT_NATIVE_LIB")  # a development build of the same C file
-        spec = importlib.util.find_spec("nmkit.kernels._native") if not override else None
-        if not override and (spec is None or spec.origin is None):
-            raise OSError("nmkit.kernels._native was not built")
-        # torch is imported first, so the library binds to torch's already-loaded libgomp (one OpenMP pool).
-        lib = ctypes.CDLL(override or spec.origin)
-    except OSError as exc:
-        warnings.warn(f"nmkit native kernels unavailable ({exc}); using the slower torch reference path",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    lib.nmk_best_isa.restype = ctypes.c_int
-    lib.nmk_linear.restype = ctypes.c_int
-    i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
-    lib.nmk_linear.argtypes = [i, i, i, p, p, i, i, i, i, p, i64, i, p, i64, i]
-    lib.nmk_decompress.restype = ctypes.c_int
-    lib.nmk_decompress.argtypes = [i, i, p, p, i, i, i, p, i64, i]
-    return lib
+LIBRARY = clib.Library(
+    "nmkit.kernels._native", "NMKIT_NATIVE_LIB", "native kernels",
+    (
+        ("nmk_best_isa", clib.INT, ()),
+        ("nmk_linear", clib.INT, (clib.INT, clib.INT, clib.INT, clib.PTR, clib.PTR, clib.INT, clib.INT, clib.INT,
+                                  clib.INT, clib.PTR, clib.I64, clib.INT, clib.PTR, clib.I64, clib.INT)),
+        ("nmk_decompress", clib.INT, (clib.INT, clib.INT, clib.PTR, clib.PTR, clib.INT, clib.INT, clib.INT, clib.PTR,
+                                      clib.I64, clib.INT)),
+        ("nmk_topn_fill", clib.INT, (clib.PTR, clib.I64, clib.INT, clib.INT, clib.F32, clib.INT)),
+    ),
+)
+TOPN_MAX_GROUP = 64  # nmk_topn_fill ranks a group in registers of this size
+
+
+def _lib():
+    return clib.load(LIBRARY)
 
 
 def available() -> bool:
@@ -78,7 +70,7 @@ def _isa_code(want: str | None) -> int:
 
 
 def _resolve_isa(isa: str | None) -> int:
-    return _isa_code(isa or os.environ.get("NMKIT_ISA"))
+    return _isa_code(isa or clib.environment().isa)
 
 
 def supports(weight: BlockedNM, x: torch.Tensor) -> bool:
@@ -91,6 +83,16 @@ def supports(weight: BlockedNM, x: torch.Tensor) -> bool:
         and x.dtype == weight.values.dtype
         and x.device.type == "cpu"
         and weight.values.device.type == "cpu"
+    )
+
+
+def supports_decompress(weight: BlockedNM) -> bool:
+    """Whether :func:`decompress` handles this weight (else use :func:`nmkit.formats.decompress`)."""
+    return (
+        available()
+        and weight.values.dtype in _DTYPES
+        and weight.values.device.type == "cpu"
+        and 16 % weight.pattern.group == 0
     )
 
 
@@ -152,3 +154,19 @@ def decompress(weight: BlockedNM, *, isa: str | None = None, threads: int | None
     if rc != 0:
         raise NativeError(f"nmk_decompress failed with code {rc}")
     return out if cols == weight.kp else out[:, :cols]
+
+
+def topn_fill_(x: torch.Tensor, n: int, m: int, fill: float, threads: int | None = None) -> torch.Tensor:
+    """In place: in every group of ``m`` consecutive entries of ``x`` (contiguous fp32 on CPU, numel a
+    multiple of m) keep the ``n`` largest, ties to the lower index, and set the rest to ``fill``."""
+    lib = _lib()
+    if lib is None:
+        raise NativeError("native kernels unavailable")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() % m:
+        raise ValueError("topn_fill_ needs a contiguous fp32 CPU tensor whose size is a multiple of m")
+    if not 1 <= m <= TOPN_MAX_GROUP:
+        raise ValueError(f"group size {m} outside 1..{TOPN_MAX_GROUP}")
+    rc = lib.nmk_topn_fill(x.data_ptr(), x.numel() // m, m, n, fill, threads or torch.get_num_threads())
+    if rc != 0:
+        raise NativeError(f"nmk_topn_fill failed with code {rc}")
+    return x

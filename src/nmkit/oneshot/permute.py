@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nmkit import scores
+from nmkit.oneshot.methods import METHODS
 from nmkit.oneshot.stats import InputStats
 from nmkit.oneshot.targets import Target
 from nmkit.patterns import NM, Pattern
+from nmkit.permute_model import permute_model
 from nmkit.solvers.permutation import kept_by_nm
 
 
@@ -37,30 +40,16 @@ def permutable(pattern: Pattern) -> bool:
 
 
 def importance(method: str, w: torch.Tensor, stats: InputStats | None, damp: float = 0.01) -> torch.Tensor:
-    """The score each method keeps, as a (out, in) non-negative matrix.
-
-    SparseGPT uses the order-independent OBS saliency w^2 / [H^-1]_jj (its sweep's Cholesky diagonal
-    depends on the column order, so cannot be the objective of a column-order search).
-    """
+    """The score ``method`` keeps (its record's ``score``), as a (out, in) non-negative matrix; |W| for a
+    layer without statistics."""
     w = w.detach().float()
-    if method == "magnitude" or stats is None:
-        return w.abs()
-    if method.startswith("sparsegpt") or method == "admm":
-        h = stats.xtx.double()
-        h = h + damp * h.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        inv_diag = torch.linalg.inv(h).diagonal().float()
-        return w**2 / inv_diag
-    if method == "esparse":
-        from nmkit.oneshot.methods import esparse_channel_factor
-
-        return w.abs() * esparse_channel_factor(stats)
-    return w.abs() * stats.sq_norms.sqrt()  # wanda
+    if stats is None:
+        return scores.magnitude(w)
+    return METHODS[method].score(w, stats, damp)
 
 
 def _permute_stats(stats: InputStats, perm: torch.Tensor) -> None:
     stats.xtx = stats.xtx[perm][:, perm]
-    if stats.cross is not None:
-        stats.cross = stats.cross[perm][:, perm]
     if stats.histogram is not None:
         stats.histogram = stats.histogram[perm]
         stats.hist_range = stats.hist_range[perm]
@@ -84,8 +73,6 @@ def permute_block(
     Each search runs its local moves to convergence plus ``max_escapes`` perturbation rounds, so the
     result is deterministic unless ``time_budget_s`` cuts it short (then resumes are not bit-identical).
     """
-    from nmkit.permute_model import permute_model
-
     by_module = {id(t.module): t for t in targets}
     relative = {n: m for n, m in block.named_modules()}
 

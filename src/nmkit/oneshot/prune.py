@@ -3,58 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from nmkit.errors import UserError
+from nmkit.oneshot.methods import METHODS
+from nmkit.oneshot.permute import PermutationChange, permutable
+from nmkit.oneshot.results import LayerResult, PruneResult
+from nmkit.oneshot.sequential import prune_sequential
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import Pattern, PatternError, TailPolicy, parse, summarize
+from nmkit.permute_model import permute_model
 from nmkit.solvers import mask_for
-
-
-def magnitude_scores(target: Target) -> torch.Tensor:
-    return target.weight.detach().abs()
-
-
-# Layer-local scorers (no calibration data).
-SCORERS: dict[str, Callable[[Target], torch.Tensor]] = {"magnitude": magnitude_scores}
-
-
-@dataclass
-class LayerResult:
-    name: str
-    shape: list[int]
-    pattern: str
-    sparsity: float
-    valid: bool
-    rel_error: float | None = None  # ||(W - W')X||^2 / ||WX||^2 on calibration data, when measured
-
-
-@dataclass
-class PruneResult:
-    pattern: str
-    method: str
-    layers: list[LayerResult] = field(default_factory=list)
-    seconds: float = 0.0
-    permutations: list = field(default_factory=list)  # PermutationChange per permuted layer (--permute)
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of zeros over all pruned layers (weighted by size)."""
-        total = sum(torch.Size(layer.shape).numel() for layer in self.layers)
-        zeros = sum(layer.sparsity * torch.Size(layer.shape).numel() for layer in self.layers)
-        return zeros / max(total, 1)
-
-    @property
-    def all_valid(self) -> bool:
-        return all(layer.valid for layer in self.layers)
-
-    def to_dict(self) -> dict:
-        return {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
 
 
 @torch.no_grad()
@@ -76,20 +38,17 @@ def prune(
     extra keyword ``options`` (checkpoint_dir, resume, blocksize, damp, ...) go to
     :func:`nmkit.oneshot.sequential.prune_sequential`.
     """
-    from nmkit.oneshot.methods import CALIBRATED, METHODS
-
     pattern = parse(pattern)
-    if method in CALIBRATED:
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if METHODS[method].calibrated:
         if calibration is None:
             raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
-        from nmkit.oneshot.sequential import prune_sequential
-
         run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block",
                                            "permute", "permute_budget_s") if k in options}
         return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
                                 progress=progress, **run)
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    data_free = METHODS[method]  # scores each weight on its own, in the layer's own orientation
     targets = find_targets(model, include, exclude)
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()
@@ -98,7 +57,7 @@ def prune(
     for target in tqdm(targets, desc=f"prune {pattern} ({method})", unit="layer", disable=not progress):
         weight = target.weight
         try:
-            mask = mask_for(SCORERS[method](target), pattern, dim=target.reduce_dim, tail=tail)
+            mask = mask_for(data_free.score(weight, None, 0.0), pattern, dim=target.reduce_dim, tail=tail)
         except PatternError as exc:
             raise UserError(f"layer {target.name} {list(weight.shape)}: {exc}") from None
         weight.mul_(mask.to(weight.dtype)).add_(0.0)  # -0.0 -> +0.0: one zero, bit-exact round trips
@@ -110,9 +69,6 @@ def prune(
 
 def _permute_whole_model(model: nn.Module, targets: list[Target], pattern: Pattern, budget_s: float) -> list:
     """Magnitude path: absorbable permutations of the targeted consumers, scored by |W|."""
-    from nmkit.oneshot.permute import PermutationChange, permutable
-    from nmkit.permute_model import permute_model
-
     if not permutable(pattern):
         raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
     wanted = {t.name for t in targets}

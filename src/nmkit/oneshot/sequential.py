@@ -11,7 +11,6 @@ gives bit-identical weights to an uninterrupted run (same machine, same thread c
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -25,9 +24,9 @@ from tqdm.auto import tqdm
 
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
-from nmkit.oneshot.methods import METHODS, NEEDS_DENSE_STREAM, NEEDS_HISTOGRAMS, reconstruction_error
+from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
-from nmkit.oneshot.prune import LayerResult, PruneResult
+from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse, summarize
@@ -58,13 +57,6 @@ def _group_by_block(targets: list[Target], prefix: str, count: int) -> list[list
                             f"prune block layers only: exclude it or use --method magnitude")
         groups[int(index)].append(t)
     return groups
-
-
-def _same_layers(targets: list[Target], block: nn.Module, twin: nn.Module) -> list[Target]:
-    """The modules of ``twin`` (a copy of ``block``) that correspond to ``targets``."""
-    names = {id(m): n for n, m in block.named_modules()}
-    twin_modules = dict(twin.named_modules())
-    return [Target(t.name, twin_modules[names[id(t.module)]], t.reduce_dim) for t in targets]
 
 
 class _Checkpoint:
@@ -164,29 +156,21 @@ def prune_sequential(
                 blocks[i].load_state_dict(load_file(ckpt.dir / f"block-{i:04d}.safetensors"), strict=False)
         streams = torch.load(ckpt.dir / "streams.pt")
         hidden = streams["hidden"].to(device)
-        dense_hidden = streams["dense"].to(device) if "dense" in streams else None
         _, kwargs = capture_block_inputs(model, blocks[0], samples[:1], device)
         prior_seconds = state["seconds"]
     else:
         first, prior_seconds = 0, 0.0
         hidden, kwargs = capture_block_inputs(model, blocks[0], samples, device)
-        # The dense model's activations, kept alongside for methods that aim at its outputs.
-        dense_hidden = hidden.clone() if method in NEEDS_DENSE_STREAM else None
 
     bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block", disable=not progress,
                initial=first)
     for i in range(first, len(blocks)):
         block, block_targets = blocks[i], per_block[i]
-        dense_block = copy.deepcopy(block) if dense_hidden is not None else None
         if block_targets:
-            dense_targets = _same_layers(block_targets, block, dense_block) if dense_block is not None else None
-            bins = 64 if method in NEEDS_HISTOGRAMS else 0
-            with StatsCollector(block_targets, dense_targets, histogram_bins=bins) as collector:
+            bins = 64 if METHODS[method].histograms else 0
+            with StatsCollector(block_targets, histogram_bins=bins) as collector:
                 for s in range(0, hidden.shape[0], batch):
                     collector.new_batch()
-                    if dense_block is not None:  # fills the dense inputs the live hooks pair with
-                        out = dense_block(dense_hidden[s : s + batch], **kwargs)
-                        dense_hidden[s : s + batch] = out[0] if isinstance(out, tuple) else out
                     block(hidden[s : s + batch], **kwargs)
             if permute:
                 result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
@@ -194,17 +178,15 @@ def prune_sequential(
             for t in block_targets:
                 stats = collector.stats[t.name]
                 w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
-                w_new = METHODS[method](w_old, stats, pattern, tail=tail, **options)
+                w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
                 _write_back(t, w_new)
                 info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
                 result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
                                                  info["valid"], reconstruction_error(w_old, w_new, stats)))
-        elif dense_block is not None:
-            dense_hidden = run_block(dense_block, dense_hidden, kwargs, batch)
         hidden = run_block(block, hidden, kwargs, batch)
         if ckpt:
             weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
-            streams = {"hidden": hidden.cpu()} | ({"dense": dense_hidden.cpu()} if dense_hidden is not None else {})
+            streams = {"hidden": hidden.cpu()}
             ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
                                             "permutations": [asdict(x) for x in result.permutations],
                                             "seconds": prior_seconds + time.perf_counter() - start})

@@ -17,9 +17,6 @@ from nmkit.oneshot.targets import Target
 class InputStats:
     xtx: torch.Tensor  # (in, in) sum over calibration tokens of x x^T, float32
     tokens: int = 0
-    # (in, in) sum of x_dense x^T, pairing each token's input in the dense model with its input in
-    # the model being pruned; only collected by methods that aim at the dense model's outputs.
-    cross: torch.Tensor | None = None
     # (in, bins) histogram of each input channel's values over [-range, range] (E-Sparse's entropy).
     histogram: torch.Tensor | None = None
     hist_range: torch.Tensor | None = None
@@ -45,13 +42,9 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 class StatsCollector:
     """Forward hooks that accumulate :class:`InputStats` for a set of targets while active."""
 
-    def __init__(self, targets: list[Target], dense_targets: list[Target] | None = None, histogram_bins: int = 0):
-        """With ``dense_targets`` (the same layers in an unpruned copy of the block, run on the dense
-        model's activations just before each batch) the cross statistics are collected too."""
+    def __init__(self, targets: list[Target], histogram_bins: int = 0):
         self.targets = targets
-        self.dense_targets = dense_targets
         self.histogram_bins = histogram_bins
-        self._dense_inputs: dict[str, torch.Tensor] = {}
         self.stats: dict[str, InputStats] = {}
         # id(input) -> (input, stats); holding the tensor keeps its id from being reused this batch.
         self._seen: dict[int, tuple[torch.Tensor, InputStats]] = {}
@@ -60,8 +53,6 @@ class StatsCollector:
     def __enter__(self) -> StatsCollector:
         for target in self.targets:
             self._handles.append(target.module.register_forward_hook(self._hook(target)))
-        for live, dense in zip(self.targets, self.dense_targets or [], strict=False):
-            self._handles.append(dense.module.register_forward_hook(self._stash(live.name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,15 +64,6 @@ class StatsCollector:
     def new_batch(self) -> None:
         """Forget which tensors were already counted (call before each forward)."""
         self._seen.clear()
-        self._dense_inputs.clear()
-
-    def _stash(self, name: str):
-        def hook(module, args, output):
-            # A copy: the input may be a view of the dense stream, which the caller overwrites with
-            # this block's output before the live block's hooks read it.
-            self._dense_inputs[name] = _as_rows(args[0].detach()).clone()
-
-        return hook
 
     def _hook(self, target: Target):
         def hook(module, args, output):
@@ -98,11 +80,6 @@ class StatsCollector:
             stats.tokens += rows.shape[0]
             if self.histogram_bins:
                 _add_histogram(stats, rows, self.histogram_bins)
-            if self.dense_targets is not None:
-                dense_rows = self._dense_inputs.pop(target.name)
-                if stats.cross is None:
-                    stats.cross = torch.zeros_like(stats.xtx)
-                stats.cross.addmm_(dense_rows.T, rows)
             self._seen[id(x)] = (x, stats)
 
         return hook

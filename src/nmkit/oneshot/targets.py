@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from nmkit.errors import UserError
+from nmkit.selection import selected
 
 # A layer is "inside the transformer blocks" when its qualified name has a numeric component
 # (model.layers.3.mlp.up_proj, encoder.layer.0..., transformer.h.11...). That leaves out
@@ -51,8 +51,7 @@ def find_targets(
         dim = _reduce_dim(module)
         if dim is None:
             continue
-        chosen = any(fnmatch.fnmatchcase(name, p) for p in include) if include else bool(_BLOCK_RE.search(name))
-        if chosen and not any(fnmatch.fnmatchcase(name, p) for p in exclude or []):
+        if selected(name, include or None, exclude, default=bool(_BLOCK_RE.search(name))):
             targets.append(Target(name, module, dim))
     if not targets:
         raise UserError(

@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from nmkit.pattern_zoo import Balanced, TileWise
-from nmkit.patterns import PatternError, TailPolicy, check_tail
+from nmkit.patterns import Balanced, PatternError, TailPolicy, TileWise, check_tail
 from nmkit.solvers.nm import topk_mask
 
 

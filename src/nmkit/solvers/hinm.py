@@ -18,8 +18,7 @@ import time
 import numpy as np
 import torch
 
-from nmkit.pattern_zoo import HiNM
-from nmkit.patterns import PatternError
+from nmkit.patterns import HiNM, PatternError
 from nmkit.solvers.nm import topk_mask
 from nmkit.solvers.permutation import PermutationResult, kept_by_rows, topn_sum
 

@@ -2,51 +2,39 @@
 
 Separate from the kernel library (``nmkit.kernels.native``) so either can be built or missing on its
 own. If the library is missing or fails to load, :func:`available` is False and the solvers use their
-torch reference paths. ``NMKIT_NATIVE=0`` disables it (as for the kernels); ``NMKIT_SOLVERS_LIB``
-points at a development build of the same C file.
+torch reference paths. Opened by :mod:`nmkit.clib` (``NMKIT_NATIVE=0`` disables it, as for the
+kernels; ``NMKIT_SOLVERS_LIB`` points at a development build of the same C file).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
-import warnings
-from functools import lru_cache
 
 import torch
+
+from nmkit import clib
 
 MODES: dict[str, int] = {"greedy": 0, "swap": 1, "optimal": 2}
 MAX_GROUP = 64  # the C solver keeps a row's kept columns in one uint64
 
 
-@lru_cache(maxsize=1)
-def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("NMKIT_NATIVE", "1") == "0":
-        return None
-    try:
-        override = os.environ.get("NMKIT_SOLVERS_LIB")
-        spec = importlib.util.find_spec("nmkit.solvers._solvers_native") if not override else None
-        if not override and (spec is None or spec.origin is None):
-            raise OSError("nmkit.solvers._solvers_native was not built")
-        lib = ctypes.CDLL(override or spec.origin)  # after torch: binds to torch's libgomp
-    except OSError as exc:
-        warnings.warn(f"nmkit compiled solvers unavailable ({exc}); using the slower torch path",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
-    lib.nms_transposable.restype = i
-    lib.nms_transposable.argtypes = [p, i64, i64, i64, p, i64, i, i, i, i]
-    lib.nms_stripe_pairs.restype = i
-    lib.nms_stripe_pairs.argtypes = [p, i64, i64, i, i, p, ctypes.c_double, ctypes.c_uint64, i, i, p]
-    lib.nms_stripe_converge.restype = i
-    lib.nms_stripe_converge.argtypes = [p, i64, i64, i, i, p, i, ctypes.c_double, i, p]
-    lib.nms_stripe_assign.restype = i
-    d, u64 = ctypes.c_double, ctypes.c_uint64
-    lib.nms_stripe_assign.argtypes = [p, i64, i64, i, i, p, d, u64, d, i64, i, i, i, p]
-    lib.nms_topn_fill.restype = i
-    lib.nms_topn_fill.argtypes = [p, i64, i, i, ctypes.c_float, i]
-    return lib
+LIBRARY = clib.Library(
+    "nmkit.solvers._solvers_native", "NMKIT_SOLVERS_LIB", "compiled solvers",
+    (
+        ("nms_transposable", clib.INT, (clib.PTR, clib.I64, clib.I64, clib.I64, clib.PTR, clib.I64, clib.INT, clib.INT,
+                                        clib.INT, clib.INT)),
+        ("nms_stripe_pairs", clib.INT, (clib.PTR, clib.I64, clib.I64, clib.INT, clib.INT, clib.PTR, clib.F64, clib.U64,
+                                        clib.INT, clib.INT, clib.PTR)),
+        ("nms_stripe_converge", clib.INT, (clib.PTR, clib.I64, clib.I64, clib.INT, clib.INT, clib.PTR, clib.INT,
+                                           clib.F64, clib.INT, clib.PTR)),
+        ("nms_stripe_assign", clib.INT, (clib.PTR, clib.I64, clib.I64, clib.INT, clib.INT, clib.PTR, clib.F64, clib.U64,
+                                         clib.F64, clib.I64, clib.INT, clib.INT, clib.INT, clib.PTR)),
+    ),
+)
+
+
+def _lib():
+    return clib.load(LIBRARY)
 
 
 def available() -> bool:
@@ -142,19 +130,3 @@ def stripe_assign(
     if rc != 0:
         raise ValueError(f"compiled column reassignment rejected {tuple(xt.shape)} for {n}:{m} (rc {rc})")
     return int(moved.value)
-
-
-def topn_fill_(x: torch.Tensor, n: int, m: int, fill: float, threads: int | None = None) -> torch.Tensor:
-    """In place: in every group of ``m`` consecutive entries of ``x`` (contiguous fp32 on CPU, numel a
-    multiple of m) keep the ``n`` largest, ties to the lower index, and set the rest to ``fill``."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("compiled solvers unavailable")
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() % m:
-        raise ValueError("topn_fill_ needs a contiguous fp32 CPU tensor whose size is a multiple of m")
-    if not 1 <= m <= MAX_GROUP:
-        raise ValueError(f"group size {m} outside 1..{MAX_GROUP}")
-    rc = lib.nms_topn_fill(x.data_ptr(), x.numel() // m, m, n, fill, threads or torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"nms_topn_fill failed with code {rc}")
-    return x

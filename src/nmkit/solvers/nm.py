@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nmkit.patterns import NM, Pattern, PatternError, TailPolicy, check_tail, parse
+from nmkit.patterns import NM, PatternError, TailPolicy, check_tail
 
 # Up to this group size the pairwise-rank method beats a stable sort.
 _RANK_MAX_GROUP = 16
@@ -72,9 +72,3 @@ def nm_mask(
         mask = torch.cat([mask, rest_mask], dim=-1)
     return mask.movedim(-1, dim)
 
-
-def mask_for(
-    scores: torch.Tensor, pattern: Pattern | str, dim: int = -1, tail: TailPolicy = "error"
-) -> torch.Tensor:
-    """Mask for any pattern (N:M, unstructured percentage, or dense) by projecting ``scores`` onto it."""
-    return parse(pattern).project(scores, dim=dim, tail=tail)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nmkit.patterns import NM, PatternError
+from nmkit.solvers import native
 
 _TRIPLES_MAX_STRIPES = 16  # auto: all stripe triples up to here (560 triples), then column reassignment
 _PAIRS_MAX_STRIPES = 32  # ... or, without the compiled library, all pairs up to here (496 pairs), then random pairs
@@ -301,8 +302,6 @@ def _random_pairs(
 
 
 def _native_ok() -> bool:
-    from nmkit.solvers import native
-
     return native.available()
 
 
@@ -318,7 +317,6 @@ def _native_random_pairs(
     early rounds accept small losses. The noise decays over ``_ANNEAL_FRAC`` of the time budget, or, with
     ``max_anneal`` set, of that many rounds (then the result does not depend on timing; 0: no annealing,
     plain convergence). Returns the number of rounds; never ends below the starting layout."""
-    from nmkit.solvers import native
 
     n, m = p.keep, p.group
     pairs = m <= _PAIRS_MAX_M  # above, splitting 2M columns every way costs too much: reassignment alone
@@ -368,7 +366,6 @@ def _native_stripe_search(
 ) -> int:
     """The pairs -> triples -> pairs convergence of the torch search, compiled, then the same escapes
     (random column swaps between stripes, pair re-convergence, annealed acceptance, keep the best)."""
-    from nmkit.solvers import native
 
     n, m, stripes = p.keep, p.group, xt.shape[0] // p.group
 

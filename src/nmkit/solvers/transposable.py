@@ -3,7 +3,6 @@
 Per tile this is a bipartite b-matching (a transportation problem with unit capacities). Its
 constraint matrix is totally unimodular, so the LP relaxation has integral optima; that gives the
 exact reference. Methods, all batched over tiles:
-
 * ``exact``: M <= 4 scores every valid tile pattern with one matmul and takes the argmax (90
   patterns for 2:4); larger M solves the LP with HiGHS (slow, for tests and references).
 * ``optimal``: the compiled per-tile solver (``csrc/nmkit_solvers.c``): greedy, completion by
@@ -29,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from nmkit.pattern_zoo import Transposable
-from nmkit.patterns import NM, PatternError
+from nmkit.patterns import NM, PatternError, Transposable, parse
+from nmkit.solvers import native as _nat
 
 Method = Literal["auto", "exact", "optimal", "greedy", "entropic", "fast"]
 METHODS: tuple[str, ...] = ("auto", "exact", "optimal", "greedy", "entropic", "fast")
@@ -42,8 +41,6 @@ def _as_pattern(pattern: Transposable | NM | str) -> Transposable:
     if isinstance(pattern, Transposable):
         return pattern
     if isinstance(pattern, str):
-        from nmkit.patterns import parse
-
         pattern = parse(pattern)
     if isinstance(pattern, NM):
         return Transposable(pattern.keep, pattern.group)
@@ -260,8 +257,6 @@ def _dykstra(tiles: torch.Tensor, n: int, tau: float, iters: int) -> torch.Tenso
 
 
 def _native_ok(scores: torch.Tensor, m: int) -> bool:
-    from nmkit.solvers import native as _nat
-
     return scores.device.type == "cpu" and m <= _nat.MAX_GROUP and _nat.available()
 
 
@@ -306,8 +301,6 @@ def transposable_mask(
         else:
             method = "fast"
     if use_native and (method in ("optimal", "fast") or (method == "greedy" and scores.dtype == torch.float32)):
-        from nmkit.solvers import native as _nat
-
         return _nat.transposable(scores, n, m, {"optimal": "optimal", "fast": "swap", "greedy": "greedy"}[method])
     if method == "optimal":
         method = "exact"  # no compiled library: the LP (or pattern enumeration) gives the same optimum

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from nmkit.pattern_zoo import VNM
-from nmkit.patterns import PatternError, parse
+from nmkit.patterns import VNM, PatternError, parse
 from nmkit.solvers.nm import topk_mask
 from nmkit.solvers.permutation import PermutationResult, kept_by_rows, topn_sum
 

@@ -17,7 +17,6 @@ after clipping) before ``optimizer.step()`` and ``sparse.step(loss)`` after it.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from nmkit.errors import UserError
 from nmkit.patterns import NM
+from nmkit.selection import matches, selected
 from nmkit.solvers.transposable import transposable_mask
 from nmkit.training.bidirectional import BidirectionalLinear
 from nmkit.training.masks import column_mask, flips, magnitude_mask, soft_threshold_scale
@@ -69,13 +69,11 @@ class History:
 
 
 def _selected(name: str, module: nn.Module, include: Include, exclude: Iterable[str]) -> bool:
-    if not isinstance(module, nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+    if not isinstance(module, nn.Linear):
         return False
-    if include is None:
-        return True
     if callable(include):
-        return bool(include(name, module))
-    return any(fnmatch.fnmatchcase(name, p) for p in include)
+        return bool(include(name, module)) and not matches(name, exclude)
+    return selected(name, include, exclude)
 
 
 class SparseTraining:

@@ -6,7 +6,6 @@ update is masked, the merged weight has no new non-zeros: a pruned model stays N
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nmkit.errors import UserError
+from nmkit.selection import selected
 
 
 class MaskedLoRA(nn.Module):
@@ -51,9 +51,7 @@ def add_sparse_lora(
     exclude = tuple(exclude)
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        if not isinstance(module, nn.Linear) or not selected(name, include, exclude):
             continue
         w = module.weight
         w.requires_grad_(False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from nmkit import scores
 from nmkit.patterns import NM
 from nmkit.solvers.nm import nm_mask
 
@@ -18,12 +19,12 @@ def magnitude_mask(weight: torch.Tensor, pattern: NM, within: torch.Tensor | Non
     ``within`` (bool, same shape) restricts the choice to a parent mask: the result is always a
     subset of it (a group where the parent keeps fewer than N keeps only the parent's entries).
     """
-    scores = weight.detach().abs()
+    score = scores.magnitude(weight)
     if within is None:
-        return nm_mask(scores, pattern, dim=-1)
+        return nm_mask(score, pattern, dim=-1)
     # |w| >= 0, so -1 ranks every position outside the parent last.
-    scores = scores.masked_fill(~within, -1.0)
-    return nm_mask(scores, pattern, dim=-1) & within
+    score = score.masked_fill(~within, -1.0)
+    return nm_mask(score, pattern, dim=-1) & within
 
 
 def column_mask(weight: torch.Tensor, pattern: NM, within: torch.Tensor | None = None) -> torch.Tensor:

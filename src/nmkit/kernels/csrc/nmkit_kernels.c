@@ -1093,3 +1093,65 @@ int nmk_linear(int isa, int kind, int dtype, const void *values, const uint8_t *
     return -1;
 #endif
 }
+
+#define NMK_TOPN_MAXM 64
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NMK_TOPN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NMK_TOPN_CLONES
+#endif
+#define NMK_TOPN_INLINE static inline __attribute__((always_inline)) /* inlined into every clone */
+
+/* ---- Row-wise top-N of every M, in place (run-time N:M: attention scores) ----------------------
+ * Compiled for AVX-512, AVX2 and the baseline with target_clones (picked at load time, no -march).
+ * In every group of m consecutive floats keep the n largest and overwrite the rest with `fill`
+ * (e.g. -inf before a softmax). Rank of v[i] = #{j < i: v[j] >= v[i]} + #{j > i: v[j] > v[i]}, the
+ * same "lower index wins ties" rule as the torch reference (nmkit.solvers.nm.topk_mask). m is a
+ * compile-time constant in the common cases so the rank loops unroll into branch-free compares. */
+NMK_TOPN_INLINE void topn_group(float *p, int m, int n, float fill) {
+    float v[NMK_TOPN_MAXM];
+    int r[NMK_TOPN_MAXM];
+    for (int i = 0; i < m; ++i) { v[i] = p[i]; r[i] = 0; }
+    for (int i = 0; i < m; ++i)
+        for (int j = i + 1; j < m; ++j) {
+            int ge = v[i] >= v[j]; /* i ranks ahead of the later j on ties */
+            r[j] += ge;
+            r[i] += !ge;
+        }
+    for (int i = 0; i < m; ++i) p[i] = r[i] < n ? v[i] : fill;
+}
+
+#define TOPN_FIXED(M)                                                              \
+    NMK_TOPN_CLONES static void topn_fill_##M(float *x, int64_t g0, int64_t g1, int n, float fill) { \
+        for (int64_t g = g0; g < g1; ++g) topn_group(x + g * M, M, n, fill);       \
+    }
+TOPN_FIXED(2)
+TOPN_FIXED(4)
+TOPN_FIXED(8)
+TOPN_FIXED(16)
+
+static void topn_fill_any(float *x, int64_t g0, int64_t g1, int m, int n, float fill) {
+    for (int64_t g = g0; g < g1; ++g) topn_group(x + g * m, m, n, fill);
+}
+
+int nmk_topn_fill(float *x, int64_t groups, int m, int n, float fill, int threads) {
+    if (m < 1 || m > NMK_TOPN_MAXM || n < 0 || groups < 0) return 1;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int nth = 1, tid = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        int64_t g0 = groups * tid / nth, g1 = groups * (tid + 1) / nth;
+        switch (m) {
+        case 2: topn_fill_2(x, g0, g1, n, fill); break;
+        case 4: topn_fill_4(x, g0, g1, n, fill); break;
+        case 8: topn_fill_8(x, g0, g1, n, fill); break;
+        case 16: topn_fill_16(x, g0, g1, n, fill); break;
+        default: topn_fill_any(x, g0, g1, m, n, fill);
+        }
+    }
+    return 0;
+}

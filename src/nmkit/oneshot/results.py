@@ -1,0 +1,40 @@
+"""What a one-shot prune returns: per-layer results and their summary (shared by both pruning loops)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: list[int]
+    pattern: str
+    sparsity: float
+    valid: bool
+    rel_error: float | None = None  # ||(W - W')X||^2 / ||WX||^2 on calibration data, when measured
+
+
+@dataclass
+class PruneResult:
+    pattern: str
+    method: str
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+    permutations: list = field(default_factory=list)  # PermutationChange per permuted layer (--permute)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers (weighted by size)."""
+        total = sum(torch.Size(layer.shape).numel() for layer in self.layers)
+        zeros = sum(layer.sparsity * torch.Size(layer.shape).numel() for layer in self.layers)
+        return zeros / max(total, 1)
+
+    @property
+    def all_valid(self) -> bool:
+        return all(layer.valid for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
