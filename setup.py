@@ -50,4 +50,12 @@ solvers_native = Extension(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[native, solvers_native], cmdclass={"build_ext": OptionalBuildExt})
+# The lean decode runtime (a whole Llama forward per call): nmkit/runtime/native.py.
+runtime_native = Extension(
+    "nmkit.runtime._runtime",
+    sources=["src/nmkit/runtime/csrc/nmkit_runtime.c"],
+    extra_compile_args=["-O3", "-fopenmp", "-std=gnu11"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(ext_modules=[native, solvers_native, runtime_native], cmdclass={"build_ext": OptionalBuildExt})

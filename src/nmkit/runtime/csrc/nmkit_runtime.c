@@ -1,0 +1,677 @@
+/* nmkit lean decode runtime: one whole Llama-family forward pass per call, in plain C.
+ *
+ * Python (nmkit/runtime/engine.py) packs every weight matrix once into one of the layouts below and
+ * calls nmr_forward() once per decode step (or once per prompt chunk): no per-layer Python, one
+ * OpenMP parallel region per call with barriers between the steps, a static KV cache.
+ *
+ * Weight matrices (nmr_mat), y = W x (+ bias), W of shape rows x cols, cols a multiple of 64:
+ *   kind F32 / BF16 : kept values row-major, cols*keep/group per row
+ *   kind Q8 / Q4    : a row's kept values in units of 64 (a unit spans 64/k64 whole 64-input blocks,
+ *                     k64 = 64*keep/group kept per block; the row's last unit is zero-padded). Q8: one
+ *                     int8 per value. Q4: 32 bytes per unit, byte j holding value j (low nibble) and
+ *                     value j + 32 (high nibble) as q + 8. One fp16 scale per row and scale group.
+ *   mask            : rows x cols/8 bytes, bit j of byte b <-> column 8b + j (little endian, so 8 bytes
+ *                     are the uint64 mask of one 64-input block); NULL when keep == group (dense)
+ * "N:M" keeps N (keep) of every M (group) consecutive inputs; group is 2, 4, 8 or 16.
+ * Quantized kinds multiply int8 activations, quantized per 64-input block (scale max|x|/127, round to
+ * nearest even), with integer dot products (AVX-512 VNNI: vpdpbusd on the kept activations, gathered
+ * by the mask with vpcompressb).
+ *
+ * ISA levels: portable < avx2 (the portable C compiled for AVX2/FMA, vectorised by the compiler) <
+ * avx512 (F/BW/VL/DQ + VBMI2 + VNNI, hand-written) < avx512bf16 (+ BF16 dot products). Chosen at run
+ * time; no -march flag.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define NMR_X86 1
+#endif
+
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
+enum { K_F32 = 0, K_BF16 = 1, K_Q8 = 2, K_Q4 = 3 };
+enum { N_MATS = 7 }; /* per layer: q k v o gate up down */
+
+void *PyInit__runtime(void) { return 0; } /* lets setuptools build this as an extension; never imported */
+
+int nmr_version(void) { return 1; }
+
+int nmr_best_isa(void) {
+#ifdef NMR_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni")) {
+        return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512BF16 : ISA_AVX512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX2;
+#endif
+    return ISA_PORTABLE;
+}
+
+typedef struct {
+    int32_t kind, rows, cols, keep, group, group_blocks; /* group_blocks: 64-input blocks per scale */
+    const void *values;
+    const uint8_t *mask;
+    const uint16_t *scales; /* fp16, rows x n_scales */
+    const float *bias;
+} nmr_mat;
+
+typedef struct {
+    int32_t n_layers, dim, n_heads, n_kv, head_dim, hidden, vocab, max_seq;
+    float eps;
+    int32_t embed_kind; /* K_F32 or K_BF16 */
+    const void *embed;  /* vocab x dim */
+    const float *rope_cos, *rope_sin; /* max_seq x head_dim/2 */
+    const float *norms;               /* n_layers x 2 x dim (attention, mlp), then the final norm */
+    const nmr_mat *mats;              /* n_layers x 7, then the head */
+    float *kcache, *vcache;           /* n_layers x n_kv x max_seq x head_dim */
+} nmr_model;
+
+/* One token's input vector in the forms the kernels read. */
+typedef struct {
+    const float *f;    /* fp32 */
+    const uint16_t *b; /* bf16 bits */
+    const uint8_t *q;  /* int8 + 128, per 64-input block */
+    const float *s;    /* block scales */
+} xrep;
+
+/* ------------------------------------------------------------------------------ scalar helpers */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { /* IEEE half, exact */
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+    if (e == 0) {
+        if (m == 0) {
+            u = s;
+        } else { /* subnormal half: normalise */
+            int k = -1;
+            do { k++; m <<= 1; } while (!(m & 0x400u));
+            u = s | ((uint32_t)(127 - 15 - k) << 23) | ((m & 0x3ffu) << 13);
+        }
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 127 - 15) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline int64_t kept_per_row(const nmr_mat *W) { return (int64_t)W->cols / W->group * W->keep; }
+static inline int n_scales(const nmr_mat *W) { return (W->cols / 64 + W->group_blocks - 1) / W->group_blocks; }
+static inline int dense(const nmr_mat *W) { return W->keep == W->group; }
+static inline int k64_of(const nmr_mat *W) { return 64 / W->group * W->keep; }
+static inline int units_per_row(const nmr_mat *W) { /* 64-value units, see the layout above */
+    const int per = 64 / k64_of(W);
+    return (W->cols / 64 + per - 1) / per;
+}
+
+/* -------------------------------------------------------------- portable kernels (reference C) */
+
+static inline __attribute__((always_inline)) float dot_float_row(const nmr_mat *W, int r, const xrep *x) {
+    const int64_t kr = kept_per_row(W);
+    const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (W->cols / 8) : NULL;
+    float acc = 0.f;
+    int64_t k = 0;
+    if (W->kind == K_F32) {
+        const float *v = (const float *)W->values + (int64_t)r * kr;
+        if (dense(W)) {
+            for (int c = 0; c < W->cols; c++) acc += v[c] * x->f[c];
+        } else {
+            for (int c = 0; c < W->cols; c++)
+                if (mk[c >> 3] >> (c & 7) & 1) acc += v[k++] * x->f[c];
+        }
+    } else { /* bf16 weights times bf16-rounded activations, summed in fp32 */
+        const uint16_t *v = (const uint16_t *)W->values + (int64_t)r * kr;
+        if (dense(W)) {
+            for (int c = 0; c < W->cols; c++) acc += bf16_to_f32(v[c]) * bf16_to_f32(x->b[c]);
+        } else {
+            for (int c = 0; c < W->cols; c++)
+                if (mk[c >> 3] >> (c & 7) & 1) acc += bf16_to_f32(v[k++]) * bf16_to_f32(x->b[c]);
+        }
+    }
+    return acc;
+}
+
+static inline __attribute__((always_inline)) float dot_quant_row(const nmr_mat *W, int r, const xrep *x) {
+    const int nb = W->cols / 64, k64 = k64_of(W), ns = n_scales(W);
+    const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (W->cols / 8) : NULL;
+    const uint16_t *sc = W->scales + (int64_t)r * ns;
+    float acc = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int32_t dot = 0;
+        int j = 0;
+        for (int c = 0; c < 64; c++) {
+            if (mk && !(mk[b * 8 + (c >> 3)] >> (c & 7) & 1)) continue;
+            const int64_t g = (int64_t)b * k64 + j; /* the value's place among the row's kept values */
+            int w;
+            if (W->kind == K_Q8) {
+                w = ((const int8_t *)W->values)[(int64_t)r * units_per_row(W) * 64 + g];
+            } else {
+                const uint8_t byte = ((const uint8_t *)W->values)[(int64_t)r * units_per_row(W) * 32 + g / 64 * 32 + g % 32];
+                w = (g % 64 < 32 ? (byte & 15) : (byte >> 4)) - 8;
+            }
+            dot += w * ((int)x->q[b * 64 + c] - 128);
+            j++;
+        }
+        acc += (float)dot * (x->s[b] * f16_to_f32(sc[b / W->group_blocks]));
+    }
+    return acc;
+}
+
+#define PORTABLE_ROWS(NAME, ATTR)                                                                   \
+    static ATTR void NAME(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {            \
+        for (int r = r0; r < r1; r++) {                                                            \
+            float v = W->kind >= K_Q8 ? dot_quant_row(W, r, x) : dot_float_row(W, r, x);          \
+            y[r] = v + (W->bias ? W->bias[r] : 0.f);                                                \
+        }                                                                                          \
+    }
+
+PORTABLE_ROWS(rows_portable, )
+
+static void quantize_portable(const float *x, int n, uint8_t *q, float *s) {
+    for (int b = 0; b < n / 64; b++) {
+        float amax = 0.f;
+        for (int c = 0; c < 64; c++) amax = fmaxf(amax, fabsf(x[b * 64 + c]));
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        s[b] = amax / 127.f;
+        for (int c = 0; c < 64; c++) {
+            float v = nearbyintf(x[b * 64 + c] * id);
+            v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+            q[b * 64 + c] = (uint8_t)((int)v + 128);
+        }
+    }
+}
+
+#ifdef NMR_X86
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+PORTABLE_ROWS(rows_avx2, T_AVX2)
+
+/* ------------------------------------------------------------------------- AVX-512 kernels */
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512vnni,f16c,fma,bmi2")))
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512vnni,avx512bf16,f16c,fma,bmi2")))
+
+static inline __attribute__((always_inline)) T512 __mmask64 low_bytes(int n) {
+    return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
+}
+
+/* Quantized rows, one 64-value unit (64/k64 input blocks) per step: gather each block's kept
+ * activations with vpcompressb and lay them side by side, unpack the unit's weights to int8, two
+ * vpdpbusd (activations are stored +128; the second removes 128 * sum(w)), then one fused
+ * multiply-add with a vector holding each lane's block scale. */
+static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    const int nb = W->cols / 64, k64 = k64_of(W), P = 64 / k64, U = units_per_row(W), ns = n_scales(W);
+    const int gb = W->group_blocks, sparse = !dense(W), q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;
+    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i nib = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    int lane_block[16];
+    for (int l = 0; l < 16; l++) lane_block[l] = l / (16 / P);
+    const __m512i lane_idx = _mm512_loadu_si512(lane_block);
+    float sx[U * P + 16]; /* per block: activation scale x weight scale (zero past the last block) */
+    for (int i = nb; i < U * P + 16; i++) sx[i] = 0.f;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * U * ubytes;
+        const uint64_t *mk = sparse ? (const uint64_t *)(W->mask + (int64_t)r * (W->cols / 8)) : NULL;
+        const uint16_t *sc = W->scales + (int64_t)r * ns;
+        for (int g = 0, b = 0; g < ns; g++) {
+            const float ws = _cvtsh_ss(sc[g]);
+            for (int i = 0; i < gb && b < nb; i++, b++) sx[b] = x->s[b] * ws;
+        }
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int u = 0; u < U; u++, wp += ubytes) {
+            const int b0 = u * P;
+            __m512i xu = _mm512_loadu_si512(x->q + (int64_t)b0 * 64);
+            if (sparse) {
+                xu = _mm512_maskz_compress_epi8(mk[b0], xu);
+                for (int i = 1; i < P && b0 + i < nb; i++) {
+                    const __m512i xi = _mm512_maskz_compress_epi8(mk[b0 + i], _mm512_loadu_si512(x->q + (int64_t)(b0 + i) * 64));
+                    xu = _mm512_mask_expand_epi8(xu, low_bytes((i + 1) * k64) & ~low_bytes(i * k64), xi);
+                }
+            }
+            __m512i w;
+            if (q4) {
+                const __m512i t = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)wp));
+                w = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(t, shifts), nib), eight);
+            } else {
+                w = _mm512_loadu_si512(wp);
+            }
+            const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, w), _mm512_dpbusd_epi32(zero, c128, w));
+            const __m512 sv = P == 1 ? _mm512_set1_ps(sx[b0]) : _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(sx + b0));
+            acc[u & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[u & 1]);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (W->bias ? W->bias[r] : 0.f);
+    }
+}
+
+/* fp32 rows: per 16 inputs, load the p16 kept values, vexpandps them into place, FMA. */
+static T512 void rows_f32_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    const int64_t kr = kept_per_row(W);
+    const int p16 = 16 / W->group * W->keep;
+    const __mmask16 lowp = (__mmask16)((1u << p16) - 1);
+    for (int r = r0; r < r1; r++) {
+        const float *v = (const float *)W->values + (int64_t)r * kr;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        if (dense(W)) {
+            int c = 0;
+            for (; c + 32 <= W->cols; c += 32) {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + c), _mm512_loadu_ps(x->f + c), acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + c + 16), _mm512_loadu_ps(x->f + c + 16), acc1);
+            }
+            for (; c < W->cols; c += 16)
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + c), _mm512_loadu_ps(x->f + c), acc0);
+        } else {
+            const uint16_t *mk = (const uint16_t *)(W->mask + (int64_t)r * (W->cols / 8));
+            for (int c = 0; c < W->cols; c += 32, v += 2 * p16) {
+                const __m512 wa = _mm512_maskz_expand_ps(mk[c / 16], _mm512_maskz_loadu_ps(lowp, v));
+                const __m512 wb = _mm512_maskz_expand_ps(mk[c / 16 + 1], _mm512_maskz_loadu_ps(lowp, v + p16));
+                acc0 = _mm512_fmadd_ps(wa, _mm512_loadu_ps(x->f + c), acc0);
+                acc1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x->f + c + 16), acc1);
+            }
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (W->bias ? W->bias[r] : 0.f);
+    }
+}
+
+/* bf16 rows without BF16 dot products: widen both operands to fp32 (exact) and FMA. */
+static inline __attribute__((always_inline)) T512 __m512 bf16x16_to_ps(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) T512 __m512i bf16_weights32(const uint16_t *v, const uint32_t *mk, int c,
+                                                                        int p32) {
+    if (!mk) return _mm512_loadu_si512(v);
+    return _mm512_maskz_expand_epi16(mk[c / 32], _mm512_maskz_loadu_epi16((__mmask32)(((uint64_t)1 << p32) - 1), v));
+}
+
+static T512 void rows_bf16_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    const int64_t kr = kept_per_row(W);
+    const int p32 = dense(W) ? 32 : 32 / W->group * W->keep;
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *v = (const uint16_t *)W->values + (int64_t)r * kr;
+        const uint32_t *mk = dense(W) ? NULL : (const uint32_t *)(W->mask + (int64_t)r * (W->cols / 8));
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int c = 0; c < W->cols; c += 32, v += p32) {
+            const __m512i w = bf16_weights32(v, mk, c, p32), xb = _mm512_loadu_si512(x->b + c);
+            acc0 = _mm512_fmadd_ps(bf16x16_to_ps(_mm512_castsi512_si256(w)), bf16x16_to_ps(_mm512_castsi512_si256(xb)), acc0);
+            acc1 = _mm512_fmadd_ps(bf16x16_to_ps(_mm512_extracti64x4_epi64(w, 1)),
+                                   bf16x16_to_ps(_mm512_extracti64x4_epi64(xb, 1)), acc1);
+        }
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (W->bias ? W->bias[r] : 0.f);
+    }
+}
+
+static T512BF void rows_bf16_512bf(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    const int64_t kr = kept_per_row(W);
+    const int p32 = dense(W) ? 32 : 32 / W->group * W->keep;
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *v = (const uint16_t *)W->values + (int64_t)r * kr;
+        const uint32_t *mk = dense(W) ? NULL : (const uint32_t *)(W->mask + (int64_t)r * (W->cols / 8));
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int c = 0;
+        for (; c + 64 <= W->cols; c += 64, v += 2 * p32) {
+            const __m512i wa = bf16_weights32(v, mk, c, p32), wb = bf16_weights32(v + p32, mk, c + 32, p32);
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)wa, (__m512bh)_mm512_loadu_si512(x->b + c));
+            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)wb, (__m512bh)_mm512_loadu_si512(x->b + c + 32));
+        }
+        for (; c < W->cols; c += 32, v += p32)
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)bf16_weights32(v, mk, c, p32),
+                                    (__m512bh)_mm512_loadu_si512(x->b + c));
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (W->bias ? W->bias[r] : 0.f);
+    }
+}
+
+static T512 void quantize_512(const float *x, int n, uint8_t *q, float *s) {
+    const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
+    for (int b = 0; b < n / 64; b++) {
+        const float *xb = x + b * 64;
+        __m512 m = _mm512_abs_ps(_mm512_loadu_ps(xb));
+        for (int i = 1; i < 4; i++) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)));
+        const float amax = _mm512_reduce_max_ps(m);
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        s[b] = amax / 127.f;
+        for (int i = 0; i < 4; i++) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xb + 16 * i), _mm512_set1_ps(id));
+            v = _mm512_max_ps(_mm512_min_ps(v, lim), nlim);
+            const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128));
+            _mm_storeu_si128((__m128i *)(q + b * 64 + 16 * i), _mm512_cvtepi32_epi8(qi));
+        }
+    }
+}
+#endif /* NMR_X86 */
+
+/* y[r0:r1] = W x for one token, on the chosen ISA path. */
+static void mat_rows(const nmr_mat *W, const xrep *x, float *y, int r0, int r1, int isa) {
+#ifdef NMR_X86
+    if (isa >= ISA_AVX512) {
+        if (W->kind >= K_Q8) rows_quant_512(W, x, y, r0, r1);
+        else if (W->kind == K_F32) rows_f32_512(W, x, y, r0, r1);
+        else if (isa >= ISA_AVX512BF16) rows_bf16_512bf(W, x, y, r0, r1);
+        else rows_bf16_512(W, x, y, r0, r1);
+        return;
+    }
+    if (isa == ISA_AVX2) {
+        rows_avx2(W, x, y, r0, r1);
+        return;
+    }
+#endif
+    (void)isa;
+    rows_portable(W, x, y, r0, r1);
+}
+
+static void quantize_x(const float *x, int n, uint8_t *q, float *s, int isa) {
+#ifdef NMR_X86
+    if (isa >= ISA_AVX512) {
+        quantize_512(x, n, q, s);
+        return;
+    }
+#endif
+    (void)isa;
+    quantize_portable(x, n, q, s);
+}
+
+/* ------------------------------------------------------------------------- one matrix, T tokens */
+
+typedef struct {
+    float *f;    /* T x ld floats: the input as given */
+    uint16_t *b; /* T x ld bf16 */
+    uint8_t *q;  /* T x ld int8 + 128 */
+    float *s;    /* T x ld/64 scales */
+    int ld;
+} xbuf;
+
+static inline xrep xrep_at(const xbuf *X, int t) {
+    xrep r = {X->f + (int64_t)t * X->ld, X->b + (int64_t)t * X->ld, X->q + (int64_t)t * X->ld,
+              X->s + (int64_t)t * (X->ld / 64)};
+    return r;
+}
+
+/* The forms of token t's vector that the matrices in `kinds` (a bit set) read. */
+static void prepare(const xbuf *X, int t, int n, unsigned kinds, int isa) {
+    const float *x = X->f + (int64_t)t * X->ld;
+    if (kinds & (1u << K_BF16)) {
+        uint16_t *b = X->b + (int64_t)t * X->ld;
+        for (int i = 0; i < n; i++) b[i] = f32_to_bf16(x[i]);
+    }
+    if (kinds & ((1u << K_Q8) | (1u << K_Q4)))
+        quantize_x(x, n, X->q + (int64_t)t * X->ld, X->s + (int64_t)t * (X->ld / 64), isa);
+}
+
+static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
+    int units = (n + align - 1) / align, per = units / nth, extra = units % nth;
+    int u0 = tid * per + (tid < extra ? tid : extra), u1 = u0 + per + (tid < extra ? 1 : 0);
+    *a = u0 * align < n ? u0 * align : n;
+    *b = u1 * align < n ? u1 * align : n;
+}
+
+/* Y[t] = W X[t] for tokens t in [0, T): this thread's share of the rows. Rows are taken in chunks
+ * so a chunk's weights stay in cache while every token passes over them (prefill). */
+static void matmul_share(const nmr_mat *W, const xbuf *X, float *Y, int ldy, int T, int isa, int nth, int tid) {
+    int r0, r1;
+    thread_range(W->rows, 16, nth, tid, &r0, &r1);
+    const int chunk = T == 1 ? W->rows : 16;
+    for (int c0 = r0; c0 < r1; c0 += chunk) {
+        const int c1 = c0 + chunk < r1 ? c0 + chunk : r1;
+        for (int t = 0; t < T; t++) {
+            xrep x = xrep_at(X, t);
+            mat_rows(W, &x, Y + (int64_t)t * ldy, c0, c1, isa);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------ the forward pass */
+
+static void rmsnorm(const float *x, const float *w, float *out, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float inv = 1.f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+static void rope(float *v, const float *cs, const float *sn, int half) {
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+/* Causal attention of one query head over cache positions [0, n). */
+static void attend(const float *q, const float *K, const float *V, int n, int hd, float *scores, float *out) {
+    const float scale = 1.f / sqrtf((float)hd);
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        const float *k = K + (int64_t)j * hd;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < hd; i++) s += q[i] * k[i];
+        scores[j] = s * scale;
+        mx = scores[j] > mx ? scores[j] : mx;
+    }
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    const float inv = 1.f / sum;
+    for (int i = 0; i < hd; i++) out[i] = 0.f;
+    for (int j = 0; j < n; j++) {
+        const float p = scores[j] * inv, *v = V + (int64_t)j * hd;
+#pragma omp simd
+        for (int i = 0; i < hd; i++) out[i] += p * v[i];
+    }
+}
+
+#ifdef NMR_X86
+static T512 void attend_512(const float *q, const float *K, const float *V, int n, int hd, float *s, float *o) {
+    attend(q, K, V, n, hd, s, o);
+}
+#endif
+
+static void attend_isa(const float *q, const float *K, const float *V, int n, int hd, float *s, float *o, int isa) {
+#ifdef NMR_X86
+    if (isa >= ISA_AVX512) {
+        attend_512(q, K, V, n, hd, s, o);
+        return;
+    }
+#endif
+    (void)isa;
+    attend(q, K, V, n, hd, s, o);
+}
+
+static unsigned kind_bit(const nmr_mat *W) { return 1u << W->kind; }
+
+static void *alloc64(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) ? NULL : p;
+}
+
+static int xbuf_alloc(xbuf *X, int T, int ld) {
+    X->ld = ld;
+    X->f = alloc64(sizeof(float) * T * ld);
+    X->b = alloc64(sizeof(uint16_t) * T * ld);
+    X->q = alloc64((size_t)T * ld);
+    X->s = alloc64(sizeof(float) * T * (ld / 64 + 1));
+    return X->f && X->b && X->q && X->s;
+}
+
+static void xbuf_free(xbuf *X) {
+    free(X->f);
+    free(X->b);
+    free(X->q);
+    free(X->s);
+}
+
+/* Runs tokens[0:T] at positions pos..pos+T-1, appending their keys and values to the cache.
+ * logits: vocab floats for the last token, or T x vocab when all_logits. Returns 0, or a negative
+ * code: -1 bad arguments, -2 out of memory. */
+int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float *logits, int all_logits,
+                int isa, int nth) {
+    if (T < 1 || pos < 0 || pos + T > M->max_seq || M->dim % 64 || M->hidden % 64) return -1;
+    const int dim = M->dim, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv, hid = M->hidden;
+    const int qdim = nh * hd, kvdim = nkv * hd, wide = hid > qdim ? (hid > dim ? hid : dim) : (qdim > dim ? qdim : dim);
+    const int n_out = all_logits ? T : 1, t_out = all_logits ? 0 : T - 1;
+    if (nth < 1) nth = 1;
+
+    float *x = alloc64(sizeof(float) * T * dim), *tmp = alloc64(sizeof(float) * T * wide);
+    float *qb = alloc64(sizeof(float) * T * qdim), *kb = alloc64(sizeof(float) * T * kvdim);
+    float *vb = alloc64(sizeof(float) * T * kvdim), *ub = alloc64(sizeof(float) * T * hid);
+    float *scores = alloc64(sizeof(float) * nth * M->max_seq);
+    xbuf X = {0};
+    int ok = x && tmp && qb && kb && vb && ub && scores && xbuf_alloc(&X, T, wide);
+    if (!ok) {
+        free(x); free(tmp); free(qb); free(kb); free(vb); free(ub); free(scores);
+        xbuf_free(&X);
+        return -2;
+    }
+    const int ld = X.ld;
+
+#pragma omp parallel num_threads(nth)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int tid = 0, nt = 1;
+#endif
+        int t0, t1;
+        thread_range(T, 1, nt, tid, &t0, &t1);
+        for (int t = t0; t < t1; t++) { /* embedding lookup */
+            const int64_t row = (int64_t)tokens[t] * dim;
+            for (int i = 0; i < dim; i++)
+                x[(int64_t)t * dim + i] = M->embed_kind == K_F32 ? ((const float *)M->embed)[row + i]
+                                                                  : bf16_to_f32(((const uint16_t *)M->embed)[row + i]);
+        }
+        for (int l = 0; l < M->n_layers; l++) {
+            const nmr_mat *Wl = M->mats + (int64_t)l * N_MATS;
+            const float *n_att = M->norms + (int64_t)l * 2 * dim, *n_mlp = n_att + dim;
+            float *Kc = M->kcache + (int64_t)l * nkv * M->max_seq * hd, *Vc = M->vcache + (int64_t)l * nkv * M->max_seq * hd;
+#pragma omp barrier
+            for (int t = t0; t < t1; t++) {
+                rmsnorm(x + (int64_t)t * dim, n_att, X.f + (int64_t)t * ld, dim, M->eps);
+                prepare(&X, t, dim, kind_bit(&Wl[0]) | kind_bit(&Wl[1]) | kind_bit(&Wl[2]), isa);
+            }
+#pragma omp barrier
+            matmul_share(&Wl[0], &X, qb, qdim, T, isa, nt, tid);
+            matmul_share(&Wl[1], &X, kb, kvdim, T, isa, nt, tid);
+            matmul_share(&Wl[2], &X, vb, kvdim, T, isa, nt, tid);
+#pragma omp barrier
+            { /* rotary embedding, then keys and values into the cache: (token, kv head) pairs */
+                int a, b;
+                thread_range(T * nkv, 1, nt, tid, &a, &b);
+                for (int i = a; i < b; i++) {
+                    const int t = i / nkv, h = i % nkv, p = pos + t;
+                    const float *cs = M->rope_cos + (int64_t)p * (hd / 2), *sn = M->rope_sin + (int64_t)p * (hd / 2);
+                    float *k = kb + (int64_t)t * kvdim + h * hd;
+                    rope(k, cs, sn, hd / 2);
+                    memcpy(Kc + ((int64_t)h * M->max_seq + p) * hd, k, sizeof(float) * hd);
+                    memcpy(Vc + ((int64_t)h * M->max_seq + p) * hd, vb + (int64_t)t * kvdim + h * hd, sizeof(float) * hd);
+                    for (int g = 0; g < nh / nkv; g++) {
+                        float *q = qb + (int64_t)t * qdim + (h * (nh / nkv) + g) * hd;
+                        rope(q, cs, sn, hd / 2);
+                    }
+                }
+            }
+#pragma omp barrier
+            { /* attention: (token, head) pairs; output into X.f as the o-projection's input */
+                int a, b;
+                thread_range(T * nh, 1, nt, tid, &a, &b);
+                for (int i = a; i < b; i++) {
+                    const int t = i / nh, h = i % nh, kvh = h / (nh / nkv);
+                    attend_isa(qb + (int64_t)t * qdim + h * hd, Kc + (int64_t)kvh * M->max_seq * hd,
+                               Vc + (int64_t)kvh * M->max_seq * hd, pos + t + 1, hd, scores + (int64_t)tid * M->max_seq,
+                               X.f + (int64_t)t * ld + h * hd, isa);
+                }
+            }
+#pragma omp barrier
+            for (int t = t0; t < t1; t++) prepare(&X, t, qdim, kind_bit(&Wl[3]), isa);
+#pragma omp barrier
+            matmul_share(&Wl[3], &X, tmp, dim, T, isa, nt, tid);
+#pragma omp barrier
+            for (int t = t0; t < t1; t++) {
+                float *xt = x + (int64_t)t * dim;
+                for (int i = 0; i < dim; i++) xt[i] += tmp[(int64_t)t * dim + i];
+                rmsnorm(xt, n_mlp, X.f + (int64_t)t * ld, dim, M->eps);
+                prepare(&X, t, dim, kind_bit(&Wl[4]) | kind_bit(&Wl[5]), isa);
+            }
+#pragma omp barrier
+            matmul_share(&Wl[4], &X, tmp, hid, T, isa, nt, tid);
+            matmul_share(&Wl[5], &X, ub, hid, T, isa, nt, tid);
+#pragma omp barrier
+            for (int t = t0; t < t1; t++) { /* SiLU(gate) * up, the down projection's input */
+                float *o = X.f + (int64_t)t * ld;
+                const float *g = tmp + (int64_t)t * hid, *u = ub + (int64_t)t * hid;
+                for (int i = 0; i < hid; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+                prepare(&X, t, hid, kind_bit(&Wl[6]), isa);
+            }
+#pragma omp barrier
+            matmul_share(&Wl[6], &X, tmp, dim, T, isa, nt, tid);
+#pragma omp barrier
+            for (int t = t0; t < t1; t++)
+                for (int i = 0; i < dim; i++) x[(int64_t)t * dim + i] += tmp[(int64_t)t * dim + i];
+        }
+        const nmr_mat *head = M->mats + (int64_t)M->n_layers * N_MATS;
+        const float *n_final = M->norms + (int64_t)M->n_layers * 2 * dim;
+#pragma omp barrier
+        {
+            int a, b;
+            thread_range(n_out, 1, nt, tid, &a, &b);
+            for (int i = a; i < b; i++) {
+                rmsnorm(x + (int64_t)(t_out + i) * dim, n_final, X.f + (int64_t)i * ld, dim, M->eps);
+                prepare(&X, i, dim, kind_bit(head), isa);
+            }
+        }
+#pragma omp barrier
+        matmul_share(head, &X, logits, M->vocab, n_out, isa, nt, tid);
+    }
+    free(x); free(tmp); free(qb); free(kb); free(vb); free(ub); free(scores);
+    xbuf_free(&X);
+    return 0;
+}
+
+/* One matrix on one or more tokens, for the kernel tests: y (T x rows) = x (T x cols) W^T. */
+int nmr_matmul(const nmr_mat *W, const float *x, int T, float *y, int isa, int nth) {
+    if (T < 1 || W->cols % 64) return -1;
+    xbuf X = {0};
+    if (!xbuf_alloc(&X, T, W->cols)) {
+        xbuf_free(&X);
+        return -2;
+    }
+    memcpy(X.f, x, sizeof(float) * T * W->cols);
+    for (int t = 0; t < T; t++) prepare(&X, t, W->cols, kind_bit(W), isa);
+#pragma omp parallel num_threads(nth < 1 ? 1 : nth)
+    {
+#ifdef _OPENMP
+        matmul_share(W, &X, y, W->rows, T, isa, omp_get_num_threads(), omp_get_thread_num());
+#else
+        matmul_share(W, &X, y, W->rows, T, isa, 1, 0);
+#endif
+    }
+    xbuf_free(&X);
+    return 0;
+}
+
+/* The activation quantizer, exposed so the torch reference can be checked against it. */
+void nmr_quantize(const float *x, int n, uint8_t *q, float *s, int isa) { quantize_x(x, n, q, s, isa); }

@@ -1,0 +1,167 @@
+"""The lean decode engine: a Hugging Face Llama-family model packed for ``nmr_forward``.
+
+:class:`Engine` packs every Linear once (N:M detected per layer, values as fp32, bf16, INT8 or
+INT4), precomputes the rotary tables with the model's own rotary module (so rope scaling variants
+come for free), and allocates a static KV cache. Each call of :meth:`Engine.forward` is one C call
+that runs every layer; Python does no per-layer work. Supported: decoder-only models with the Llama
+block (RMSNorm, rotary attention with optional q/k/v biases, grouped KV heads, SiLU-gated MLP):
+Llama, SmolLM2, Qwen2, Mistral without a sliding window in reach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nmkit.errors import UserError
+from nmkit.patterns import NM
+from nmkit.runtime import native
+from nmkit.runtime.pack import SUPPORTED_GROUPS, PackedMat, pack
+
+WEIGHT_KINDS = ("fp32", "bf16", "int8", "int4")
+_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def detect_nm(weight: torch.Tensor) -> NM | None:
+    """The sparsest supported N:M (M in 2, 4, 8, 16) the weight follows, or None (dense)."""
+    nonzero = weight.detach() != 0
+    best = None
+    for m in SUPPORTED_GROUPS:
+        if weight.shape[-1] % m:
+            continue
+        keep = int(nonzero.reshape(*nonzero.shape[:-1], -1, m).sum(-1).max())
+        keep = max(keep, 1)
+        if keep < m and (best is None or keep / m < best.density):
+            best = NM(keep, m)
+    return best
+
+
+@dataclass
+class EngineInfo:
+    """What was packed: per-layer kind and pattern, bytes read per decoded token."""
+
+    weights: str
+    head: str
+    patterns: dict[str, str] = field(default_factory=dict)
+    weight_bytes: int = 0  # every packed matrix (what one decode step reads)
+    isa: str = ""
+    threads: int = 1
+
+
+def _check_config(cfg) -> None:
+    kind = getattr(cfg, "model_type", "?")
+    if kind not in _MODEL_TYPES:
+        raise UserError(f"the decode runtime supports Llama-family models ({', '.join(_MODEL_TYPES)}), "
+                        f"not model_type {kind!r}; use HF generate for this model")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UserError(f"the decode runtime needs a SiLU MLP, the model uses {cfg.hidden_act!r}")
+
+
+def _default_threads() -> int:
+    env = os.environ.get("NMKIT_THREADS")
+    return int(env) if env else max(1, torch.get_num_threads())
+
+
+class Engine:
+    """A packed model plus its KV cache. ``weights``: fp32, bf16, int8 or int4 for the block Linears;
+    ``head``: the LM head's kind (default: the weights' kind for fp32/bf16, int8 for int8/int4)."""
+
+    def __init__(self, model: nn.Module, weights: str = "fp32", head: str | None = None, max_seq: int = 2048,
+                 threads: int | None = None, isa: str | None = None, group_blocks: int = 1,
+                 head_pattern: NM | None = None) -> None:
+        if weights not in WEIGHT_KINDS:
+            raise UserError(f"unknown --weights {weights!r}: choose one of {', '.join(WEIGHT_KINDS)}")
+        head = head or (weights if weights in ("fp32", "bf16") else "int8")
+        if head not in WEIGHT_KINDS:
+            raise UserError(f"unknown --head {head!r}: choose one of {', '.join(WEIGHT_KINDS)}")
+        cfg = model.config
+        _check_config(cfg)
+        self.lib = native.lib()
+        self.isa = native.isa_code(isa)
+        self.threads = threads or _default_threads()
+        self.max_seq = max_seq
+        self.config = cfg
+        inner = model.model
+        layers = inner.layers
+        dim = cfg.hidden_size
+        n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or dim // n_heads
+        window = getattr(cfg, "sliding_window", None)
+        if window is not None and getattr(cfg, "use_sliding_window", True) and window < max_seq:
+            raise UserError(f"the model uses a sliding window of {window} tokens; the runtime needs "
+                            f"--max-seq <= {window}")
+        self.info = EngineInfo(weights=weights, head=head, isa=native.ISAS[self.isa], threads=self.threads)
+        self._mats: list[PackedMat] = []
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                for part, proj in _PROJ:
+                    lin = getattr(getattr(layer, part), proj)
+                    name = f"model.layers.{i}.{part}.{proj}"
+                    pattern = detect_nm(lin.weight)
+                    self._mats.append(pack(lin.weight, weights, pattern, bias=lin.bias, group_blocks=group_blocks,
+                                           name=name))
+                    self.info.patterns[name] = str(pattern) if pattern else "dense"
+            lm = model.get_output_embeddings()
+            self._mats.append(pack(lm.weight, head, head_pattern, bias=getattr(lm, "bias", None),
+                                   group_blocks=group_blocks, name="lm_head"))
+            self.info.patterns["lm_head"] = str(head_pattern) if head_pattern else "dense"
+            embed = inner.embed_tokens.weight.detach()
+            self._embed = embed.float().contiguous() if embed.dtype != torch.bfloat16 else embed.contiguous()
+            norms = []
+            for layer in layers:
+                norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            norms.append(inner.norm.weight)
+            self._norms = torch.cat([n.detach().float().reshape(-1) for n in norms]).contiguous()
+            self._cos, self._sin = self._rope_tables(inner, max_seq, head_dim)
+        self.info.weight_bytes = sum(m.nbytes() for m in self._mats)
+        eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self._kc = torch.zeros(len(layers), n_kv, max_seq, head_dim)
+        self._vc = torch.zeros_like(self._kc)
+        self._structs = (native.MatStruct * len(self._mats))(*[m.struct() for m in self._mats])
+        self._model = native.ModelStruct(
+            len(layers), dim, n_heads, n_kv, head_dim, cfg.intermediate_size, cfg.vocab_size, max_seq, eps,
+            native.KINDS["bf16" if self._embed.dtype == torch.bfloat16 else "fp32"], self._embed.data_ptr(),
+            self._cos.data_ptr(), self._sin.data_ptr(), self._norms.data_ptr(),
+            ctypes.cast(self._structs, ctypes.c_void_p), self._kc.data_ptr(), self._vc.data_ptr())
+        self.vocab = cfg.vocab_size
+        self.pos = 0
+
+    @staticmethod
+    def _rope_tables(inner: nn.Module, max_seq: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rot = inner.rotary_emb
+        probe = torch.zeros(1, 1, head_dim)
+        pos = torch.arange(max_seq).unsqueeze(0)
+        cos, sin = rot(probe, pos)
+        half = head_dim // 2
+        return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the cache is overwritten, not cleared)."""
+        self.pos = 0
+
+    def forward(self, tokens: list[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run ``tokens`` after the cached ones; logits of the last token (vocab,), or (T, vocab)."""
+        ids = torch.as_tensor(tokens, dtype=torch.int32).reshape(-1).contiguous()
+        n = ids.numel()
+        if n == 0:
+            raise UserError("forward() needs at least one token")
+        if self.pos + n > self.max_seq:
+            raise UserError(f"context full: {self.pos} cached + {n} new tokens > max_seq {self.max_seq}; "
+                            f"start a new sequence or raise --max-seq")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
+            raise UserError(f"token id out of range for a vocabulary of {self.vocab}")
+        out = torch.empty((n if all_logits else 1), self.vocab)
+        rc = self.lib.nmr_forward(ctypes.byref(self._model), ids.data_ptr(), n, self.pos, out.data_ptr(),
+                                  int(all_logits), self.isa, self.threads)
+        if rc == -2:
+            raise MemoryError("nmkit runtime: out of memory for the forward pass")
+        if rc:
+            raise RuntimeError(f"nmr_forward failed with code {rc}")
+        self.pos += n
+        return out if all_logits else out[0]
