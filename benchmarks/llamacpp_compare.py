@@ -18,7 +18,8 @@ What it does:
 4. Runs, for R rounds, llama-bench (`-p 512 -n 64`, decode = tg64, prefill = pp512) for each type, then the
    nmkit command for each `--nmkit DIR`, at each thread count: A B A B ... Medians over all samples.
 5. Prints a Markdown table: tokens/s, weight bytes read per decoded token, effective GB/s (bytes/token x
-   tokens/s) as a share of the measured bandwidth, and ratios against one llama.cpp row (`--baseline`).
+   tokens/s) as a share of the measured bandwidth, and ratios against one llama.cpp row (`--baseline`, same
+   thread count): the median over rounds of each round's ratio, so a drift of the shared host cancels.
 
 The nmkit side is any command printing one JSON object with decode_tps, prefill_tps and optionally
 weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). Never call this script from
@@ -321,13 +322,25 @@ class Row:
     runtime: str
     dtype: str
     threads: int
-    decode: list[float] = field(default_factory=list)
-    prefill: list[float] = field(default_factory=list)
     bytes_per_token: int | None = None
+    # test ("decode"/"prefill") -> round -> tokens/s samples of that round
+    rounds: dict[str, dict[int, list[float]]] = field(default_factory=lambda: {"decode": {}, "prefill": {}})
 
-    def median(self, name: str) -> float | None:
-        values = getattr(self, name)
+    def add(self, test: str, rnd: int, values: list[float]) -> None:
+        self.rounds[test].setdefault(rnd, []).extend(values)
+
+    def samples(self, test: str) -> list[float]:
+        return [v for values in self.rounds[test].values() for v in values]
+
+    def median(self, test: str) -> float | None:
+        values = self.samples(test)
         return statistics.median(values) if values else None
+
+    def ratio(self, base: Row, test: str) -> float | None:
+        """Median over rounds of this round's median / the baseline's: paired in time, so drift cancels."""
+        common = sorted(self.rounds[test].keys() & base.rounds[test].keys())
+        ratios = [statistics.median(self.rounds[test][r]) / statistics.median(base.rounds[test][r]) for r in common]
+        return statistics.median(ratios) if ratios else None
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -344,8 +357,8 @@ def markdown_table(rows: list[Row], bandwidth: dict[int, float], baseline: str) 
         gbs = r.bytes_per_token * dec / 1e9 if r.bytes_per_token and dec else None
         share = 100 * gbs / bandwidth[r.threads] if gbs and r.threads in bandwidth else None
         b = base.get(r.threads)
-        dec_ratio = dec / b.median("decode") if b and dec and b.decode else None
-        pre_ratio = pre / b.median("prefill") if b and pre and b.prefill else None
+        dec_ratio = r.ratio(b, "decode") if b else None
+        pre_ratio = r.ratio(b, "prefill") if b else None
         mb = r.bytes_per_token / 1e6 if r.bytes_per_token else None
         lines.append(f"| {r.runtime} | {r.dtype} | {r.threads} | {fmt(dec, '.1f')} | {fmt(pre, '.0f')} "
                      f"| {fmt(mb, '.1f')} | {fmt(gbs, '.1f')} | {fmt(share, '.0f')} | {fmt(dec_ratio, '.2f')} "
@@ -457,7 +470,7 @@ def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], b
             log(f"round {rnd + 1}/{args.rounds}: llama.cpp {d}")
             samples = run_llama_bench(build, models[d], threads, args.reps)
             for (test, t), values in samples.items():
-                getattr(rows[("llama.cpp", d, t)], test).extend(values)
+                rows[("llama.cpp", d, t)].add(test, rnd, values)
             by_test = {f"{test}@{t}": values for (test, t), values in samples.items()}
             raw_llama.append({"round": rnd, "dtype": d, "samples_tps": by_test})
         for model_dir in list(nmkit_dirs):
@@ -473,8 +486,8 @@ def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], b
                 if key not in rows:
                     rows[key] = Row("nmkit", result.get("label") or model_dir.name, t,
                                     bytes_per_token=result.get("weight_bytes_per_token"))
-                rows[key].decode.append(float(result["decode_tps"]))
-                rows[key].prefill.append(float(result["prefill_tps"]))
+                rows[key].add("decode", rnd, [float(result["decode_tps"])])
+                rows[key].add("prefill", rnd, [float(result["prefill_tps"])])
                 raw_nmkit.append({"round": rnd, "dir": str(model_dir), "threads": t, **result})
 
     bandwidth = {t: statistics.median(s) for t, s in bw_samples.items()}
@@ -495,7 +508,7 @@ def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], b
                                "nmkit_cmd": args.nmkit_cmd if nmkit_dirs else None, "baseline": args.baseline.upper()},
                   "rows": [{"runtime": r.runtime, "dtype": r.dtype, "threads": r.threads,
                             "decode_tps_median": r.median("decode"), "prefill_tps_median": r.median("prefill"),
-                            "decode_tps": r.decode, "prefill_tps": r.prefill,
+                            "decode_tps": r.samples("decode"), "prefill_tps": r.samples("prefill"),
                             "weight_bytes_per_token": r.bytes_per_token} for r in ordered],
                   "raw_llama_bench": raw_llama, "raw_nmkit": raw_nmkit, "table_markdown": table}
         args.json.parent.mkdir(parents=True, exist_ok=True)
