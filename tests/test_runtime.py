@@ -1,0 +1,190 @@
+"""The decode runtime: every kernel kind and ISA path against the torch reference, the activation
+quantizer bit for bit, and whole-model forward passes against Hugging Face's."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from nmkit.errors import UserError
+from nmkit.patterns import NM
+from nmkit.runtime import Engine, complete, native
+from nmkit.runtime.engine import detect_nm
+from nmkit.runtime.pack import native_matmul, pack, quantize_activations, reference_matmul
+from nmkit.solvers.nm import nm_mask
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="runtime library not built")
+
+PATTERNS = [None, NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(8, 16), NM(1, 2)]
+KINDS = ["fp32", "bf16", "int8", "int4"]
+
+
+def _isas() -> list[str]:
+    return native.supported_isas() if native.available() else []
+
+
+def _pruned(rows: int, cols: int, pattern: NM | None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    return w if pattern is None else w * nm_mask(w.abs(), pattern)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(37, 192), (16, 64), (5, 576)])
+def test_kernels_match_reference_on_every_isa(pattern, kind, shape):
+    rows, cols = shape
+    w = _pruned(rows, cols, pattern)
+    bias = torch.randn(rows)
+    for group_blocks in ((1, 2, 4) if kind.startswith("int") else (1,)):
+        p = pack(w, kind, pattern, bias=bias, group_blocks=group_blocks)
+        for tokens in (1, 3):
+            x = torch.randn(tokens, cols) * 3
+            ref = reference_matmul(p, x)
+            for isa in _isas():
+                for threads in (1, 2):
+                    y = native_matmul(p, x, native.ISAS.index(isa), threads)
+                    err = (y - ref).abs().max() / ref.abs().max()
+                    assert err < 2e-5, (isa, group_blocks, tokens, threads, float(err))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
+    w = _pruned(24, 128, pattern, seed=1)
+    p = pack(w, kind, pattern)
+    dq = p.dense_weight()
+    assert torch.equal(dq != 0, (w != 0) & (dq != 0))  # nothing appears where the weight was pruned
+    if pattern is not None:
+        assert pattern.is_valid(p.kept_mask())
+    if kind == "fp32":
+        assert torch.equal(dq, w)
+    if kind.startswith("int"):
+        codes = p.codes()
+        lo, hi = (-127, 127) if kind == "int8" else (-8, 7)
+        assert int(codes.min()) >= lo and int(codes.max()) <= hi
+        # each value within half a step of its group's scale (clipping may add at most the clipped part)
+        step = p.scales.float().repeat_interleave(p.group_blocks, 1)[:, : 128 // 64]
+        kept = w[p.kept_mask()].reshape(24, 2, -1)
+        err = (dq[p.kept_mask()].reshape(24, 2, -1) - kept).abs()
+        clip = (kept.abs() - step.unsqueeze(-1) * hi).clamp(min=0)
+        assert bool((err <= step.unsqueeze(-1) / 2 + clip + 1e-6).all())
+
+
+def test_pack_refuses_a_weight_that_breaks_its_pattern():
+    w = torch.randn(4, 64)
+    with pytest.raises(UserError, match="does not follow 2:4"):
+        pack(w, "int4", NM(2, 4), name="layer")
+    with pytest.raises(UserError, match="divisible by 64"):
+        pack(torch.randn(4, 48), "fp32")
+    with pytest.raises(UserError, match="unknown weight kind"):
+        pack(torch.randn(4, 64), "int3")
+
+
+def test_activation_quantizer_matches_reference_bit_for_bit():
+    x = torch.randn(5, 256) * torch.logspace(-3, 3, 256)
+    x[1] = 0  # an all-zero block gets scale 0
+    q_ref, s_ref = quantize_activations(x)
+    for isa in _isas():
+        for t in range(x.shape[0]):
+            q = torch.empty(256, dtype=torch.uint8)
+            s = torch.empty(4)
+            row = x[t].contiguous()
+            native.lib().nmr_quantize(row.data_ptr(), 256, q.data_ptr(), s.data_ptr(), native.ISAS.index(isa))
+            assert torch.equal(q.to(torch.int64) - 128, q_ref[t].to(torch.int64)), isa
+            assert torch.equal(s, s_ref[t]), isa
+
+
+def test_detect_nm_prefers_the_sparsest_pattern():
+    assert detect_nm(_pruned(8, 64, NM(1, 4))) == NM(1, 4)
+    assert detect_nm(_pruned(8, 64, NM(2, 4))) == NM(2, 4)
+    assert detect_nm(_pruned(8, 64, NM(2, 8))) == NM(2, 8)
+    assert detect_nm(torch.randn(8, 64)) is None
+
+
+def _tiny_llama(pattern: NM | None = None, bias: bool = False, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, attention_bias=bias, rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg).eval()
+    if pattern is not None:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for mod in layer.modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        mod.weight.mul_(nm_mask(mod.weight.abs(), pattern))
+    return model
+
+
+@pytest.mark.parametrize("pattern", [None, NM(2, 4), NM(1, 4)], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_engine_fp32_matches_hf_logits(pattern, bias):
+    model = _tiny_llama(pattern, bias)
+    ids = torch.randint(0, 300, (1, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+    for isa in _isas():
+        eng = Engine(model, weights="fp32", max_seq=64, threads=2, isa=isa)
+        if pattern is not None:
+            assert set(eng.info.patterns.values()) == {str(pattern), "dense"}  # dense: the head
+        full = eng.forward(ids[0], all_logits=True)
+        assert torch.allclose(full, ref, atol=1e-4, rtol=1e-4), isa
+        eng.reset()  # the same tokens in three calls: the cache carries the context
+        parts = [eng.forward(ids[0, :8], all_logits=True), eng.forward(ids[0, 8:9], all_logits=True),
+                 eng.forward(ids[0, 9:], all_logits=True)]
+        assert torch.allclose(torch.cat(parts), ref, atol=1e-4, rtol=1e-4), isa
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_engine_low_precision_stays_close(kind):
+    model = _tiny_llama(NM(2, 4))
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0], -1)
+    eng = Engine(model, weights=kind, max_seq=32, threads=1)
+    out = torch.log_softmax(eng.forward(ids[0], all_logits=True), -1)
+    # the KL divergence to the fp32 model stays small (a loose bound: random weights, 4 bits)
+    kl = (ref.exp() * (ref - out)).sum(-1).mean()
+    assert float(kl) < {"bf16": 1e-3, "int8": 1e-2, "int4": 0.2}[kind]
+
+
+def test_engine_greedy_tokens_equal_hf_generate():
+    model = _tiny_llama(NM(2, 4))
+    prompt = [5, 17, 42, 99, 3]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+    eng = Engine(model, weights="fp32", max_seq=64, threads=2)
+    assert complete(eng, prompt, 24) == hf
+
+
+def test_engine_refuses_bad_input():
+    model = _tiny_llama()
+    eng = Engine(model, weights="fp32", max_seq=8, threads=1)
+    with pytest.raises(UserError, match="context full"):
+        eng.forward(list(range(9)))
+    with pytest.raises(UserError, match="out of range"):
+        eng.forward([300])
+    with pytest.raises(UserError, match="unknown --weights"):
+        Engine(model, weights="fp8")
+    with pytest.raises(UserError, match="at least one token"):
+        eng.forward([])
+
+
+def test_engine_refuses_unsupported_models():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100)).eval()
+    with pytest.raises(UserError, match="Llama-family"):
+        Engine(model)
+
+
+def test_struct_layout_matches_c():
+    # the C side reads these offsets; a reordered field would silently misread pointers
+    assert ctypes.sizeof(native.MatStruct) == 6 * 4 + 4 * 8
+    assert native.ModelStruct.embed.offset == 40
