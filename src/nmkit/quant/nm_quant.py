@@ -33,8 +33,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise UserError(f"unsupported quantization bits {self.bits}: choose 8 or 4 (w8, w4)")
-        if self.group_blocks < 1:
-            raise UserError(f"quantization group must span at least one 64-input block, got {self.group_blocks}")
+        if self.group_blocks not in (1, 2, 4, 8, 16):
+            raise UserError(f"quantization group must span 1, 2, 4, 8 or 16 64-input blocks, got {self.group_blocks}")
 
     @classmethod
     def parse(cls, spec: str | QuantSpec, group_blocks: int = 1) -> QuantSpec:
