@@ -21,6 +21,7 @@ What it does:
    tokens/s) as a share of the measured bandwidth, and ratios against one llama.cpp row (`--baseline`, same
    thread count): the median over rounds of each round's ratio, so a drift of the shared host cancels.
 
+`--nmkit DIR@KIND[@HEAD]` picks the runtime's weight kind (fp32, bf16, int8, int4) and LM head kind.
 The nmkit side is any command printing one JSON object with decode_tps, prefill_tps and optionally
 weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). The script calls no `heavy`
 itself (a nested one would wait forever under `heavy --all`): wrap the whole script.
@@ -407,7 +408,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise SetupError("--threads needs positive integers, e.g. 1,2")
     if args.rounds < 3:
         raise SetupError(f"--rounds {args.rounds}: use at least 3 interleaved rounds")
-    missing = [str(d) for d in args.nmkit if not d.is_dir()]
+    missing = [str(d) for d in args.nmkit if not Path(str(d).split("@")[0]).is_dir()]  # DIR@KIND[@HEAD]
     if missing:
         raise SetupError(f"--nmkit directory not found: {', '.join(missing)}")
     for key in ("{dir}", "{t}"):

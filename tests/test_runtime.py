@@ -129,7 +129,7 @@ def test_engine_fp32_matches_hf_logits(pattern, bias):
     with torch.no_grad():
         ref = model(ids).logits[0]
     for isa in _isas():
-        eng = Engine(model, weights="fp32", max_seq=64, threads=2, isa=isa)
+        eng = Engine(model, weights="fp32", head="fp32", max_seq=64, threads=2, isa=isa)
         if pattern is not None:
             assert set(eng.info.patterns.values()) == {str(pattern), "dense"}  # dense: the head
         full = eng.forward(ids[0], all_logits=True)
@@ -159,7 +159,7 @@ def test_engine_greedy_tokens_equal_hf_generate():
     with torch.no_grad():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
                             pad_token_id=0)[0, len(prompt):].tolist()
-    eng = Engine(model, weights="fp32", max_seq=64, threads=2)
+    eng = Engine(model, weights="fp32", head="fp32", max_seq=64, threads=2)
     assert complete(eng, prompt, 24) == hf
 
 
@@ -188,3 +188,14 @@ def test_struct_layout_matches_c():
     # the C side reads these offsets; a reordered field would silently misread pointers
     assert ctypes.sizeof(native.MatStruct) == 6 * 4 + 4 * 8
     assert native.ModelStruct.embed.offset == 40
+
+
+def test_engine_perplexity_equals_hf_perplexity():
+    from nmkit.evaluate import perplexity_of_windows
+    from nmkit.runtime.evaluate import window_nll
+
+    model = _tiny_llama(NM(2, 4))
+    windows = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4))
+    eng = Engine(model, weights="fp32", head="fp32", max_seq=64, threads=1)
+    nll = sum(window_nll(eng, w) for w in windows) / (2 * 39)
+    assert abs(nll - perplexity_of_windows(model, windows, progress=False)) < 1e-4
