@@ -25,7 +25,8 @@ def parse_target(spec: str) -> tuple[str, str | None, str | None]:
     """``DIR@KIND@HEAD`` -> (DIR, KIND or None, HEAD or None)."""
     parts = spec.split("@")
     if len(parts) > 3 or any(p and p not in WEIGHT_KINDS for p in parts[1:]):
-        raise UserError(f"{spec!r}: expected MODEL, MODEL@KIND or MODEL@KIND@HEAD with KIND in {', '.join(WEIGHT_KINDS)}")
+        raise UserError(f"{spec!r}: expected MODEL, MODEL@KIND or MODEL@KIND@HEAD, KIND one of "
+                        f"{', '.join(WEIGHT_KINDS)}")
     return parts[0], (parts[1] or None) if len(parts) > 1 else None, (parts[2] or None) if len(parts) > 2 else None
 
 
