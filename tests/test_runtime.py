@@ -40,7 +40,7 @@ def test_kernels_match_reference_on_every_isa(pattern, kind, shape):
     bias = torch.randn(rows)
     for group_blocks in ((1, 2, 4) if kind.startswith("int") else (1,)):
         p = pack(w, kind, pattern, bias=bias, group_blocks=group_blocks)
-        for tokens in (1, 3):
+        for tokens in (1, 3, 37):  # 37: the prefill panels (16-token tiles and a partial one)
             x = torch.randn(tokens, cols) * 3
             ref = reference_matmul(p, x)
             for isa in _isas():

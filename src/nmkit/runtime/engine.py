@@ -123,8 +123,11 @@ class Engine:
             self._cos, self._sin = self._rope_tables(inner, max_seq, head_dim)
         self.info.weight_bytes = sum(m.nbytes() for m in self._mats)
         eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        self._kc = torch.zeros(len(layers), n_kv, max_seq, head_dim)
-        self._vc = torch.zeros_like(self._kc)
+        # keys transposed (layer, kv head, head_dim, position); 16 floats of slack after the last row, which
+        # the vector score loop may read (those positions are masked)
+        cache = len(layers) * n_kv * max_seq * head_dim
+        self._kc = torch.zeros(cache + 16)
+        self._vc = torch.zeros(cache)
         self._structs = (native.MatStruct * len(self._mats))(*[m.struct() for m in self._mats])
         self._model = native.ModelStruct(
             len(layers), dim, n_heads, n_kv, head_dim, cfg.intermediate_size, cfg.vocab_size, max_seq, eps,

@@ -71,7 +71,8 @@ typedef struct {
     const float *rope_cos, *rope_sin; /* max_seq x head_dim/2 */
     const float *norms;               /* n_layers x 2 x dim (attention, mlp), then the final norm */
     const nmr_mat *mats;              /* n_layers x 7, then the head */
-    float *kcache, *vcache;           /* n_layers x n_kv x max_seq x head_dim */
+    float *kcache, *vcache;           /* keys n_layers x n_kv x head_dim x max_seq (transposed: scores
+                                       * run along positions); values n_layers x n_kv x max_seq x head_dim */
 } nmr_model;
 
 /* One token's input vector in the forms the kernels read. */
@@ -117,6 +118,11 @@ static inline float f16_to_f32(uint16_t h) { /* IEEE half, exact */
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+static void *alloc64(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) ? NULL : p;
 }
 
 static inline int64_t kept_per_row(const nmr_mat *W) { return (int64_t)W->cols / W->group * W->keep; }
@@ -485,7 +491,17 @@ typedef struct {
     uint8_t *q;  /* T x ld int8 + 128 */
     float *s;    /* T x ld/64 scales */
     int ld;
+    /* Prefill (T >= PREFILL_MIN on AVX-512): the same values in token tiles of 16, laid out for the
+     * panel kernels: pf[tile][c][16] fp32, pb[tile][c/2][16][2] bf16, pq[tile][c/4][16][4] int8 + 128,
+     * ps[tile][block][16] scales. Padding tokens are zero and their outputs are never stored. */
+    int tiles;
+    float *pf;
+    uint16_t *pb;
+    uint8_t *pq;
+    float *ps;
 } xbuf;
+
+enum { PREFILL_MIN = 16, PANEL = 8 };
 
 static inline xrep xrep_at(const xbuf *X, int t) {
     xrep r = {X->f + (int64_t)t * X->ld, X->b + (int64_t)t * X->ld, X->q + (int64_t)t * X->ld,
@@ -496,12 +512,23 @@ static inline xrep xrep_at(const xbuf *X, int t) {
 /* The forms of token t's vector that the matrices in `kinds` (a bit set) read. */
 static void prepare(const xbuf *X, int t, int n, unsigned kinds, int isa) {
     const float *x = X->f + (int64_t)t * X->ld;
-    if (kinds & (1u << K_BF16)) {
-        uint16_t *b = X->b + (int64_t)t * X->ld;
+    uint16_t *b = X->b + (int64_t)t * X->ld;
+    uint8_t *q = X->q + (int64_t)t * X->ld;
+    float *s = X->s + (int64_t)t * (X->ld / 64);
+    if (kinds & (1u << K_BF16))
         for (int i = 0; i < n; i++) b[i] = f32_to_bf16(x[i]);
+    if (kinds & ((1u << K_Q8) | (1u << K_Q4))) quantize_x(x, n, q, s, isa);
+    if (!X->tiles) return;
+    const int tile = t / 16, lane = t % 16;
+    const int64_t ld = X->ld;
+    if (kinds & (1u << K_F32))
+        for (int i = 0; i < n; i++) X->pf[((int64_t)tile * ld + i) * 16 + lane] = x[i];
+    if (kinds & (1u << K_BF16))
+        for (int i = 0; i < n; i++) X->pb[(((int64_t)tile * ld / 2 + i / 2) * 16 + lane) * 2 + i % 2] = b[i];
+    if (kinds & ((1u << K_Q8) | (1u << K_Q4))) {
+        for (int i = 0; i < n; i++) X->pq[(((int64_t)tile * ld / 4 + i / 4) * 16 + lane) * 4 + i % 4] = q[i];
+        for (int j = 0; j < n / 64; j++) X->ps[((int64_t)tile * (ld / 64) + j) * 16 + lane] = s[j];
     }
-    if (kinds & ((1u << K_Q8) | (1u << K_Q4)))
-        quantize_x(x, n, X->q + (int64_t)t * X->ld, X->s + (int64_t)t * (X->ld / 64), isa);
 }
 
 static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
@@ -511,9 +538,170 @@ static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
     *b = u1 * align < n ? u1 * align : n;
 }
 
+#ifdef NMR_X86
+/* ---------------------------------------------------------------- prefill: dense panels, token tiles
+ * A panel of PANEL rows is expanded to dense once (zeros where pruned, integer codes for INT8/INT4),
+ * then every tile of 16 tokens passes over it: one broadcast weight (or weight pair / quad) times a
+ * vector of 16 tokens per instruction. The expansion costs one pass over the panel and is shared by
+ * all T/16 tiles, so a prompt runs at dense-GEMM speed without gathering activations per token. */
+
+/* Row r of W as dense floats (fp32/bf16 kinds) or dense int8 codes (quantized kinds). */
+static void expand_row(const nmr_mat *W, int r, float *wf, int8_t *wq) {
+    const int cols = W->cols;
+    const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
+    int64_t k = 0;
+    if (W->kind <= K_BF16) {
+        const int64_t base = (int64_t)r * kept_per_row(W);
+        for (int c = 0; c < cols; c++) {
+            if (mk && !(mk[c >> 3] >> (c & 7) & 1)) {
+                wf[c] = 0.f;
+                continue;
+            }
+            wf[c] = W->kind == K_F32 ? ((const float *)W->values)[base + k] : bf16_to_f32(((const uint16_t *)W->values)[base + k]);
+            k++;
+        }
+        return;
+    }
+    const int64_t units = units_per_row(W);
+    for (int c = 0; c < cols; c++) {
+        if (mk && !(mk[c >> 3] >> (c & 7) & 1)) {
+            wq[c] = 0;
+            continue;
+        }
+        if (W->kind == K_Q8) {
+            wq[c] = ((const int8_t *)W->values)[r * units * 64 + k];
+        } else {
+            const uint8_t byte = ((const uint8_t *)W->values)[r * units * 32 + k / 64 * 32 + k % 32];
+            wq[c] = (int8_t)((k % 64 < 32 ? (byte & 15) : (byte >> 4)) - 8);
+        }
+        k++;
+    }
+}
+
+static T512 void store_panel(float *Y, int ldy, const float *bias, int r0, int nr, int t0, int T, const __m512 *acc) {
+    float buf[PANEL][16];
+    for (int i = 0; i < nr; i++) _mm512_storeu_ps(buf[i], acc[i]);
+    for (int l = 0; l < 16 && t0 + l < T; l++)
+        for (int i = 0; i < nr; i++) Y[(int64_t)(t0 + l) * ldy + r0 + i] = buf[i][l] + (bias ? bias[r0 + i] : 0.f);
+}
+
+static T512 void panel_f32(const float *wf, int nr, const xbuf *X, int cols, float *Y, int ldy, const float *bias,
+                           int r0, int T) {
+    for (int tile = 0; tile < (T + 15) / 16; tile++) {
+        __m512 acc[PANEL];
+        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
+        const float *xt = X->pf + (int64_t)tile * X->ld * 16;
+        for (int c = 0; c < cols; c++) {
+            const __m512 xv = _mm512_loadu_ps(xt + (int64_t)c * 16);
+            for (int i = 0; i < PANEL; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wf[i * cols + c]), xv, acc[i]);
+        }
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+    }
+}
+
+static T512BF void panel_bf16(const uint16_t *wb, int nr, const xbuf *X, int cols, float *Y, int ldy, const float *bias,
+                              int r0, int T) {
+    for (int tile = 0; tile < (T + 15) / 16; tile++) {
+        __m512 acc[PANEL];
+        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
+        const uint16_t *xt = X->pb + (int64_t)tile * X->ld * 16;
+        for (int c = 0; c < cols; c += 2) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + (int64_t)c * 16);
+            for (int i = 0; i < PANEL; i++) {
+                uint32_t pair;
+                memcpy(&pair, wb + (int64_t)i * cols + c, 4);
+                acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_set1_epi32((int)pair));
+            }
+        }
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+    }
+}
+
+/* Integer panel: per 64-input block, 16 quads of int8 products per row into int32 lanes (one per
+ * token), then 128 * sum(w) off (activations are stored +128) and the block's scales applied. */
+static T512 void panel_quant(const int8_t *wq, const int32_t *wsum, const float *sw, int nr, const xbuf *X, int cols,
+                             float *Y, int ldy, const float *bias, int r0, int T) {
+    const int nb = cols / 64;
+    for (int tile = 0; tile < (T + 15) / 16; tile++) {
+        __m512 acc[PANEL];
+        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
+        const uint8_t *xt = X->pq + (int64_t)tile * X->ld * 16;
+        const float *st = X->ps + (int64_t)tile * (X->ld / 64) * 16;
+        for (int b = 0; b < nb; b++) {
+            __m512i d[PANEL];
+            for (int i = 0; i < PANEL; i++) d[i] = _mm512_setzero_si512();
+            for (int k = 0; k < 64; k += 4) {
+                const __m512i xv = _mm512_loadu_si512(xt + ((int64_t)b * 64 + k) * 16);
+                for (int i = 0; i < PANEL; i++) {
+                    int32_t quad;
+                    memcpy(&quad, wq + (int64_t)i * cols + b * 64 + k, 4);
+                    d[i] = _mm512_dpbusd_epi32(d[i], xv, _mm512_set1_epi32(quad));
+                }
+            }
+            const __m512 sx = _mm512_loadu_ps(st + (int64_t)b * 16);
+            for (int i = 0; i < PANEL; i++) {
+                const __m512i di = _mm512_sub_epi32(d[i], _mm512_set1_epi32(128 * wsum[i * nb + b]));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(di), _mm512_mul_ps(sx, _mm512_set1_ps(sw[i * nb + b])), acc[i]);
+            }
+        }
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+    }
+}
+
+static int prefill_ok(const nmr_mat *W, const xbuf *X, int isa) {
+    return X->tiles && isa >= ISA_AVX512 && (W->kind != K_BF16 || isa >= ISA_AVX512BF16);
+}
+
+/* This thread's panels of W for all T tokens (the tiles packed by prepare()). */
+static void prefill_share(const nmr_mat *W, const xbuf *X, float *Y, int ldy, int T, int nth, int tid) {
+    int r0, r1;
+    thread_range(W->rows, PANEL, nth, tid, &r0, &r1);
+    const int cols = W->cols, nb = cols / 64;
+    float *wf = alloc64(sizeof(float) * PANEL * cols);
+    uint16_t *wb = alloc64(sizeof(uint16_t) * PANEL * cols);
+    int8_t *wq = alloc64((size_t)PANEL * cols);
+    int32_t *wsum = alloc64(sizeof(int32_t) * PANEL * nb);
+    float *sw = alloc64(sizeof(float) * PANEL * nb);
+    for (int p = r0; p < r1; p += PANEL) {
+        const int nr = p + PANEL <= r1 ? PANEL : r1 - p;
+        for (int i = 0; i < PANEL; i++) {
+            if (i >= nr) { /* rows past the end: zero weights, outputs not stored */
+                memset(wf + i * cols, 0, sizeof(float) * cols);
+                memset(wb + i * cols, 0, sizeof(uint16_t) * cols);
+                memset(wq + i * cols, 0, cols);
+                for (int b = 0; b < nb; b++) wsum[i * nb + b] = 0, sw[i * nb + b] = 0.f;
+                continue;
+            }
+            expand_row(W, p + i, wf + i * cols, wq + i * cols);
+            if (W->kind == K_BF16)
+                for (int c = 0; c < cols; c++) wb[i * cols + c] = f32_to_bf16(wf[i * cols + c]);
+            if (W->kind >= K_Q8) {
+                const uint16_t *sc = W->scales + (int64_t)(p + i) * n_scales(W);
+                for (int b = 0; b < nb; b++) {
+                    int32_t sum = 0;
+                    for (int c = 0; c < 64; c++) sum += wq[i * cols + b * 64 + c];
+                    wsum[i * nb + b] = sum;
+                    sw[i * nb + b] = f16_to_f32(sc[b / W->group_blocks]);
+                }
+            }
+        }
+        if (W->kind == K_F32) panel_f32(wf, nr, X, cols, Y, ldy, W->bias, p, T);
+        else if (W->kind == K_BF16) panel_bf16(wb, nr, X, cols, Y, ldy, W->bias, p, T);
+        else panel_quant(wq, wsum, sw, nr, X, cols, Y, ldy, W->bias, p, T);
+    }
+    free(wf); free(wb); free(wq); free(wsum); free(sw);
+}
+#endif
+
 /* Y[t] = W X[t] for tokens t in [0, T): this thread's share of the rows. Rows are taken in chunks
  * so a chunk's weights stay in cache while every token passes over them (prefill). */
 static void matmul_share(const nmr_mat *W, const xbuf *X, float *Y, int ldy, int T, int isa, int nth, int tid) {
+#ifdef NMR_X86
+    if (T >= PREFILL_MIN && prefill_ok(W, X, isa)) {
+        prefill_share(W, X, Y, ldy, T, nth, tid);
+        return;
+    }
+#endif
     int r0, r1;
     thread_range(W->rows, 16, nth, tid, &r0, &r1);
     const int chunk = T == 1 ? W->rows : 16;
@@ -543,18 +731,19 @@ static void rope(float *v, const float *cs, const float *sn, int half) {
     }
 }
 
-/* Causal attention of one query head over cache positions [0, n). */
-static void attend(const float *q, const float *K, const float *V, int n, int hd, float *scores, float *out) {
+/* Causal attention of one query head over cache positions [0, n). Kt: keys transposed (head_dim x ld),
+ * so the scores of consecutive positions are one vector FMA per query element. */
+static inline __attribute__((always_inline)) void attend_body(const float *q, const float *Kt, int64_t ld,
+                                                              const float *V, int n, int hd, float *scores, float *out) {
     const float scale = 1.f / sqrtf((float)hd);
-    float mx = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        const float *k = K + (int64_t)j * hd;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int i = 0; i < hd; i++) s += q[i] * k[i];
-        scores[j] = s * scale;
-        mx = scores[j] > mx ? scores[j] : mx;
+    for (int j = 0; j < n; j++) scores[j] = 0.f;
+    for (int i = 0; i < hd; i++) {
+        const float qi = q[i] * scale, *k = Kt + i * ld;
+#pragma omp simd
+        for (int j = 0; j < n; j++) scores[j] += qi * k[j];
     }
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = scores[j] > mx ? scores[j] : mx;
     float sum = 0.f;
     for (int j = 0; j < n; j++) {
         scores[j] = expf(scores[j] - mx);
@@ -569,32 +758,97 @@ static void attend(const float *q, const float *K, const float *V, int n, int hd
     }
 }
 
+static void attend(const float *q, const float *Kt, int64_t ld, const float *V, int n, int hd, float *s, float *o) {
+    attend_body(q, Kt, ld, V, n, hd, s, o);
+}
+
 #ifdef NMR_X86
-static T512 void attend_512(const float *q, const float *K, const float *V, int n, int hd, float *s, float *o) {
-    attend(q, K, V, n, hd, s, o);
+/* e^x for x <= 0 (softmax after the max is taken): 2^(x log2 e) as 2^floor * polynomial(fraction). */
+static inline __attribute__((always_inline)) T512 __m512 exp_512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f)); /* e^f, f in [0, ln 2) */
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static T512 void attend_512(const float *q, const float *Kt, int64_t ld, const float *V, int n, int hd, float *s,
+                            float *o) {
+    if (hd % 16) {
+        attend_body(q, Kt, ld, V, n, hd, s, o);
+        return;
+    }
+    const float scale = 1.f / sqrtf((float)hd);
+    const int nv = (n + 15) / 16;
+    for (int v = 0; v < nv; v++) _mm512_storeu_ps(s + v * 16, _mm512_setzero_ps());
+    for (int i = 0; i < hd; i++) { /* positions past n read stale cache entries; they are masked below */
+        const __m512 qi = _mm512_set1_ps(q[i] * scale);
+        const float *k = Kt + i * ld;
+        for (int v = 0; v < nv; v++)
+            _mm512_storeu_ps(s + v * 16, _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + v * 16), _mm512_loadu_ps(s + v * 16)));
+    }
+    const __mmask16 tail = (n % 16) ? (__mmask16)((1u << (n % 16)) - 1) : 0xffff;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int v = 0; v < nv; v++)
+        mx = _mm512_mask_max_ps(mx, v == nv - 1 ? tail : 0xffff, mx, _mm512_loadu_ps(s + v * 16));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < nv; v++) {
+        const __m512 e = _mm512_maskz_mov_ps(v == nv - 1 ? tail : 0xffff, exp_512(_mm512_sub_ps(_mm512_loadu_ps(s + v * 16), m)));
+        _mm512_storeu_ps(s + v * 16, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    for (int c = 0; c < hd; c += 16) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 1 < n; j += 2) {
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), _mm512_loadu_ps(V + (int64_t)j * hd + c), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 1]), _mm512_loadu_ps(V + (int64_t)(j + 1) * hd + c), acc1);
+        }
+        if (j < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), _mm512_loadu_ps(V + (int64_t)j * hd + c), acc0);
+        _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(inv)));
+    }
 }
 #endif
 
-static void attend_isa(const float *q, const float *K, const float *V, int n, int hd, float *s, float *o, int isa) {
+static void attend_isa(const float *q, const float *Kt, int64_t ld, const float *V, int n, int hd, float *s, float *o,
+                       int isa) {
 #ifdef NMR_X86
     if (isa >= ISA_AVX512) {
-        attend_512(q, K, V, n, hd, s, o);
+        attend_512(q, Kt, ld, V, n, hd, s, o);
         return;
     }
 #endif
     (void)isa;
-    attend(q, K, V, n, hd, s, o);
+    attend(q, Kt, ld, V, n, hd, s, o);
 }
 
 static unsigned kind_bit(const nmr_mat *W) { return 1u << W->kind; }
 
-static void *alloc64(size_t bytes) {
-    void *p = NULL;
-    return posix_memalign(&p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) ? NULL : p;
-}
 
-static int xbuf_alloc(xbuf *X, int T, int ld) {
+static int xbuf_alloc(xbuf *X, int T, int ld, int isa) {
     X->ld = ld;
+    X->tiles = T >= PREFILL_MIN && isa >= ISA_AVX512 ? (T + 15) / 16 : 0;
+    if (X->tiles) {
+        const size_t n = (size_t)X->tiles * 16 * ld;
+        X->pf = alloc64(sizeof(float) * n);
+        X->pb = alloc64(sizeof(uint16_t) * n);
+        X->pq = alloc64(n);
+        X->ps = alloc64(sizeof(float) * (n / 64 + 16));
+        if (!X->pf || !X->pb || !X->pq || !X->ps) return 0;
+        memset(X->pf, 0, sizeof(float) * n);
+        memset(X->pb, 0, sizeof(uint16_t) * n);
+        memset(X->pq, 0, n);
+        memset(X->ps, 0, sizeof(float) * (n / 64 + 16));
+    }
     X->f = alloc64(sizeof(float) * T * ld);
     X->b = alloc64(sizeof(uint16_t) * T * ld);
     X->q = alloc64((size_t)T * ld);
@@ -603,6 +857,10 @@ static int xbuf_alloc(xbuf *X, int T, int ld) {
 }
 
 static void xbuf_free(xbuf *X) {
+    free(X->pf);
+    free(X->pb);
+    free(X->pq);
+    free(X->ps);
     free(X->f);
     free(X->b);
     free(X->q);
@@ -623,9 +881,9 @@ int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float
     float *x = alloc64(sizeof(float) * T * dim), *tmp = alloc64(sizeof(float) * T * wide);
     float *qb = alloc64(sizeof(float) * T * qdim), *kb = alloc64(sizeof(float) * T * kvdim);
     float *vb = alloc64(sizeof(float) * T * kvdim), *ub = alloc64(sizeof(float) * T * hid);
-    float *scores = alloc64(sizeof(float) * nth * M->max_seq);
+    float *scores = alloc64(sizeof(float) * nth * (M->max_seq + 16));
     xbuf X = {0};
-    int ok = x && tmp && qb && kb && vb && ub && scores && xbuf_alloc(&X, T, wide);
+    int ok = x && tmp && qb && kb && vb && ub && scores && xbuf_alloc(&X, T, wide, isa);
     if (!ok) {
         free(x); free(tmp); free(qb); free(kb); free(vb); free(ub); free(scores);
         xbuf_free(&X);
@@ -670,7 +928,7 @@ int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float
                     const float *cs = M->rope_cos + (int64_t)p * (hd / 2), *sn = M->rope_sin + (int64_t)p * (hd / 2);
                     float *k = kb + (int64_t)t * kvdim + h * hd;
                     rope(k, cs, sn, hd / 2);
-                    memcpy(Kc + ((int64_t)h * M->max_seq + p) * hd, k, sizeof(float) * hd);
+                    for (int i = 0; i < hd; i++) Kc[((int64_t)h * hd + i) * M->max_seq + p] = k[i];
                     memcpy(Vc + ((int64_t)h * M->max_seq + p) * hd, vb + (int64_t)t * kvdim + h * hd, sizeof(float) * hd);
                     for (int g = 0; g < nh / nkv; g++) {
                         float *q = qb + (int64_t)t * qdim + (h * (nh / nkv) + g) * hd;
@@ -684,8 +942,8 @@ int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float
                 thread_range(T * nh, 1, nt, tid, &a, &b);
                 for (int i = a; i < b; i++) {
                     const int t = i / nh, h = i % nh, kvh = h / (nh / nkv);
-                    attend_isa(qb + (int64_t)t * qdim + h * hd, Kc + (int64_t)kvh * M->max_seq * hd,
-                               Vc + (int64_t)kvh * M->max_seq * hd, pos + t + 1, hd, scores + (int64_t)tid * M->max_seq,
+                    attend_isa(qb + (int64_t)t * qdim + h * hd, Kc + (int64_t)kvh * hd * M->max_seq, M->max_seq,
+                               Vc + (int64_t)kvh * M->max_seq * hd, pos + t + 1, hd, scores + (int64_t)tid * (M->max_seq + 16),
                                X.f + (int64_t)t * ld + h * hd, isa);
                 }
             }
@@ -739,7 +997,7 @@ int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float
 int nmr_matmul(const nmr_mat *W, const float *x, int T, float *y, int isa, int nth) {
     if (T < 1 || W->cols % 64) return -1;
     xbuf X = {0};
-    if (!xbuf_alloc(&X, T, W->cols)) {
+    if (!xbuf_alloc(&X, T, W->cols, isa)) {
         xbuf_free(&X);
         return -2;
     }
