@@ -61,9 +61,13 @@ def read(directory: str | Path, needed_by: str | None = None) -> dict:
             raise UserError(f"{str(directory)!r} has no {SIDECAR}: {needed_by} needs a directory written by "
                             "`nmkit prune` (it names the pruned layers and their N:M pattern)")
         raise UserError(f"{str(directory)!r} has no {SIDECAR}; is it a directory written by `nmkit prune`?")
-    body = json.loads(path.read_text())
-    if body.get("format") != FORMAT:
-        raise UserError(f"{path} is not an nmkit sparsity sidecar (format={body.get('format')!r})")
+    try:
+        body = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore it from the original output") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise UserError(f"{path} is not an nmkit sparsity sidecar (format="
+                        f"{body.get('format') if isinstance(body, dict) else None!r})")
     return body
 
 

@@ -258,7 +258,7 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
     if out.resolve() == src.resolve():
         raise UserError(f"export would overwrite its source {str(src)!r}; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))  # see outputs.remove_stale
     try:
         umask = os.umask(0)
         os.umask(umask)
