@@ -188,6 +188,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     check_output_dir(args.out, args.overwrite)
     out_parent = preflight.check_writable(args.out)
+    preflight.check_model_dir(args.model)  # a local directory: complete and well formed
     source = models.resolve(args.model)
     fp32_bytes = preflight.check_model_dir(source.path, tokenizer=True)
     if method.calibrated:
@@ -375,8 +376,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dynamic = attention is not None or activations is not None
     if args.baseline and not dynamic:
         raise UserError("--baseline compares against run-time sparsity; add --attention or --activations")
+    preflight.check_model_dir(args.model)
     source = models.resolve(args.model)
-    preflight.check_model_dir(source.path, tokenizer=True)
+    preflight.check_model_dir(source.path)
     if source.kind != "causal-lm" and not dynamic:
         raise UserError(f"{args.model!r} is not a causal language model; perplexity needs one (an encoder can "
                         "be scored against itself with --attention or --activations)")

@@ -251,42 +251,47 @@ def prune_sequential(
 
     bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block", disable=not progress,
                initial=first)
-    for i in range(first, len(blocks)):
-        block, block_targets = blocks[i], per_block[i]
-        if block_targets:
-            bins = 64 if METHODS[method].histograms else 0
-            with StatsCollector(block_targets, histogram_bins=bins) as collector:
-                for s in range(0, hidden.shape[0], batch):
-                    collector.new_batch()
-                    block(hidden[s : s + batch], **kwargs)
-            if permute:
-                result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
-                                                     permute_budget_s, damp=options.get("damp", 0.01))
-            for t in block_targets:
-                stats = collector.stats[t.name]
-                w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
-                try:
-                    w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
-                except PatternError as exc:  # e.g. NaN scores from overflowing activations
-                    raise UserError(f"layer {t.name}: {exc}") from None
-                _write_back(t, w_new)
-                faults.point(f"mid-block-{i}")
-                info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-                result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
-                                                 info["valid"], reconstruction_error(w_old, w_new, stats)))
-        hidden = run_block(block, hidden, kwargs, batch)
-        if ckpt:
-            weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
-            streams = {"hidden": hidden.cpu()}
-            ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
-                                            "permutations": [asdict(x) for x in result.permutations],
-                                            "seconds": prior_seconds + time.perf_counter() - start})
-            faults.point(f"after-commit-{i}")
-        bar.update(1)
-        if stop_after_block is not None and i == stop_after_block:
-            bar.close()
-            raise KeyboardInterrupt(f"stopped after block {i} (simulated interruption)")
-    bar.close()
+    try:  # the bar is closed before an error is printed, so the error stays the last line
+        for i in range(first, len(blocks)):
+            block, block_targets = blocks[i], per_block[i]
+            if block_targets:
+                bins = 64 if METHODS[method].histograms else 0
+                with StatsCollector(block_targets, histogram_bins=bins) as collector:
+                    for s in range(0, hidden.shape[0], batch):
+                        collector.new_batch()
+                        block(hidden[s : s + batch], **kwargs)
+                if permute:
+                    result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
+                                                         permute_budget_s, damp=options.get("damp", 0.01))
+                for t in block_targets:
+                    stats = collector.stats[t.name]
+                    if not bool(torch.isfinite(stats.xtx).all()):
+                        raise UserError(f"layer {t.name}: its calibration inputs contain NaN or Inf (a layer before "
+                                        "it produces non-finite activations); check the model's weights, or prune "
+                                        "with --method magnitude")
+                    w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
+                    try:
+                        w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
+                    except PatternError as exc:  # e.g. NaN scores from overflowing activations
+                        raise UserError(f"layer {t.name}: {exc}") from None
+                    _write_back(t, w_new)
+                    faults.point(f"mid-block-{i}")
+                    info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
+                    result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
+                                                     info["valid"], reconstruction_error(w_old, w_new, stats)))
+            hidden = run_block(block, hidden, kwargs, batch)
+            if ckpt:
+                weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
+                streams = {"hidden": hidden.cpu()}
+                ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
+                                                "permutations": [asdict(x) for x in result.permutations],
+                                                "seconds": prior_seconds + time.perf_counter() - start})
+                faults.point(f"after-commit-{i}")
+            bar.update(1)
+            if stop_after_block is not None and i == stop_after_block:
+                raise KeyboardInterrupt(f"stopped after block {i} (simulated interruption)")
+    finally:
+        bar.close()
     result.seconds = prior_seconds + time.perf_counter() - start
     if ckpt and not keep_checkpoint:
         ckpt.remove()
