@@ -17,7 +17,7 @@ from nmkit.errors import UserError
 from nmkit.formats.nm import pack_bits, unpack_bits
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec, dequantize, quantize_kept
-from nmkit.runtime.native import KINDS, MatStruct
+from nmkit.runtime.native import KINDS, MatStruct, lib
 from nmkit.solvers.nm import nm_mask
 
 SUPPORTED_GROUPS = (2, 4, 8, 16)
@@ -172,8 +172,6 @@ def reference_matmul(p: PackedMat, x: torch.Tensor) -> torch.Tensor:
 
 def native_matmul(p: PackedMat, x: torch.Tensor, isa: int, threads: int = 1) -> torch.Tensor:
     """The C kernels on x (T, cols) float32, for tests and micro-benchmarks."""
-    from nmkit.runtime.native import lib
-
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], p.rows)
     s = p.struct()
