@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nmkit
 from nmkit.errors import UserError
+from nmkit.jsonout import dumps
 
 SIDECAR = "nmkit.json"
 FORMAT = "nmkit-sparsity"
@@ -38,14 +39,14 @@ def write(directory: str | Path, layers: dict[str, dict], **extra) -> Path:
     the weight dimension the N:M groups run along (the input dim)."""
     body = {"format": FORMAT, "version": VERSION, **extra, "versions": versions(), "layers": layers}
     path = Path(directory) / SIDECAR
-    path.write_text(json.dumps(body, indent=2) + "\n")
+    path.write_text(dumps(body, indent=2) + "\n")
     return path
 
 
 def rewrite(directory: str | Path, sidecar: dict, **changes) -> Path:
     """Write a sidecar read from another directory, with ``changes`` (e.g. a new ``storage``), as is."""
     path = Path(directory) / SIDECAR
-    path.write_text(json.dumps({**sidecar, **changes}, indent=2) + "\n")
+    path.write_text(dumps({**sidecar, **changes}, indent=2) + "\n")
     return path
 
 

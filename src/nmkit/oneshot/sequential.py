@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from nmkit import faults
 from nmkit.errors import UserError
+from nmkit.jsonout import dumps
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
@@ -154,7 +155,7 @@ class _Checkpoint:
             files[streams_name] = _file_sha256(self.dir / streams_name)
             faults.point(f"before-commit-{block}")
             record = {"config": self.config, **state, "streams": streams_name, "files": files}
-            _write_durably(self.dir / STATE, lambda p: p.write_text(json.dumps(record)))  # the commit point
+            _write_durably(self.dir / STATE, lambda p: p.write_text(dumps(record)))  # the commit point
         except Exception as exc:
             failure = write_failure(exc)
             if failure is None:
