@@ -31,6 +31,7 @@ import torch
 
 from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
+from nmkit.formats import ct24
 from nmkit.formats.checkpoint import (
     DEFAULT_SHARD_BYTES,
     INDEX,
@@ -39,7 +40,7 @@ from nmkit.formats.checkpoint import (
     parse_size,
 )
 from nmkit.formats.codec import CODECS
-from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
+from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols
 from nmkit.patterns import NM, PatternError, summarize
 from nmkit.sidecar import SIDECAR, STORAGE_DENSE, STORAGE_NMKIT
 
@@ -245,16 +246,7 @@ def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT
 
 def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
     """Decompress a ``sparse-24-bitmask`` checkpoint to dense tensors (as compressed-tensors did)."""
-    tensors = _read_tensors(Path(directory))
-    for key in [k for k in tensors if k.endswith(".bitmask")]:
-        prefix = key[: -len(".bitmask")]
-        rows, cols = (int(v) for v in tensors.pop(f"{prefix}.shape").flatten())
-        mask = unpack_bits(tensors.pop(key), cols)
-        values = tensors.pop(f"{prefix}.compressed")
-        dense = torch.zeros(rows, cols, dtype=values.dtype)
-        dense[mask] = values.flatten()
-        tensors[f"{prefix}.weight"] = dense
-    return tensors
+    return ct24.dense_tensors(Path(directory))
 
 
 def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
