@@ -166,7 +166,8 @@ def test_failure_midway_leaves_no_output(tiny_model_dir, tiny_data_dir, tmp_path
     monkeypatch.setattr(nmkit.sidecar, "write", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        main(["prune", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir), "--no-eval"])
+        main(["--debug", "prune", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir),
+              "--no-eval"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,19 +8,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from nmkit import data, models, sidecar
+from nmkit import data, faults, models, preflight, resume, sidecar
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
 from nmkit.inspect import inspect_directory
+from nmkit.jsonout import dumps
 from nmkit.oneshot import find_targets, prune
 from nmkit.oneshot.methods import METHODS, method_help
-from nmkit.outputs import atomic_directory, check_output_dir
+from nmkit.outputs import atomic_directory, check_output_dir, write_failure
 from nmkit.patterns import NM, NM_HELP, parse
 from nmkit.report import machine, now, plot_layer_errors, prune_markdown
 from nmkit.selection import parse_layers
@@ -79,6 +80,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="nmkit",
         description="N:M structured sparsity for PyTorch models. " + NM_HELP + ".",
     )
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="prune a model one-shot to an N:M pattern, evaluate and save it",
@@ -173,33 +175,48 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
     if args.calib_samples < 1 or args.calib_seqlen < 2:
         raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
-    if args.permute_budget <= 0:
-        raise UserError(f"--permute-budget must be positive seconds, got {args.permute_budget}")
-    if not 0 <= args.damp < 10 or args.blocksize < 1:
+    preflight.finite_number("--permute-budget", args.permute_budget, 0)
+    if not 0 <= preflight.finite_number("--damp", args.damp) < 10 or args.blocksize < 1:
         raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
     device = _device(args.device)
+    method = METHODS[args.method]
+    # What killed runs left beside --out first: a complete output needs no resume.
+    saved = args.resume and method.calibrated and resume.output_saved(args.out)
+    resume.tidy(args.out, _log)
+    if saved:
+        _log(f"--resume: {args.out} was saved completely before the run was interrupted; nothing to resume")
+        return 0
     check_output_dir(args.out, args.overwrite)
+    out_parent = preflight.check_writable(args.out)
+    preflight.check_model_dir(args.model)  # a local directory: complete and well formed
     source = models.resolve(args.model)
+    fp32_bytes = preflight.check_model_dir(source.path, tokenizer=True)
+    if method.calibrated:
+        resume.check_checkpoint(args.out, args.resume, _log)
     if data.data_dir(args.data_dir) is not None:
         data.check_data_dir(data.data_dir(args.data_dir))
     if args.eval_seqlen < 2 or (args.eval_windows is not None and args.eval_windows < 1):
         raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
-
+    hidden = preflight.hidden_size(source.path)
+    streams_bytes = 2 * args.calib_samples * args.calib_seqlen * (hidden or 0) * 4 if method.calibrated else 0
+    # the output (fp32 weights) and, for calibrated methods, the checkpoint beside it
+    preflight.check_free_space(out_parent, fp32_bytes * (2 if method.calibrated else 1) + streams_bytes,
+                               f"the pruned model{' and its checkpoint' if method.calibrated else ''}")
 
     t0 = time.perf_counter()
     _log(f"loading {source.name} ({source.description})")
-    model = models.load(source).to(device)
     tokenizer = models.load_tokenizer(source)
-    find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
-    load_s = time.perf_counter() - t0
     calibration, calib_info = None, None
-    method = METHODS[args.method]
-    if method.calibrated:
+    if method.calibrated:  # checked before the model loads: a request the data cannot meet fails fast
         train = data.load_text("train", args.data_dir)
-        calibration = data.calibration_windows(data.tokenize(tokenizer, train), args.calib_samples,
-                                               args.calib_seqlen, args.calib_seed)
+        train_ids = data.tokenize(tokenizer, train)
+        preflight.check_calibration(args.calib_samples, args.calib_seqlen, train_ids.numel(), hidden)
+        calibration = data.calibration_windows(train_ids, args.calib_samples, args.calib_seqlen, args.calib_seed)
         calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                       "seed": args.calib_seed}
+    model = models.load(source).to(device)
+    find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
+    load_s = time.perf_counter() - t0
 
     report: dict = {"model": source.name, "model_path": source.path, "pattern": str(pattern),
                     "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None,
@@ -228,8 +245,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     options = {"permute": True, "permute_budget_s": args.permute_budget} if args.permute else {}
     if method.calibrated:
-        options |= {"calibration": calibration, "checkpoint_dir": _checkpoint_dir(args.out), "resume": args.resume,
-                    "run_config": {"model": source.path, "calibration": calib_info}}
+        options |= {"calibration": calibration, "checkpoint_dir": resume.checkpoint_dir(args.out),
+                    "resume": args.resume, "keep_checkpoint": True,
+                    "run_config": {"model": source.path, "calibration": calib_info, **_run_arguments(args)}}
         options |= {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
     result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
@@ -260,19 +278,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     })
     layers = {x.name: {"pattern": x.pattern, "dim": t.reduce_dim, "shape": x.shape}
               for x, t in zip(result.layers, find_targets(model, args.include, args.exclude), strict=True)}
-    with atomic_directory(args.out, args.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        sidecar.write(tmp, layers, model=source.name, method=args.method, pattern=str(pattern),
-                      tail=args.tail, eval=report["eval"], calibration=calib_info)
-        report["versions"] = sidecar.versions()
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(prune_markdown(report))
-        if any(x.rel_error is not None for x in result.layers):
-            plot_layer_errors(report, tmp / "layer_errors.png")
+    report["run_id"] = uuid.uuid4().hex  # lets a later run tell this output from an older one
+    try:
+        with atomic_directory(args.out, args.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            faults.point("during-save")
+            tokenizer.save_pretrained(tmp)
+            sidecar.write(tmp, layers, model=source.name, method=args.method, pattern=str(pattern),
+                          tail=args.tail, eval=report["eval"], calibration=calib_info)
+            report["versions"] = sidecar.versions()
+            (tmp / "report.json").write_text(dumps(report, indent=2) + "\n")
+            (tmp / "report.md").write_text(prune_markdown(report))
+            if any(x.rel_error is not None for x in result.layers):
+                plot_layer_errors(report, tmp / "layer_errors.png")
+            if method.calibrated:
+                resume.mark_saved(args.out, report["run_id"])
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        kept = (f"the pruned blocks are kept in {resume.checkpoint_dir(args.out)}: free space and rerun the same "
+                "command with --resume" if method.calibrated else "free space and rerun")
+        raise UserError(f"cannot write {args.out}: {failure}; {kept}") from None
+    faults.point("after-save")
+    if method.calibrated:  # only now: until the output is in place, the checkpoint is the work
+        resume.remove(args.out)
     _log(f"wrote {args.out}")
-    print(json.dumps(report, indent=2) if args.json else prune_markdown(report))
+    print(dumps(report, indent=2) if args.json else prune_markdown(report))
     return 0
+
+
+# Flags that do not change what a prune computes: a resumed run may differ in them.
+_NOT_RECORDED = {"func", "command", "debug", "resume", "json", "overwrite", "out"}
+
+
+def _run_arguments(args: argparse.Namespace) -> dict:
+    """The run's flags as the checkpoint records them ("--calib-samples": 64, ...), so that --resume
+    refuses a run with other flags and names them."""
+    return {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items()) if k not in _NOT_RECORDED}
 
 
 def _permutation_summary(changes: list, budget_s: float) -> dict:
@@ -293,11 +336,6 @@ def _device(name: str | None):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but this torch build sees no CUDA device")
     return torch.device(name)
-
-
-def _checkpoint_dir(out: str) -> Path:
-    out_path = Path(out).expanduser()
-    return out_path.with_name(out_path.name + ".nmkit-ckpt")
 
 
 def _recorded(model: str) -> dict:
@@ -338,7 +376,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dynamic = attention is not None or activations is not None
     if args.baseline and not dynamic:
         raise UserError("--baseline compares against run-time sparsity; add --attention or --activations")
+    preflight.check_model_dir(args.model)
     source = models.resolve(args.model)
+    preflight.check_model_dir(source.path)
     if source.kind != "causal-lm" and not dynamic:
         raise UserError(f"{args.model!r} is not a causal language model; perplexity needs one (an encoder can "
                         "be scored against itself with --attention or --activations)")
@@ -372,14 +412,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = [f"attention {attention}" + ("" if layers is None else f" in layers {args.attention_layers}")
                 if attention else "", f"FFN inputs {activations}" if activations else ""]
         summary += "\nrun-time N:M: " + ", ".join(w for w in what if w)
-    print(json.dumps(out, indent=2) if args.json else summary)
+    print(dumps(out, indent=2) if args.json else summary)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    preflight.check_weights(args.dir)
     rows = inspect_directory(args.dir)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps(rows, indent=2))
     else:
         width = max(len(r["name"]) for r in rows)
         print(f"{'layer':<{width}}  {'shape':>11}  pattern  sparsity  valid")
@@ -398,11 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
+        if args.debug:
+            raise
         print(f"nmkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nmkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen fault: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"nmkit {args.command}: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (pattern, path, option). The message names the problem and the fix."""
+
+
+class TrainingDiverged(UserError):
+    """Training produced a non-finite loss or weights: the settings (most often the learning rate) are at fault."""

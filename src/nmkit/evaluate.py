@@ -66,7 +66,15 @@ def perplexity(
     ids = tokenize(tokenizer, text) if ids is None else ids
     batch = eval_windows(ids, seqlen, windows)
     nll = perplexity_of_windows(model, batch, progress=progress)
-    return Perplexity(ppl=math.exp(nll), nll=nll, protocol=protocol_for(text, ids, seqlen, windows))
+    return Perplexity(ppl=ppl_of(nll), nll=nll, protocol=protocol_for(text, ids, seqlen, windows))
+
+
+def ppl_of(nll: float) -> float:
+    """exp(``nll``), infinite where it overflows a float (mean NLL above ~709.78 nats)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 def protocol_for(text: Text, ids: torch.Tensor, seqlen: int, windows: int | None) -> dict:

@@ -8,6 +8,7 @@ import torch
 
 from nmkit import sidecar
 from nmkit.errors import UserError
+from nmkit.formats import ct24
 from nmkit.formats.checkpoint import CheckpointReader
 from nmkit.formats.io import decompress_stored
 from nmkit.patterns import summarize
@@ -15,6 +16,8 @@ from nmkit.patterns import summarize
 
 def _stored_weight(reader: CheckpointReader, name: str, layer: dict, meta: dict, directory: Path) -> torch.Tensor:
     """The layer's weight as stored: dense, or decompressed from nmkit's values + bitmask."""
+    if meta.get("storage") == ct24.STORAGE:
+        return ct24.layer_weight(reader, name)
     if meta.get("storage") == "nmkit-compressed":
         if not all(f"{name}.weight_{kind}" in reader for kind in ("values", "mask")):
             raise UserError(f"{directory}: layer {name} is listed in {sidecar.SIDECAR} but not stored compressed")

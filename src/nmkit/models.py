@@ -18,7 +18,9 @@ import torch
 
 from nmkit import sidecar
 from nmkit.compressed_model import load_compressed
+from nmkit.ct24_model import load_ct24
 from nmkit.errors import UserError
+from nmkit.formats.ct24 import STORAGE as STORAGE_CT24
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,8 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
     path = _materialise(source)
     if _is_compressed_dir(path):  # `nmkit export --format nmkit`: pruned layers become SparseLinear
         return load_compressed(path, dtype=dtype).eval()
+    if sidecar.exists(path) and sidecar.read(path).get("storage") == STORAGE_CT24:  # read without compressed-tensors
+        return load_ct24(path, dtype=dtype)
     cls = AutoModelForCausalLM if source.kind == "causal-lm" else AutoModel
     model = cls.from_pretrained(path, dtype=dtype)
     return model.eval()

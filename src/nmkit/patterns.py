@@ -57,8 +57,9 @@ class NM:
         if isinstance(spec, NM):
             return spec
         pattern = parse(spec)
-        if not isinstance(pattern, NM):
-            raise PatternError(f"expected an N:M pattern, got {spec!r}. {NM_HELP}")
+        if not isinstance(pattern, NM):  # a valid pattern, just not N:M: say so rather than call it invalid
+            raise PatternError(f"{spec!r} is a valid pattern ({type(pattern).__name__}) but not N:M, which is "
+                               "needed here: give N:M such as '2:4' (keep 2 of every 4) or '2:8'")
         return pattern
 
     @property
@@ -131,8 +132,9 @@ def check_tail(size: int, group: int, tail: str) -> None:
         raise PatternError(f"tail must be one of {TAIL_POLICIES}, got {tail!r}")
     if tail == "error" and size % group:
         raise PatternError(
-            f"dimension of size {size} is not divisible by the group size M={group}; "
-            f"pass tail='pad' (partial last group keeps at most N) or tail='dense' (leave the tail dense)"
+            f"dimension of size {size} is not divisible by the group size M={group}; choose the tail policy "
+            f"'pad' (partial last group keeps at most N) or 'dense' (leave the tail dense): --tail pad|dense "
+            f"on the command line, tail='pad'|'dense' in Python"
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nmkit
 from nmkit.errors import UserError
+from nmkit.jsonout import dumps
 
 SIDECAR = "nmkit.json"
 FORMAT = "nmkit-sparsity"
@@ -38,14 +39,14 @@ def write(directory: str | Path, layers: dict[str, dict], **extra) -> Path:
     the weight dimension the N:M groups run along (the input dim)."""
     body = {"format": FORMAT, "version": VERSION, **extra, "versions": versions(), "layers": layers}
     path = Path(directory) / SIDECAR
-    path.write_text(json.dumps(body, indent=2) + "\n")
+    path.write_text(dumps(body, indent=2) + "\n")
     return path
 
 
 def rewrite(directory: str | Path, sidecar: dict, **changes) -> Path:
     """Write a sidecar read from another directory, with ``changes`` (e.g. a new ``storage``), as is."""
     path = Path(directory) / SIDECAR
-    path.write_text(json.dumps({**sidecar, **changes}, indent=2) + "\n")
+    path.write_text(dumps({**sidecar, **changes}, indent=2) + "\n")
     return path
 
 
@@ -61,9 +62,13 @@ def read(directory: str | Path, needed_by: str | None = None) -> dict:
             raise UserError(f"{str(directory)!r} has no {SIDECAR}: {needed_by} needs a directory written by "
                             "`nmkit prune` (it names the pruned layers and their N:M pattern)")
         raise UserError(f"{str(directory)!r} has no {SIDECAR}; is it a directory written by `nmkit prune`?")
-    body = json.loads(path.read_text())
-    if body.get("format") != FORMAT:
-        raise UserError(f"{path} is not an nmkit sparsity sidecar (format={body.get('format')!r})")
+    try:
+        body = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); restore it from the original output") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise UserError(f"{path} is not an nmkit sparsity sidecar (format="
+                        f"{body.get('format') if isinstance(body, dict) else None!r})")
     return body
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 
+from nmkit import preflight
 from nmkit.errors import UserError
 from nmkit.formats.codec import CODECS
 from nmkit.formats.io import FORMATS, export
+from nmkit.jsonout import dumps
+from nmkit.outputs import remove_stale, write_failure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +30,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def _log(msg: str) -> None:
+    print(f"nmkit: {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
+    for path in remove_stale(args.out):
+        _log(f"removed {path}, left by an interrupted export")
     out = Path(args.out)
+    parent = preflight.check_writable(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    summary = export(args.dir, args.format, out, codec=args.codec, max_shard_bytes=args.max_shard_size)
+    preflight.check_weights(args.dir)
+    # roughly the source's size: compressed formats need less, a dense export of a compressed source more
+    preflight.check_free_space(parent, sum(f.stat().st_size for f in Path(args.dir).glob("*.safetensors")),
+                               "the export")
+    try:
+        summary = export(args.dir, args.format, out, codec=args.codec, max_shard_bytes=args.max_shard_size)
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        raise UserError(f"cannot write {args.out}: {failure}; free space (or fix the path) and rerun") from None
     if args.json:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         line = f"exported {args.dir} -> {out} ({summary['format']}, {summary['bytes'] / 2**20:.1f} MiB"
         if "ratio" in summary:

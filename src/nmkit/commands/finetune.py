@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from nmkit import data, models, sidecar
+from nmkit import data, models, preflight, sidecar
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import perplexity
+from nmkit.jsonout import dumps
 from nmkit.outputs import atomic_directory, check_output_dir
 from nmkit.patterns import NM
 from nmkit.selection import parse_layers
@@ -73,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.dir).expanduser()
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    preflight.finite_number("--lr", args.lr, 0)
+    if not 0 <= preflight.finite_number("--kd-weight", args.kd_weight) <= 1:
+        raise UserError(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
+    if args.max_minutes is not None:
+        preflight.finite_number("--max-minutes", args.max_minutes, 0)
     attention = runtime_attention(args.attention, args.attention_layers)
     control = args.attention == "dense"  # the same recipe with dense attention, to compare against
     pruned_dir = sidecar.exists(src)
@@ -99,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     layers = [name for name, info in meta["layers"].items() if info.get("dim", 1) == 1]
     out = Path(args.out).expanduser() if args.out else src.with_name(src.name + "-ft")
     check_output_dir(out, args.overwrite)
+    preflight.check_writable(out)
+    if pruned_dir:
+        preflight.check_model_dir(src, tokenizer=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     prune_report = json.loads((src / "report.json").read_text()) if (src / "report.json").is_file() else {}
@@ -205,10 +214,10 @@ def run(args: argparse.Namespace) -> int:
             **({"runtime": {"attention": attention}} if attention else {}),
             finetune={k: v for k, v in report.items() if k not in ("loss_first", "loss_last")},
         )
-        (tmp / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "finetune.json").write_text(dumps(report, indent=2) + "\n")
     _log(f"wrote {out}")
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
     else:
         print(_markdown(report))
     return 0 if report["all_valid"] and report["mask_unchanged"] else 1

@@ -31,6 +31,7 @@ import torch
 
 from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
+from nmkit.formats import ct24
 from nmkit.formats.checkpoint import (
     DEFAULT_SHARD_BYTES,
     INDEX,
@@ -39,8 +40,8 @@ from nmkit.formats.checkpoint import (
     parse_size,
 )
 from nmkit.formats.codec import CODECS
-from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols, unpack_bits
-from nmkit.patterns import NM
+from nmkit.formats.nm import NMTensor, compress, decompress, padded_cols
+from nmkit.patterns import NM, PatternError, summarize
 from nmkit.sidecar import SIDECAR, STORAGE_DENSE, STORAGE_NMKIT
 
 FORMATS = ("dense", "nmkit", "compressed-tensors-24")
@@ -108,13 +109,33 @@ def _write_sidecar(dst: Path, sidecar: dict, **changes) -> None:
     sidecar_file.rewrite(dst, sidecar, **changes)
 
 
+def _check_pattern(key: str, w: torch.Tensor, layer: dict, tail: str) -> None:
+    """Refuse a pruned layer whose stored weight breaks the pattern its sidecar records, naming it."""
+    info = summarize(w, layer["pattern"], dim=layer.get("dim", -1), tail=tail)
+    if not info["valid"]:
+        raise UserError(f"layer {key.removesuffix('.weight')} does not follow its recorded pattern "
+                        f"{layer['pattern']} ({info.get('violating_groups', 'some')} groups have too many "
+                        f"non-zeros); prune the model again (`nmkit inspect` lists the broken layers)")
+
+
+def _compress(key: str, w: torch.Tensor, pattern: str) -> NMTensor:
+    try:
+        return compress(w, pattern)
+    except PatternError as exc:
+        raise UserError(f"layer {key.removesuffix('.weight')}: {exc}") from None
+
+
 def export_dense(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Zeros in place, safetensors (sharded above ``max_shard_bytes``), sidecar kept."""
+    """Zeros in place, safetensors (sharded above ``max_shard_bytes``), sidecar kept; every pruned layer
+    is checked against its recorded pattern, as the compressed formats do."""
     src, out = Path(src), Path(out)
     sidecar = _read_sidecar(src)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out, {"format": "pt"}, max_shard_bytes=max_shard_bytes)
+    pruned = {f"{name}.weight": layer for name, layer in sidecar["layers"].items()}
     for name, t in _iter_pruned(src, sidecar):
+        if name in pruned:
+            _check_pattern(name, t, pruned[name], sidecar.get("tail", "error"))
         writer.add(name, t)
     files = writer.close()
     _copy_side_files(src, out)
@@ -141,7 +162,7 @@ def export_nmkit(src: str | Path, out: str | Path, codec: str = "none",
         if layer is None:
             writer.add(key, w)
             continue
-        t = compress(w, NM.parse(layer["pattern"]))
+        t = _compress(key, w, layer["pattern"])
         writer.add(f"{key}_values", t.values)
         writer.add(f"{key}_mask", t.mask)
     files = writer.close()
@@ -192,7 +213,7 @@ def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT
             continue
         rows, cols = w.shape
         w = _positive_zeros(w)  # before ranking: vLLM produced garbage on -0.0
-        t = compress(w, "2:4")  # exactly 2 kept per 4; zeros fill groups with fewer non-zeros
+        t = _compress(key, w, "2:4")  # exactly 2 kept per 4; zeros fill groups with fewer non-zeros
         # The canonical layout pads columns at the end of each row only (cols % 8 == 0 here), so the
         # legacy tensors are its first cols/2 values and cols/8 mask bytes of every row.
         values = t.values[:, : cols // 2]
@@ -225,16 +246,7 @@ def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT
 
 def read_ct24(directory: str | Path) -> dict[str, torch.Tensor]:
     """Decompress a ``sparse-24-bitmask`` checkpoint to dense tensors (as compressed-tensors did)."""
-    tensors = _read_tensors(Path(directory))
-    for key in [k for k in tensors if k.endswith(".bitmask")]:
-        prefix = key[: -len(".bitmask")]
-        rows, cols = (int(v) for v in tensors.pop(f"{prefix}.shape").flatten())
-        mask = unpack_bits(tensors.pop(key), cols)
-        values = tensors.pop(f"{prefix}.compressed")
-        dense = torch.zeros(rows, cols, dtype=values.dtype)
-        dense[mask] = values.flatten()
-        tensors[f"{prefix}.weight"] = dense
-    return tensors
+    return ct24.dense_tensors(Path(directory))
 
 
 def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
@@ -258,7 +270,7 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
     if out.resolve() == src.resolve():
         raise UserError(f"export would overwrite its source {str(src)!r}; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))  # see outputs.remove_stale
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -13,7 +13,7 @@ from nmkit.oneshot.methods import METHODS
 from nmkit.oneshot.permute import PermutationChange, permutable
 from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.sequential import prune_sequential
-from nmkit.oneshot.targets import Target, find_targets
+from nmkit.oneshot.targets import Target, check_prunable, find_targets
 from nmkit.patterns import Pattern, PatternError, TailPolicy, parse, summarize
 from nmkit.permute_model import permute_model
 from nmkit.solvers import mask_for
@@ -45,11 +45,12 @@ def prune(
         if calibration is None:
             raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
         run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block",
-                                           "permute", "permute_budget_s") if k in options}
+                                           "permute", "permute_budget_s", "keep_checkpoint") if k in options}
         return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
                                 progress=progress, **run)
     data_free = METHODS[method]  # scores each weight on its own, in the layer's own orientation
     targets = find_targets(model, include, exclude)
+    check_prunable(model, targets)
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()
     if options.pop("permute", False):

@@ -7,10 +7,17 @@ produces the pruned block's outputs for the next block. Only one block's activat
 After each block a checkpoint (pruned weights of that block, the next block's inputs, the results
 so far) is committed by atomically replacing ``state.json``; ``resume=True`` continues from it and
 gives bit-identical weights to an uninterrupted run (same machine, same thread count).
+
+The checkpoint is atomic as a set: a block's new files are written under names no commit refers to
+yet, then ``state.json`` (the one commit record) is replaced; it lists every file with its SHA-256,
+so a damaged or missing file is refused on resume instead of being half used. The record also holds
+a content hash of the model's weights and the run's settings: resuming against other weights or
+other settings is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,13 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from nmkit import faults
 from nmkit.errors import UserError
+from nmkit.jsonout import dumps
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.stats import StatsCollector
-from nmkit.oneshot.targets import Target, find_targets
+from nmkit.oneshot.targets import Target, check_prunable, find_targets
+from nmkit.outputs import write_failure
 from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse, summarize
 
 STATE = "state.json"
@@ -59,32 +69,102 @@ def _group_by_block(targets: list[Target], prefix: str, count: int) -> list[list
     return groups
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every tensor of ``model`` (name, dtype, shape, bytes): which weights a checkpoint came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_durably(path: Path, write) -> None:
+    """``write(tmp)`` then fsync and rename to ``path``: a file under its final name is always complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class _Checkpoint:
     def __init__(self, directory: Path, config: dict):
         self.dir, self.config = directory, config
+        self.files: dict[str, str] = {}  # file name -> SHA-256, as the last commit recorded them
+
+    def _damaged(self, what: str) -> UserError:
+        return UserError(f"checkpoint {self.dir} is damaged ({what}); delete it and rerun without --resume "
+                         f"(the blocks done so far are lost)")
 
     def load(self) -> dict | None:
         path = self.dir / STATE
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
-        if state["config"] != self.config:
-            changed = sorted(k for k in self.config if state["config"].get(k) != self.config.get(k))
-            raise UserError(f"checkpoint in {self.dir} was made with different settings ({', '.join(changed)}); "
-                            f"rerun without --resume or with the original settings")
+        try:
+            state = json.loads(path.read_text())
+            config, files = state["config"], state["files"]
+            int(state["next_block"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise self._damaged(f"{STATE} is unreadable: {type(exc).__name__}: {exc}") from None
+        if config != self.config:
+            changed = sorted(k for k in {*self.config, *config} if config.get(k) != self.config.get(k))
+            what = ", ".join("the model weights (their content hash)" if k == "weights" else k for k in changed)
+            raise UserError(f"checkpoint in {self.dir} was made with different settings ({what}); "
+                            f"rerun without --resume (after deleting {self.dir}) or with the original model "
+                            "and settings")
+        for name, digest in files.items():
+            f = self.dir / name
+            if not f.is_file():
+                raise self._damaged(f"{name} is missing")
+            if _file_sha256(f) != digest:
+                raise self._damaged(f"{name} does not match the SHA-256 its commit recorded")
+        self.files = dict(files)
         return state
+
+    def load_block(self, block: int) -> dict[str, torch.Tensor]:
+        name = f"block-{block:04d}.safetensors"
+        if name not in self.files:
+            raise self._damaged(f"{STATE} does not list {name}")
+        return load_file(self.dir / name)
+
+    def load_streams(self, state: dict) -> dict[str, torch.Tensor]:
+        return torch.load(self.dir / state["streams"])
 
     def save(self, block: int, weights: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
              state: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if weights:
-            save_file({k: v.contiguous() for k, v in weights.items()}, self.dir / f"block-{block:04d}.safetensors")
-        tmp = self.dir / "streams.pt.tmp"
-        torch.save(streams, tmp)
-        os.replace(tmp, self.dir / "streams.pt")
-        tmp = self.dir / (STATE + ".tmp")
-        tmp.write_text(json.dumps({"config": self.config, **state}))
-        os.replace(tmp, self.dir / STATE)  # the commit point
+        """Write block ``block``'s files under new names, then commit them with one ``state.json`` rename."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            files = dict(self.files)
+            if weights:
+                name = f"block-{block:04d}.safetensors"
+                _write_durably(self.dir / name, lambda p: save_file({k: v.contiguous() for k, v in weights.items()},
+                                                                   p))
+                files[name] = _file_sha256(self.dir / name)
+            faults.point(f"between-files-{block}")
+            streams_name = f"streams-{block:04d}.pt"
+            _write_durably(self.dir / streams_name, lambda p: torch.save(streams, p))
+            files = {k: v for k, v in files.items() if not k.startswith("streams-")}
+            files[streams_name] = _file_sha256(self.dir / streams_name)
+            faults.point(f"before-commit-{block}")
+            record = {"config": self.config, **state, "streams": streams_name, "files": files}
+            _write_durably(self.dir / STATE, lambda p: p.write_text(dumps(record)))  # the commit point
+        except Exception as exc:
+            failure = write_failure(exc)
+            if failure is None:
+                raise
+            raise UserError(f"cannot write the checkpoint in {self.dir}: {failure}; the last committed block is "
+                            "kept: free space (or fix the path) and rerun the same command with --resume") from None
+        for old in set(self.files) - set(files):  # superseded streams: no commit refers to them any more
+            (self.dir / old).unlink(missing_ok=True)
+        self.files = files
 
     def remove(self) -> None:
         import shutil
@@ -110,6 +190,7 @@ def prune_sequential(
     stop_after_block: int | None = None,
     permute: bool = False,
     permute_budget_s: float = 1.0,
+    keep_checkpoint: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place block by block with calibration ``samples`` (K, L) token ids.
 
@@ -117,7 +198,9 @@ def prune_sequential(
     (model, calibration source...) is stored in the checkpoint so a resume with other settings
     is refused. ``stop_after_block`` simulates a crash (tests). ``permute`` first permutes each
     block's absorbable input channels (see :mod:`nmkit.oneshot.permute`), ``permute_budget_s`` seconds
-    of search per layer.
+    of search per layer. The checkpoint is removed at the end unless ``keep_checkpoint`` (the CLI keeps
+    it until the output is saved, so a failed save loses nothing). Without ``resume`` an existing
+    checkpoint in ``checkpoint_dir`` is replaced.
     """
     pattern = parse(pattern)
     if method not in METHODS:
@@ -125,6 +208,7 @@ def prune_sequential(
     options = options or {}
     device = next(model.parameters()).device
     targets = find_targets(model, include, exclude)
+    check_prunable(model, targets)
     for t in targets:
         try:
             group = getattr(pattern, "group", None)
@@ -141,7 +225,12 @@ def prune_sequential(
               "exclude": exclude, "tail": tail, "samples": list(samples.shape),
               "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(),
               **({"permute": permute_budget_s} if permute else {}), **(run_config or {})}
-    ckpt = _Checkpoint(Path(checkpoint_dir), config) if checkpoint_dir else None
+    ckpt = None
+    if checkpoint_dir:
+        config["weights"] = weights_fingerprint(model)
+        ckpt = _Checkpoint(Path(checkpoint_dir), config)
+        if not resume:
+            ckpt.remove()
     state = ckpt.load() if (ckpt and resume) else None
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()
@@ -153,8 +242,8 @@ def prune_sequential(
         for i in range(first):
             if per_block[i]:
                 # the whole block: a permutation also changed layers that are not targets
-                blocks[i].load_state_dict(load_file(ckpt.dir / f"block-{i:04d}.safetensors"), strict=False)
-        streams = torch.load(ckpt.dir / "streams.pt")
+                blocks[i].load_state_dict(ckpt.load_block(i), strict=False)
+        streams = ckpt.load_streams(state)
         hidden = streams["hidden"].to(device)
         _, kwargs = capture_block_inputs(model, blocks[0], samples[:1], device)
         prior_seconds = state["seconds"]
@@ -164,38 +253,48 @@ def prune_sequential(
 
     bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block", disable=not progress,
                initial=first)
-    for i in range(first, len(blocks)):
-        block, block_targets = blocks[i], per_block[i]
-        if block_targets:
-            bins = 64 if METHODS[method].histograms else 0
-            with StatsCollector(block_targets, histogram_bins=bins) as collector:
-                for s in range(0, hidden.shape[0], batch):
-                    collector.new_batch()
-                    block(hidden[s : s + batch], **kwargs)
-            if permute:
-                result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
-                                                     permute_budget_s, damp=options.get("damp", 0.01))
-            for t in block_targets:
-                stats = collector.stats[t.name]
-                w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
-                w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
-                _write_back(t, w_new)
-                info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-                result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
-                                                 info["valid"], reconstruction_error(w_old, w_new, stats)))
-        hidden = run_block(block, hidden, kwargs, batch)
-        if ckpt:
-            weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
-            streams = {"hidden": hidden.cpu()}
-            ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
-                                            "permutations": [asdict(x) for x in result.permutations],
-                                            "seconds": prior_seconds + time.perf_counter() - start})
-        bar.update(1)
-        if stop_after_block is not None and i == stop_after_block:
-            bar.close()
-            raise KeyboardInterrupt(f"stopped after block {i} (simulated interruption)")
-    bar.close()
+    try:  # the bar is closed before an error is printed, so the error stays the last line
+        for i in range(first, len(blocks)):
+            block, block_targets = blocks[i], per_block[i]
+            if block_targets:
+                bins = 64 if METHODS[method].histograms else 0
+                with StatsCollector(block_targets, histogram_bins=bins) as collector:
+                    for s in range(0, hidden.shape[0], batch):
+                        collector.new_batch()
+                        block(hidden[s : s + batch], **kwargs)
+                if permute:
+                    result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
+                                                         permute_budget_s, damp=options.get("damp", 0.01))
+                for t in block_targets:
+                    stats = collector.stats[t.name]
+                    if not bool(torch.isfinite(stats.xtx).all()):
+                        raise UserError(f"layer {t.name}: its calibration inputs contain NaN or Inf (a layer before "
+                                        "it produces non-finite activations); check the model's weights, or prune "
+                                        "with --method magnitude")
+                    w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
+                    try:
+                        w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
+                    except PatternError as exc:  # e.g. NaN scores from overflowing activations
+                        raise UserError(f"layer {t.name}: {exc}") from None
+                    _write_back(t, w_new)
+                    faults.point(f"mid-block-{i}")
+                    info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
+                    result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
+                                                     info["valid"], reconstruction_error(w_old, w_new, stats)))
+            hidden = run_block(block, hidden, kwargs, batch)
+            if ckpt:
+                weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
+                streams = {"hidden": hidden.cpu()}
+                ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
+                                                "permutations": [asdict(x) for x in result.permutations],
+                                                "seconds": prior_seconds + time.perf_counter() - start})
+                faults.point(f"after-commit-{i}")
+            bar.update(1)
+            if stop_after_block is not None and i == stop_after_block:
+                raise KeyboardInterrupt(f"stopped after block {i} (simulated interruption)")
+    finally:
+        bar.close()
     result.seconds = prior_seconds + time.perf_counter() - start
-    if ckpt:
+    if ckpt and not keep_checkpoint:
         ckpt.remove()
     return result

@@ -60,3 +60,26 @@ def find_targets(
             + "; check --include/--exclude glob patterns against the model's module names"
         )
     return targets
+
+
+def check_prunable(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse, naming the layer, weights that are not finite and weights shared with a layer not pruned.
+
+    A NaN or Inf survives pruning (magnitude keeps an Inf) and poisons everything after it. A tied weight
+    (``lm_head`` sharing the embedding's) would be pruned under the other name too, silently.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    pruned = {f"{t.name}.weight" for t in targets}
+    for t in targets:
+        bad = int((~torch.isfinite(t.weight.detach())).sum())
+        if bad:
+            raise UserError(f"layer {t.name} has {bad} non-finite weights (NaN or Inf): the model is damaged or "
+                            "diverged; nmkit does not prune it. Fix or re-download the weights (or --exclude the "
+                            "layer)")
+        shared = [n for n in names.get(id(t.weight), []) if n not in pruned]
+        if shared:
+            raise UserError(f"layer {t.name} shares its weight with {', '.join(shared)} (tied weights): pruning it "
+                            f"would prune that too and the output would not match its sidecar; exclude it "
+                            f"(--exclude {t.name}) or untie the weights first")

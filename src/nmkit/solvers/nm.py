@@ -60,6 +60,9 @@ def nm_mask(
     """
     pattern = NM.parse(pattern)
     n, m = pattern.keep, pattern.group
+    if scores.dim() == 0:
+        raise PatternError(f"an N:M mask needs a tensor with at least one dimension (groups of M={m} along "
+                           "`dim`), got a 0-d tensor (a single number)")
     s = scores.movedim(dim, -1)
     size = s.shape[-1]
     check_tail(size, m, tail)

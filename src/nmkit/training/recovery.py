@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmkit.errors import TrainingDiverged
 from nmkit.patterns import NM
 from nmkit.training.core import SparseTraining
 from nmkit.training.lora import add_sparse_lora, merge_sparse_lora
@@ -112,6 +113,9 @@ def recovery_finetune(
             with torch.no_grad():
                 t_logits = teacher(ids).logits[:, :-1]
             loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * _kd_loss(logits, t_logits, cfg.temperature)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"fine-tuning diverged at step {step + 1}: the loss is {loss.item()} "
+                                   f"(learning rate {cfg.lr:g}); lower the learning rate (--lr)")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
@@ -126,6 +130,10 @@ def recovery_finetune(
                 f"({time.perf_counter() - t0:.0f}s)"
             )
     result.seconds = time.perf_counter() - t0
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"fine-tuning diverged: {bad[0]} (and {len(bad) - 1} more) hold NaN or Inf after "
+                               f"{result.steps_done} steps (learning rate {cfg.lr:g}); lower the learning rate (--lr)")
     if sparse is not None:
         result.finalize = sparse.finalize()
     elif not layers:
