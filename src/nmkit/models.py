@@ -19,6 +19,7 @@ import torch
 from nmkit import sidecar
 from nmkit.compressed_model import load_compressed
 from nmkit.errors import UserError
+from nmkit.quant.storage import load_quantized_model
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
 
     source = resolve(name) if isinstance(name, str) else name
     path = _materialise(source)
+    if sidecar.stores_quantized(path):  # `nmkit quantize`: dequantized weights (the engine reads the codes)
+        return load_quantized_model(path, dtype=dtype).eval()
     if _is_compressed_dir(path):  # `nmkit export --format nmkit`: pruned layers become SparseLinear
         return load_compressed(path, dtype=dtype).eval()
     cls = AutoModelForCausalLM if source.kind == "causal-lm" else AutoModel
