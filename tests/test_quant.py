@@ -14,6 +14,7 @@ from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
 from nmkit.quant.gptq import quantize_layer, quantize_model, round_to_nearest
 from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
+from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
 from nmkit.runtime.pack import pack
 from nmkit.solvers.nm import nm_mask
@@ -141,6 +142,12 @@ def test_quantize_command_end_to_end(pruned_24, tiny_data_dir, tmp_path, capsys)
     code = main(["eval", str(out), "--eval-seqlen", "32", "--eval-windows", "1", "--data-dir", str(tiny_data_dir),
                  "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["ppl"] > 1
+    # the runtime benchmark runs the stored codes (bytes read per token: the packed layers as stored)
+    assert bench_main([str(out), "--decode", "2", "--prefill", "4", "--reps", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "2:4 int4" in result["label"]
+    stored = sum(m.nbytes() for m in mats.values())
+    assert result["weight_bytes_per_token"] > stored
 
 
 def test_prune_with_quant_writes_a_quantized_dir(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
