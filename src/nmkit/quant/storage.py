@@ -84,9 +84,13 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists():  # the old directory stays whole until the new one is in place
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
