@@ -1,4 +1,4 @@
-"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune.
+"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune | quantize.
 
 Exit codes: 0 success, 1 a check failed (e.g. ``inspect`` found an invalid layer), 2 bad input.
 """
@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from nmkit import data, faults, models, preflight, resume, sidecar
+from nmkit.commands.quantize import add_quant_arguments, parse_spec, quantize_pruned, write_output
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
@@ -38,6 +39,7 @@ BENCH_SUITES = {
 EXTRA_COMMANDS = {
     "export": ("nmkit.commands.export", "export a pruned model (dense+sidecar, nmkit compressed, ...)"),
     "finetune": ("nmkit.commands.finetune", "recovery fine-tune of a pruned model with its mask fixed"),
+    "quantize": ("nmkit.commands.quantize", "INT8/INT4 kept values for a pruned model (calibrated, mask fixed)"),
 }
 
 
@@ -116,6 +118,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers matching GLOB (repeatable)")
     p.add_argument("--tail", choices=("error", "pad", "dense"), default="error",
                    help="when an input dim is not a multiple of M: error (default), pad, or leave it dense")
+    add_quant_arguments(p, required=False)
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
@@ -178,6 +181,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     preflight.finite_number("--permute-budget", args.permute_budget, 0)
     if not 0 <= preflight.finite_number("--damp", args.damp) < 10 or args.blocksize < 1:
         raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
+    spec = None
+    if args.quant is not None:
+        if type(pattern) is not NM:
+            raise UserError(f"--quant needs a plain N:M --pattern (e.g. 2:4), not {pattern}")
+        spec = parse_spec(args.quant, args.quant_group, pattern)
+    elif args.quant_group is not None:
+        raise UserError("--quant-group needs --quant w8 or w4")
     device = _device(args.device)
     method = METHODS[args.method]
     # What killed runs left beside --out first: a complete output needs no resume.
@@ -207,7 +217,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(f"loading {source.name} ({source.description})")
     tokenizer = models.load_tokenizer(source)
     calibration, calib_info = None, None
-    if method.calibrated:  # checked before the model loads: a request the data cannot meet fails fast
+    if method.calibrated or spec is not None:  # before the model loads: a request the data cannot meet fails fast
         train = data.load_text("train", args.data_dir)
         train_ids = data.tokenize(tokenizer, train)
         preflight.check_calibration(args.calib_samples, args.calib_seqlen, train_ids.numel(), hidden)
@@ -278,6 +288,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     })
     layers = {x.name: {"pattern": x.pattern, "dim": t.reduce_dim, "shape": x.shape}
               for x, t in zip(result.layers, find_targets(model, args.include, args.exclude), strict=True)}
+    if spec is not None:  # a second calibrated sweep on the pruned model, mask fixed (not inside the prune)
+        meta = {"model": source.name, "method": args.method, "pattern": str(pattern), "tail": args.tail,
+                "eval": report["eval"], "calibration": calib_info, "layers": layers}
+        _log(f"quantizing the kept weights to {spec}")
+        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp)
+        if not args.no_eval and source.kind == "causal-lm":
+            _log("evaluating the quantized model (dequantized weights, fp32 activations)")
+            quant["ppl"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids).ppl
+        report["versions"] = sidecar.versions()
+        write_output(args.out, model, tokenizer, meta, mats, quant, report)
+        if method.calibrated:  # the quantized output is in place: the pruning checkpoint is no longer needed
+            resume.remove(args.out)
+        _log(f"wrote {args.out}")
+        print(dumps({**report, "quant": quant}, indent=2) if args.json else prune_markdown(report)
+              + f"\nquantized {spec}: {quant['bits_per_weight']:.3f} bits per pruned-layer weight"
+              + (f", perplexity {quant['ppl']:.4f}" if "ppl" in quant else ""))
+        return 0
     report["run_id"] = uuid.uuid4().hex  # lets a later run tell this output from an older one
     try:
         with atomic_directory(args.out, args.overwrite) as tmp:

@@ -21,6 +21,7 @@ from nmkit.compressed_model import load_compressed
 from nmkit.ct24_model import load_ct24
 from nmkit.errors import UserError
 from nmkit.formats.ct24 import STORAGE as STORAGE_CT24
+from nmkit.quant.storage import load_quantized_model
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
 
     source = resolve(name) if isinstance(name, str) else name
     path = _materialise(source)
+    if sidecar.stores_quantized(path):  # `nmkit quantize`: dequantized weights (the engine reads the codes)
+        return load_quantized_model(path, dtype=dtype).eval()
     if _is_compressed_dir(path):  # `nmkit export --format nmkit`: pruned layers become SparseLinear
         return load_compressed(path, dtype=dtype).eval()
     if sidecar.exists(path) and sidecar.read(path).get("storage") == STORAGE_CT24:  # read without compressed-tensors

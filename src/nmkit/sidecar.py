@@ -20,6 +20,7 @@ VERSION = 1
 # How a directory stores its pruned layers ("storage"; absent means dense, as `nmkit prune` writes).
 STORAGE_DENSE = "dense"
 STORAGE_NMKIT = "nmkit-compressed"
+STORAGE_QUANTIZED = "nmkit-quantized"  # INT8/INT4 kept values in the runtime's layouts (nmkit.quant.storage)
 
 
 def versions() -> dict:
@@ -82,3 +83,9 @@ def stores_compressed(directory: str | Path) -> bool:
     """True for a directory written by ``nmkit export --format nmkit`` (pruned layers stored compressed)."""
     path = Path(directory) / SIDECAR
     return path.is_file() and json.loads(path.read_text()).get("storage") == STORAGE_NMKIT
+
+
+def stores_quantized(directory: str | Path) -> bool:
+    """True for a directory written by ``nmkit quantize`` (INT8/INT4 kept values, nmkit.quant.storage)."""
+    path = Path(directory) / SIDECAR
+    return path.is_file() and json.loads(path.read_text()).get("storage") == STORAGE_QUANTIZED

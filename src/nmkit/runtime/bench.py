@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from nmkit import models
+from nmkit import models, sidecar
 from nmkit.errors import UserError
+from nmkit.quant.storage import read_packed
 from nmkit.runtime.engine import WEIGHT_KINDS, Engine
 
 
@@ -62,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path, kind, head = parse_target(args.model)
-        kind, head = args.weights or kind or "fp32", args.head or head
+        # a `nmkit quantize` directory: its stored codes, unless another kind is asked for
+        packed = read_packed(path)[0] if sidecar.stores_quantized(path) else {}
+        stored = next(iter(packed.values())).kind if packed else None
+        kind, head = args.weights or kind or stored or "fp32", args.head or head
+        packed = packed if kind == stored else None
         if min(args.threads, args.decode, args.prefill, args.reps) < 1:
             raise UserError("--threads, --decode, --prefill and --reps must be positive")
         model = models.load(path)
         engine = Engine(model, weights=kind, head=head, threads=args.threads,
-                        max_seq=max(args.prefill, args.decode + 1))
+                        max_seq=max(args.prefill, args.decode + 1), packed=packed)
         del model
         result = measure(engine, args.decode, args.prefill, args.reps)
     except UserError as e:

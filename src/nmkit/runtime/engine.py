@@ -72,11 +72,13 @@ class Engine:
     """A packed model plus its KV cache. ``weights``: fp32, bf16, int8 or int4 for the block Linears;
     ``head``: the LM head's kind. By default the fastest that keeps its accuracy: bf16 for fp32 and
     bf16 weights (the tied 49152 x 576 head is a third of SmolLM2's bytes; bf16 changes greedy tokens
-    rarely), int8 for int8 and int4 weights (llama.cpp keeps Q8_0 there for Q4_0 models too)."""
+    rarely), int8 for int8 and int4 weights (llama.cpp keeps Q8_0 there for Q4_0 models too).
+    ``packed``: layer name -> a ready PackedMat (e.g. calibrated codes from :mod:`nmkit.quant.storage`)
+    used as is instead of packing that layer's weight."""
 
     def __init__(self, model: nn.Module, weights: str = "fp32", head: str | None = None, max_seq: int = 2048,
                  threads: int | None = None, isa: str | None = None, group_blocks: int = 1,
-                 head_pattern: NM | None = None) -> None:
+                 head_pattern: NM | None = None, packed: dict[str, PackedMat] | None = None) -> None:
         if weights not in WEIGHT_KINDS:
             raise UserError(f"unknown --weights {weights!r}: choose one of {', '.join(WEIGHT_KINDS)}")
         head = head or ("bf16" if weights in ("fp32", "bf16") else "int8")
@@ -105,9 +107,13 @@ class Engine:
                 for part, proj in _PROJ:
                     lin = getattr(getattr(layer, part), proj)
                     name = f"model.layers.{i}.{part}.{proj}"
-                    pattern = detect_nm(lin.weight)
-                    self._mats.append(pack(lin.weight, weights, pattern, bias=lin.bias, group_blocks=group_blocks,
-                                           name=name))
+                    if packed and name in packed:  # pre-quantized (calibrated codes): used as stored
+                        mat = packed[name]
+                        pattern = mat.pattern
+                    else:
+                        pattern = detect_nm(lin.weight)
+                        mat = pack(lin.weight, weights, pattern, bias=lin.bias, group_blocks=group_blocks, name=name)
+                    self._mats.append(mat)
                     self.info.patterns[name] = str(pattern) if pattern else "dense"
             lm = model.get_output_embeddings()
             self._mats.append(pack(lm.weight, head, head_pattern, bias=getattr(lm, "bias", None),

@@ -130,14 +130,36 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
         codes, scales = quantize_kept(kept.reshape(rows, nb, p.k64), QuantSpec(8 if kind == "int8" else 4,
                                                                                  group_blocks), imp)
         p.scales = scales
-        flat = codes.reshape(rows, -1)
-        flat = torch.cat([flat, flat.new_zeros(rows, -flat.shape[1] % 64)], dim=1)  # whole 64-value units
-        if kind == "int8":
-            p.values = flat.contiguous()
-        else:
-            u = (flat + 8).to(torch.uint8).reshape(rows, -1, 64)
-            p.values = (u[..., :32] | (u[..., 32:] << 4)).reshape(rows, -1).contiguous()
+        p.values = code_values(codes, kind)
     return p
+
+
+def code_values(codes: torch.Tensor, kind: str) -> torch.Tensor:
+    """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units."""
+    rows = codes.shape[0]
+    flat = codes.reshape(rows, -1)
+    flat = torch.cat([flat, flat.new_zeros(rows, -flat.shape[1] % 64)], dim=1)
+    if kind == "int8":
+        return flat.contiguous()
+    u = (flat + 8).to(torch.uint8).reshape(rows, -1, 64)
+    return (u[..., :32] | (u[..., 32:] << 4)).reshape(rows, -1).contiguous()
+
+
+def from_codes(codes: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor, pattern: NM | None, bits: int,
+               group_blocks: int, bias: torch.Tensor | None = None) -> PackedMat:
+    """A quantized PackedMat straight from codes (rows, blocks, k64), fp16 scales and the kept mask
+    (rows, cols), e.g. from a calibrated quantization, with no re-rounding."""
+    kind = "int8" if bits == 8 else "int4"
+    rows, cols = keep.shape
+    spec = QuantSpec(bits, group_blocks)
+    if codes.shape != (rows, cols // 64, 64 * (pattern.keep if pattern else 1) // (pattern.group if pattern else 1)):
+        raise UserError(f"codes of shape {tuple(codes.shape)} do not fit a {rows}x{cols} {pattern or 'dense'} weight")
+    if int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax:
+        raise UserError(f"codes outside the INT{bits} range [{spec.qmin}, {spec.qmax}]")
+    mask = None if pattern is None else pack_bits(keep)
+    b = None if bias is None else bias.detach().float().contiguous()
+    return PackedMat(kind, rows, cols, pattern, code_values(codes.to(torch.int8), kind), mask,
+                     scales.to(torch.float16).contiguous(), b, group_blocks)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

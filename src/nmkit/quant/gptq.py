@@ -1,0 +1,217 @@
+"""Calibrated quantization of an N:M layer with its mask fixed (GPTQ's error feedback, Frantar et al. 2023).
+
+The OBS sweep SparseGPT uses for pruning, with rounding to the INT8/INT4 grid in place of zeroing:
+columns left to right, each kept weight is rounded to its group's grid (pruned ones are set to
+exactly zero) and the error, divided by the inverse-Hessian Cholesky diagonal, is spread over the
+columns not yet visited. A scale group's fp16 scales are chosen when the sweep reaches its first
+column, from the group's kept weights as updated so far (:func:`quantize_kept`'s clip search,
+weighted by diag(X^T X)), so later groups' scales see the error earlier groups pushed onto them.
+
+The result is the codes and scales the runtime stores (:class:`QuantizedLayer`), not floats to be
+re-quantized; :meth:`QuantizedLayer.dequantized` is the weight they stand for.
+
+:func:`quantize_model` runs the sweep block by block like the pruning pipeline: each block's X^T X
+comes from the outputs of the blocks before it *after* they were quantized.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nmkit.errors import UserError
+from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
+from nmkit.oneshot.methods import inverse_hessian_factor, reconstruction_error, single_thread
+from nmkit.oneshot.stats import InputStats, StatsCollector
+from nmkit.oneshot.targets import Target, find_targets
+from nmkit.patterns import NM
+from nmkit.quant.nm_quant import QuantSpec, dequantize, quantize_kept
+from nmkit.solvers.nm import nm_mask
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer's kept values as integer codes: what the runtime's packed layouts store.
+
+    ``keep``: bool (rows, cols), exactly ``k64`` kept per row and 64-input block; ``codes``: int8
+    (rows, blocks, k64) in the spec's range; ``scales``: fp16 (rows, groups of ``group_blocks`` blocks).
+    """
+
+    pattern: NM | None  # None: dense (every weight kept)
+    spec: QuantSpec
+    keep: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.keep.shape)
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 (rows, cols): zeros where pruned, code x scale where kept."""
+        rows, cols = self.shape
+        w = torch.zeros(rows, cols)
+        w[self.keep] = dequantize(self.codes, self.scales, self.spec.group_blocks).reshape(-1)
+        return w
+
+
+def kept_mask(w: torch.Tensor, pattern: NM | None) -> torch.Tensor:
+    """The N:M mask ``w`` already follows (its non-zeros, topped up by index where a group has fewer)."""
+    if pattern is None:
+        return torch.ones_like(w, dtype=torch.bool)
+    keep = nm_mask((w != 0).float() + w.abs(), pattern)
+    if bool((w[~keep] != 0).any()):
+        raise UserError(f"weight does not follow {pattern} (a group has more than {pattern.keep} non-zeros); "
+                        "prune it first")
+    return keep
+
+
+def _check_layer(w: torch.Tensor, pattern: NM | None) -> None:
+    if w.dim() != 2 or w.shape[1] % 64:
+        raise UserError(f"quantized N:M needs 2-d weights with in_features divisible by 64, got {tuple(w.shape)}")
+    if pattern is not None and 64 % pattern.group:
+        raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), got {pattern}")
+
+
+def quantize_layer(w: torch.Tensor, xtx: torch.Tensor, pattern: NM | None, spec: QuantSpec, damp: float = 0.01,
+                   blocksize: int = 128) -> QuantizedLayer:
+    """GPTQ with the mask fixed for one (rows, cols) weight that follows ``pattern`` (zeros where pruned).
+
+    ``xtx``: (cols, cols) sum of x x^T over the calibration inputs of the layer.
+    """
+    _check_layer(w, pattern)
+    keep = kept_mask(w.detach(), pattern)
+    w = w.detach().float().clone()
+    rows, cols = w.shape
+    xtx = xtx.float().clone()
+    dead = xtx.diagonal() == 0  # inputs that were always zero: no error to feed back through them
+    xtx[dead, dead] = 1.0
+    u = inverse_hessian_factor(xtx, damp)
+    importance = xtx.diagonal().expand(rows, cols)
+    group_cols = 64 * spec.group_blocks
+    # A block of lazy updates holds whole scale groups, so a group's weights are current when its scales are chosen.
+    blocksize = max(group_cols, -(-blocksize // group_cols) * group_cols)
+    scale_of = torch.zeros(rows, cols)  # each column's per-row scale (fp16 values in float32)
+    scales = []
+    with single_thread():  # many small ops: threads only add barrier waits
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+            err1 = torch.zeros_like(w1)
+            for j in range(i2 - i1):
+                c = i1 + j
+                if c % group_cols == 0:
+                    g2 = min(c + group_cols, cols)
+                    s = _group_scales(w1[:, j : j + g2 - c], keep[:, c:g2], importance[:, c:g2], spec)
+                    scales.append(s)
+                    scale_of[:, c:g2] = s.float().unsqueeze(1)
+                col = w1[:, j]
+                q = _round(col, scale_of[:, c], spec) * keep[:, c]
+                err = (col - q) / u1[j, j]
+                w1[:, j:] -= err.unsqueeze(1) * u1[j, j:].unsqueeze(0)
+                w1[:, j] = q  # exact grid points (and exact zeros where pruned)
+                err1[:, j] = err
+            w[:, i1:i2] = w1
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    scales = torch.stack(scales, dim=1).contiguous()
+    safe = torch.where(scale_of > 0, scale_of, torch.ones_like(scale_of))
+    codes = torch.round(w / safe)[keep].reshape(rows, cols // 64, -1)
+    return QuantizedLayer(pattern, spec, keep, codes.to(torch.int8).contiguous(), scales)
+
+
+def _group_scales(wg: torch.Tensor, kg: torch.Tensor, imp: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """fp16 scale per row for one scale group (rows, group columns) from its current kept weights."""
+    rows, n = wg.shape
+    blocks = n // 64
+    kept = wg[kg].reshape(rows, blocks, -1)
+    _, s = quantize_kept(kept, QuantSpec(spec.bits, blocks), imp[kg].reshape(rows, blocks, -1))
+    return s[:, 0]
+
+
+def _round(col: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Nearest grid point code x scale (0 where the scale is 0: an all-zero group)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(col / safe), spec.qmin, spec.qmax) * scale
+
+
+def round_to_nearest(w: torch.Tensor, pattern: NM | None, spec: QuantSpec,
+                     importance: torch.Tensor | None = None) -> QuantizedLayer:
+    """The no-feedback baseline: each group's scales and codes from the weights as they are."""
+    _check_layer(w, pattern)
+    keep = kept_mask(w.detach(), pattern)
+    rows, cols = w.shape
+    kept = w.detach().float()[keep].reshape(rows, cols // 64, -1)
+    imp = None if importance is None else importance.float().expand(rows, cols)[keep].reshape(kept.shape)
+    codes, scales = quantize_kept(kept, spec, imp)
+    return QuantizedLayer(pattern, spec, keep, codes, scales)
+
+
+@dataclass
+class QuantizeResult:
+    spec: QuantSpec
+    layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    rel_errors: dict[str, float] = field(default_factory=dict)  # ||(W - W_q) X||^2 / ||W X||^2
+    seconds: float = 0.0
+
+
+def _pattern_of(w: torch.Tensor) -> NM | None:
+    """The sparsest N:M (M in 2, 4, 8, 16) that ``w`` follows, or None (dense)."""
+    nonzero = w != 0
+    best = None
+    for m in (2, 4, 8, 16):
+        keep = max(1, int(nonzero.reshape(w.shape[0], -1, m).sum(-1).max()))
+        if keep < m and (best is None or keep / m < best.density):
+            best = NM(keep, m)
+    return best
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
+                   patterns: dict[str, NM | None] | None = None, damp: float = 0.01, blocksize: int = 128,
+                   batch: int = 8, progress: bool = True) -> QuantizeResult:
+    """Quantize the Linear layers inside the transformer blocks of ``model`` in place, block by block.
+
+    ``calibration``: token ids (samples, seqlen). ``patterns``: layer name -> the N:M it follows (e.g. from
+    nmkit.json; default: the layers named there, else every block Linear with its pattern detected).
+    Each layer's weight is replaced by its dequantized value, so later blocks calibrate on the
+    quantized predecessors; the codes and scales are in the result.
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    targets = [t for t in find_targets(model) if patterns is None or t.name in patterns]
+    if any(t.reduce_dim != 1 for t in targets):
+        raise UserError("quantization supports nn.Linear layers (out, in) only")
+    prefix, blocks = find_blocks(model)
+    per_block: list[list[Target]] = [[] for _ in blocks]
+    for t in targets:
+        index = t.name[len(prefix) + 1:].split(".", 1)[0] if t.name.startswith(prefix + ".") else ""
+        if not index.isdigit():
+            raise UserError(f"layer {t.name} is outside the transformer blocks; quantization covers block layers")
+        per_block[int(index)].append(t)
+    for t in targets:
+        _check_layer(t.weight, None)
+    result = QuantizeResult(spec)
+    hidden, kwargs = capture_block_inputs(model, blocks[0], calibration, device)
+    for block, block_targets in tqdm(list(zip(blocks, per_block, strict=True)), desc=f"quantize {spec}",
+                                     unit="block", disable=not progress):
+        if block_targets:
+            with StatsCollector(block_targets) as collector:
+                for s in range(0, hidden.shape[0], batch):
+                    collector.new_batch()
+                    block(hidden[s : s + batch], **kwargs)
+            for t in block_targets:
+                w = t.weight.detach().float().cpu()
+                pattern = patterns[t.name] if patterns is not None else _pattern_of(w)
+                stats: InputStats = collector.stats[t.name]
+                layer = quantize_layer(w, stats.xtx.cpu(), pattern, spec, damp, blocksize)
+                wq = layer.dequantized()
+                result.layers[t.name] = layer
+                result.rel_errors[t.name] = reconstruction_error(w, wq, InputStats(stats.xtx.cpu()))
+                t.weight.data.copy_(wq.to(t.weight.dtype))
+        hidden = run_block(block, hidden, kwargs, batch)
+    result.seconds = time.perf_counter() - start
+    return result
