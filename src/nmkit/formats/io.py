@@ -31,6 +31,7 @@ import torch
 
 from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
+from nmkit.formats import hf_config
 from nmkit.formats.checkpoint import (
     DEFAULT_SHARD_BYTES,
     INDEX,
@@ -55,10 +56,19 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return CheckpointReader(directory).read_all()
 
 
+def _guards(sidecar: dict) -> set[str]:
+    """Names of the empty guard tensors an nmkit-compressed directory stores (see :mod:`nmkit.formats.hf_config`)."""
+    if sidecar.get("storage") != STORAGE_NMKIT:
+        return set()
+    return {hf_config.guard_name(name) for name in sidecar["layers"]}
+
+
 def read_stored(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Every stored tensor as saved (compressed layers as ``weight_values``/``weight_mask``) and the sidecar."""
     directory = Path(directory)
-    return _read_tensors(directory), _read_sidecar(directory)
+    sidecar = _read_sidecar(directory)
+    guards = _guards(sidecar)
+    return {k: v for k, v in _read_tensors(directory).items() if k not in guards}, sidecar
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -85,7 +95,10 @@ def _iter_pruned(directory: Path, sidecar: dict) -> Iterator[tuple[str, torch.Te
         yield from reader.items()
         return
     parts = {f"{name}.weight_{kind}": name for name in sidecar["layers"] for kind in ("values", "mask")}
+    guards = _guards(sidecar)
     for key in reader.names():
+        if key in guards:
+            continue
         name = parts.get(key)
         if name is None:
             yield key, reader.get(key)
@@ -118,6 +131,7 @@ def export_dense(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAUL
         writer.add(name, t)
     files = writer.close()
     _copy_side_files(src, out)
+    hf_config.write(out / "config.json", None)  # dense tensors: no longer an nmkit checkpoint
     _write_sidecar(out, sidecar, storage=STORAGE_DENSE)
     return {"format": "dense", "bytes": _file_bytes(out), "files": len(files)}
 
@@ -144,8 +158,11 @@ def export_nmkit(src: str | Path, out: str | Path, codec: str = "none",
         t = compress(w, NM.parse(layer["pattern"]))
         writer.add(f"{key}_values", t.values)
         writer.add(f"{key}_mask", t.mask)
+    for name in sidecar["layers"]:  # without nmkit, transformers fails on these instead of loading noise
+        writer.add(hf_config.guard_name(name), torch.empty(0, dtype=torch.uint8))
     files = writer.close()
     _copy_side_files(src, out)
+    hf_config.write(out / "config.json", hf_config.quantization_config(sidecar["layers"], codec=codec))
     _write_sidecar(out, sidecar, storage=STORAGE_NMKIT, codec=codec)
     size = _file_bytes(out)
     return {"format": "nmkit", "codec": codec, "bytes": size, "dense_bytes": dense_bytes,
