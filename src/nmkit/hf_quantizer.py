@@ -61,10 +61,11 @@ def _build_nm_bitmask(layer: dict, tensors: dict[str, torch.Tensor], bias: torch
     t = NMTensor(values=tensors["_values"].to(dtype), mask=tensors["_mask"], shape=(out_features, in_features),
                  pattern=pattern)
     t.validate()
-    mod = SparseLinear(in_features, out_features, pattern, bias=bias is not None, dtype=dtype)
+    with torch.device("meta"):  # no zero-filled shell: load_compressed brings the real tensors
+        mod = SparseLinear(in_features, out_features, pattern, bias=bias is not None, dtype=dtype)
     mod.load_compressed(t)
     if bias is not None:
-        mod.bias.data.copy_(bias.to(dtype))
+        mod.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return mod
 
 
@@ -98,15 +99,34 @@ class NmkitConfig(QuantizationConfigMixin):
 
 
 class _Stored(nn.Module):
-    """Placeholder for a compressed layer while transformers loads: holds the stored tensors as buffers."""
+    """Placeholder for a compressed layer while transformers loads it.
 
-    def __init__(self, layer: dict, bias: bool) -> None:
+    transformers sets the stored tensors on it one by one; once all have arrived (decoded first when
+    the file is coded) it builds the real layer at once and lets the stored copies go, so loading
+    holds the compressed tensors of one layer at a time beside the built ones.
+    """
+
+    def __init__(self, name: str, layer: dict, bias: bool, dtype: torch.dtype, tables: dict[str, dict]) -> None:
         super().__init__()
-        self.layer = layer
+        self.name, self.layer, self.dtype, self.tables = name, layer, dtype, tables
+        self.format = LAYER_FORMATS[layer["format"]]
+        self.parts = [f"weight{s}" for s in self.format.suffixes] + (["bias"] if bias else [])
+        self.arrived: dict[str, torch.Tensor] = {}
+        self.built: nn.Module | None = None
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))  # the guard (see module docstring)
-        for suffix in LAYER_FORMATS[layer["format"]].suffixes:
-            self.register_buffer(f"weight{suffix}", torch.empty(0, dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
+        for part in self.parts:
+            self.register_buffer(part, torch.empty(0, dtype=torch.uint8))
+
+    def __setattr__(self, attr: str, value) -> None:
+        if attr not in getattr(self, "parts", ()) or value.device.type == "meta":
+            return super().__setattr__(attr, value)
+        key = f"{self.name}.{attr}"
+        if key in self.tables:
+            value = tensor_codec.decode({key: value.data}, {key: self.tables[key]})[key]
+        self.arrived[attr] = value.data
+        if len(self.arrived) == len(self.parts):
+            tensors = {s: self.arrived.pop(f"weight{s}") for s in self.format.suffixes}
+            self.built = self.format.build(self.layer, tensors, self.arrived.pop("bias", None), self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # never called: replaced after loading
         raise RuntimeError("nmkit placeholder layer was not replaced after loading")
@@ -148,15 +168,16 @@ class NmkitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if dtype is not None:
             self._dtype = dtype
+        if self.quantization_config.codec != "none":
+            self._tables = _codec_tables(checkpoint_files)
         for name, layer in self.quantization_config.layers.items():
             try:
                 old = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"nmkit checkpoint names layer {name!r}, which this model does not have") from None
-            _set_module(model, name, _Stored(layer, bias=getattr(old, "bias", None) is not None))
+            _set_module(model, name, _Stored(name, layer, getattr(old, "bias", None) is not None, self._dtype,
+                                             self._tables))
             self._placeholders.add(name)
-        if self.quantization_config.codec != "none":
-            self._tables = _codec_tables(checkpoint_files)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -173,12 +194,12 @@ class NmkitHfQuantizer(HfQuantizer):
         """Coded blobs -> tensors, one at a time, in the model's dtype (floats) or as stored."""
         for full, tensor in list(model.state_dict(keep_vars=True).items()):
             entry = self._tables.get(full)
-            if entry is None:
-                continue
-            value = tensor_codec.decode({full: tensor.data}, {full: entry})[full]
             owner_name, _, attr = full.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
-            if value.is_floating_point() and not isinstance(owner, _Stored):
+            if entry is None or isinstance(owner, _Stored):
+                continue
+            value = tensor_codec.decode({full: tensor.data}, {full: entry})[full]
+            if value.is_floating_point():
                 value = value.to(self._dtype)
             if attr in owner._parameters:
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -190,10 +211,10 @@ class NmkitHfQuantizer(HfQuantizer):
             self._decode(model)
         for name in sorted(self._placeholders):
             stored = model.get_submodule(name)
-            layer_format = LAYER_FORMATS[stored.layer["format"]]
-            tensors = {s: getattr(stored, f"weight{s}") for s in layer_format.suffixes}
-            bias = stored.bias.data if stored.bias is not None else None
-            _set_module(model, name, layer_format.build(stored.layer, tensors, bias, self._dtype))
+            if stored.built is None:
+                missing = [p for p in stored.parts if p not in stored.arrived]
+                raise ValueError(f"nmkit checkpoint is missing {', '.join(f'{name}.{p}' for p in missing)}")
+            _set_module(model, name, stored.built)
         if hasattr(model, "tie_weights"):  # decoded embeddings are new tensors: tie the head again
             model.tie_weights()
         return model
