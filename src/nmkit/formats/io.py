@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from nmkit import model_card
 from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
 from nmkit.formats import hf_config
@@ -285,6 +286,7 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
         else:
             fn = {"dense": export_dense, "compressed-tensors-24": export_ct24}[fmt]
             summary = fn(src, tmp, max_shard_bytes=max_shard_bytes)
+        model_card.write(tmp)  # replaces the copied card: storage and how to load differ
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
