@@ -24,6 +24,7 @@ _LAZY = {
     "compress": ("nmkit.nn", "compress"),
     "SparseLinear": ("nmkit.nn", "SparseLinear"),
     "export": ("nmkit.formats.io", "export"),
+    "sparsify_": ("nmkit.api", "sparsify_"),
 }
 
 
