@@ -90,7 +90,8 @@ def main() -> None:
     mib = 2**20
     print(f"dense model tensors: {dense_bytes / mib:.1f} MiB ({args.dtype})")
     for label, r in rows.items():
-        print(f"{label:<11} file {r['file_bytes'] / mib:6.1f} MiB | live tensors {r['live_tensor_bytes'] / mib:6.1f} MiB"
+        print(f"{label:<11} file {r['file_bytes'] / mib:6.1f} MiB"
+              f" | live tensors {r['live_tensor_bytes'] / mib:6.1f} MiB"
               f" | peak RSS +{r['peak_rss_increase'] / mib:6.1f} MiB (anon +{r['anon_rss_increase'] / mib:6.1f})"
               f" | SparseLinear layers {r['sparse_layers']}")
 

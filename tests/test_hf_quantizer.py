@@ -67,6 +67,8 @@ def test_other_exports_load_or_fail_loudly(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     _assert_same_greedy_tokens(model, AutoModelForCausalLM.from_pretrained(tmp_path / "dense"))
     export(src, "compressed-tensors-24", tmp_path / "ct")
+    ct_cfg = json.loads((tmp_path / "ct" / "config.json").read_text())  # fields transformers 4.x reads
+    assert ct_cfg["rope_theta"] == ct_cfg["rope_parameters"]["rope_theta"] and ct_cfg["torch_dtype"] == "float32"
     if importlib.util.find_spec("compressed_tensors") is None:  # decoded only by the older stack (docs/exports.md)
         with pytest.raises(ImportError, match="compressed-tensors"):
             AutoModelForCausalLM.from_pretrained(tmp_path / "ct")

@@ -192,6 +192,26 @@ def _positive_zeros(w: torch.Tensor) -> torch.Tensor:
     return (bits * (bits != sign)).view(w.dtype)
 
 
+def _for_transformers4(cfg: dict, out: Path) -> None:
+    """Only compressed-tensors 0.14 with transformers 4.x decodes sparse-24-bitmask, so write the config
+    and tokenizer fields in the form 4.x reads, beside the 5.x ones: ``rope_theta`` at the top level
+    (4.x falls back to 10000 otherwise), ``torch_dtype`` (else it loads fp16), and a tokenizer class
+    that exists there (5.x writes ``TokenizersBackend``)."""
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", rope)
+    if cfg.get("dtype") and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    tok_path = out / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok_path.write_text(json.dumps(tok, indent=2) + "\n")
+
+
 def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Legacy compressed-tensors ``sparse-24-bitmask`` (see module docstring and anchors.md section 9)."""
     src, out = Path(src), Path(out)
@@ -236,6 +256,7 @@ def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT
         },
         "transform_config": {},
     }
+    _for_transformers4(cfg, out)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     _write_sidecar(out, sidecar, storage="compressed-tensors-24")
     return {"format": "compressed-tensors-24", "bytes": _file_bytes(out), "files": len(files)}
