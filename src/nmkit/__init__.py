@@ -8,6 +8,9 @@
     nmkit.compress(model)                                     # Linear -> SparseLinear where it wins
 """
 
+import sys
+
+from nmkit import _hf_registration
 from nmkit.patterns import NM, Dense, Pattern, Unstructured, parse
 from nmkit.solvers import mask_for, nm_mask
 
@@ -21,6 +24,7 @@ _LAZY = {
     "compress": ("nmkit.nn", "compress"),
     "SparseLinear": ("nmkit.nn", "SparseLinear"),
     "export": ("nmkit.formats.io", "export"),
+    "sparsify_": ("nmkit.api", "sparsify_"),
 }
 
 
@@ -32,5 +36,9 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'nmkit' has no attribute {name!r}")
 
+
+# `AutoModelForCausalLM.from_pretrained` reads nmkit exports once nmkit is imported: register the
+# quantizer now if transformers' quantizer tables are loaded, else the moment they are.
+_hf_registration.install(sys.modules)
 
 __all__ = ["NM", "Dense", "Pattern", "Unstructured", "parse", "mask_for", "nm_mask", "__version__", *_LAZY]

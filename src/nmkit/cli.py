@@ -13,7 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
-from nmkit import data, faults, models, preflight, resume, sidecar
+from nmkit import data, faults, model_card, models, preflight, recipe, resume, sidecar
+from nmkit.api import plan as sparsify_plan
+from nmkit.api import sparsify_
 from nmkit.commands.quantize import add_quant_arguments, parse_spec, quantize_pruned, write_output
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
@@ -119,6 +121,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tail", choices=("error", "pad", "dense"), default="error",
                    help="when an input dim is not a multiple of M: error (default), pad, or leave it dense")
     add_quant_arguments(p, required=False)
+    p.add_argument("--recipe", metavar="YAML", default=None,
+                   help="take pattern (and per-layer patterns by glob), method, calibration, include/exclude, "
+                        "permute and tail from a YAML recipe (see nmkit.recipe); it replaces those flags")
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
@@ -173,6 +178,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
     # Validate everything cheap before loading anything heavy.
+    plan = recipe.load(args.recipe) if args.recipe else None
+    if plan is not None:  # the recipe replaces the flags it covers
+        args.pattern, args.method, args.include, args.exclude = plan.pattern, plan.method, plan.include, plan.exclude
+        args.calib_samples, args.calib_seqlen = plan.calibration["samples"], plan.calibration["seqlen"]
+        args.calib_seed, args.tail = plan.calibration["seed"], plan.tail
+        args.permute, args.permute_budget = plan.permute, plan.permute_budget_s
     pattern = parse(args.pattern)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
@@ -226,10 +237,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       "seed": args.calib_seed}
     model = models.load(source).to(device)
     find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
+    if plan is not None:
+        sparsify_plan(model, plan)  # every recipe glob must select a layer
     load_s = time.perf_counter() - t0
 
-    report: dict = {"model": source.name, "model_path": source.path, "pattern": str(pattern),
-                    "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None,
+    base = models.base_info(source)  # the report names the base, never a local path
+    report: dict = {"model": base["name"] if Path(source.name).exists() else source.name, "base": base,
+                    "pattern": str(pattern), "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None,
                     "calibration": calib_info}
     eval_s = 0.0
     text = ids = dense_embeddings = None
@@ -260,7 +274,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     "run_config": {"model": source.path, "calibration": calib_info, **_run_arguments(args)}}
         options |= {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
-    result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
+    if plan is None:
+        result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
+    else:
+        options = {k: v for k, v in options.items() if k not in ("permute", "permute_budget_s", "calibration")}
+        result = sparsify_(model, plan, calibration=calibration, **options)
     prune_cpu_s = time.process_time() - cpu0
 
     if not args.no_eval:
@@ -286,8 +304,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "date": now(),
         "machine": machine(),
     })
-    layers = {x.name: {"pattern": x.pattern, "dim": t.reduce_dim, "shape": x.shape}
-              for x, t in zip(result.layers, find_targets(model, args.include, args.exclude), strict=True)}
+    targets = {t.name: t for t in find_targets(model, args.include, args.exclude)}
+    layers = {x.name: {"pattern": x.pattern, "dim": targets[x.name].reduce_dim, "shape": x.shape}
+              for x in result.layers}
     if spec is not None:  # a second calibrated sweep on the pruned model, mask fixed (not inside the prune)
         meta = {"model": source.name, "method": args.method, "pattern": str(pattern), "tail": args.tail,
                 "eval": report["eval"], "calibration": calib_info, "layers": layers}
@@ -311,13 +330,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
             model.save_pretrained(tmp)
             faults.point("during-save")
             tokenizer.save_pretrained(tmp)
-            sidecar.write(tmp, layers, model=source.name, method=args.method, pattern=str(pattern),
-                          tail=args.tail, eval=report["eval"], calibration=calib_info)
+            sidecar.write(tmp, layers, model=source.name, base=report["base"], method=args.method,
+                          pattern=str(pattern), tail=args.tail, eval=report["eval"], calibration=calib_info,
+                          **({"recipe": plan.to_dict()} if plan is not None else {}))
             report["versions"] = sidecar.versions()
             (tmp / "report.json").write_text(dumps(report, indent=2) + "\n")
             (tmp / "report.md").write_text(prune_markdown(report))
             if any(x.rel_error is not None for x in result.layers):
                 plot_layer_errors(report, tmp / "layer_errors.png")
+            model_card.write(tmp)
             if method.calibrated:
                 resume.mark_saved(args.out, report["run_id"])
     except Exception as exc:

