@@ -1,4 +1,4 @@
-"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune.
+"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune | generate | serve.
 
 Exit codes: 0 success, 1 a check failed (e.g. ``inspect`` found an invalid layer), 2 bad input.
 """
@@ -37,6 +37,8 @@ BENCH_SUITES = {
 EXTRA_COMMANDS = {
     "export": ("nmkit.commands.export", "export a pruned model (dense+sidecar, nmkit compressed, ...)"),
     "finetune": ("nmkit.commands.finetune", "recovery fine-tune of a pruned model with its mask fixed"),
+    "generate": ("nmkit.commands.generate", "generate text with the lean decode runtime (streamed, chat template)"),
+    "serve": ("nmkit.commands.serve", "an OpenAI-compatible HTTP server on the lean decode runtime"),
 }
 
 
