@@ -182,7 +182,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=10_000)
     assert err.value.code == "context_length_exceeded"
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"stop": [1, 2]}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"stop": [1, 2]}, {"seed": "x"},
+                {"presence_penalty": 0.5}, {"logprobs": 2}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=NAME, prompt="hi", **bad)
     still_serving()

@@ -101,9 +101,14 @@ def _stops(body: dict) -> tuple[str, ...]:
 def _unsupported(body: dict) -> None:
     if body.get("n", 1) != 1:
         raise _bad("only n=1 is supported: send one request per completion", "n")
-    for name in ("logprobs", "top_logprobs", "echo", "tools", "suffix"):
+    # Refused rather than ignored, so a client never silently gets something other than it asked for.
+    for name in ("logprobs", "top_logprobs", "echo", "tools", "suffix", "logit_bias", "presence_penalty",
+                 "frequency_penalty"):
         if body.get(name):
             raise _bad(f"'{name}' is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format")
 
 
 def _text_content(content: Any, index: int) -> str:
