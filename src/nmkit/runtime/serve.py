@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -153,7 +154,6 @@ class _Job:
     request: Request
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("text"|"done"|"error", payload)
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = ""
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -164,6 +164,14 @@ class _HTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.app = app
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that left is one log line, not a traceback; anything else keeps the traceback."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
+        elif self.app.log is not None:
+            self.app.log(f"{client_address[0]} connection lost: {type(exc).__name__}")
 
 
 class ModelServer:
@@ -229,7 +237,6 @@ class ModelServer:
         """Stop the request in flight at its next token (its client gets an error)."""
         job = self._current
         if job is not None:
-            job.cancel_reason = "shutdown"
             job.cancel.set()
 
     def close(self, cancel: bool = False, timeout: float = 60.0) -> None:
@@ -330,8 +337,6 @@ class ModelServer:
         return job
 
     def done(self, job: _Job) -> None:
-        if not job.cancel_reason:
-            job.cancel_reason = "reply closed"
         job.cancel.set()  # stops the generation if the reply ended early (client gone)
         with self._lock:
             self._open_replies -= 1
@@ -423,7 +428,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._stream(job)
             else:
                 self._reply(job)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):
             pass  # the client went away; done() cancels the generation
         finally:
             self.app.done(job)
