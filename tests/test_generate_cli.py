@@ -65,8 +65,9 @@ def test_incremental_detokenizer_matches_decode_on_any_token_sequence(text_model
 @given(text=st.text(alphabet="abc", max_size=30), stops=st.lists(st.text(alphabet="abc", max_size=4), max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=8))
 def test_stop_strings_cut_at_the_first_stop_and_never_emit_part_of_one(text, stops, cuts):
-    real = [s for s in stops if s]
-    first = min((i for i in (text.find(s) for s in real) if i >= 0), default=None)
+    # Generation stops once a stop string is complete, so the occurrence that ends first decides.
+    ends = [(i + len(s), i) for s in stops if s and (i := text.find(s)) >= 0]
+    first = min(ends)[1] if ends else None
     expected = text if first is None else text[:first]
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher, emitted, hit = StopStrings(stops), "", False

@@ -57,8 +57,8 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Cut generated text at the first stop string. Text that could still become the start of a stop
-    string is held back, so no part of a stop string is ever emitted."""
+    """Cut generated text before the first stop string to be completed. Text that could still become
+    the start of a stop string is held back, so no part of a stop string is ever emitted."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
@@ -67,9 +67,11 @@ class StopStrings:
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self._pending = self._pending[:min(hits)], ""
+        # Generation stops as soon as a stop string is complete: the match that ends first wins
+        # (a longer one starting earlier may never be completed), the earlier start on a tie.
+        ends = [(i + len(s), i) for s in self.stops if (i := self._pending.find(s)) >= 0]
+        if ends:
+            out, self._pending = self._pending[:min(ends)[1]], ""
             return out, True
         hold = max((k for s in self.stops for k in range(1, len(s)) if self._pending.endswith(s[:k])), default=0)
         cut = len(self._pending) - hold
