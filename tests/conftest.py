@@ -62,3 +62,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def _no_dense_ppl_cache(monkeypatch):
     """Tests measure, never reuse a cached dense perplexity (one test enables it explicitly)."""
     monkeypatch.setenv("NMKIT_NO_PPL_CACHE", "1")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny tokenizer with a chat template, and a 2-layer Llama (hidden 64, the lean runtime's unit)
+    whose larger initial weights make greedy text vary from prompt to prompt."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-chat-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,4 +1,4 @@
-"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune | quantize.
+"""The ``nmkit`` command line: prune | eval | inspect | bench | export | finetune | quantize | generate | serve.
 
 Exit codes: 0 success, 1 a check failed (e.g. ``inspect`` found an invalid layer), 2 bad input.
 """
@@ -42,6 +42,8 @@ EXTRA_COMMANDS = {
     "export": ("nmkit.commands.export", "export a pruned model (dense+sidecar, nmkit compressed, ...)"),
     "finetune": ("nmkit.commands.finetune", "recovery fine-tune of a pruned model with its mask fixed"),
     "quantize": ("nmkit.commands.quantize", "INT8/INT4 kept values for a pruned model (calibrated, mask fixed)"),
+    "generate": ("nmkit.commands.generate", "generate text with the lean decode runtime (streamed, chat template)"),
+    "serve": ("nmkit.commands.serve", "an OpenAI-compatible HTTP server on the lean decode runtime"),
 }
 
 
