@@ -17,7 +17,7 @@ PROMPTS = ["Hello there, how are you", "The capital of France is", "def f(x):\n 
 
 @pytest.fixture(scope="module")
 def text_model(tiny_chat_model_dir):
-    return load_text_model(str(tiny_chat_model_dir), threads=1)
+    return load_text_model(str(tiny_chat_model_dir), head="fp32", threads=1)  # HF's numerics: tokens comparable
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def hf_greedy(hf_model, ids, max_new_tokens):
 
 
 def run_cli(args, capsys):
+    args = list(args) if "--head" in map(str, args) else [*args, "--head", "fp32"]  # HF's numerics, see above
     code = main(["generate", *map(str, args)])
     out, err = capsys.readouterr()
     return code, out, err
