@@ -585,35 +585,46 @@ static T512 void store_panel(float *Y, int ldy, const float *bias, int r0, int n
         for (int i = 0; i < nr; i++) Y[(int64_t)(t0 + l) * ldy + r0 + i] = buf[i][l] + (bias ? bias[r0 + i] : 0.f);
 }
 
+/* Each pass covers two tiles (32 tokens), so every broadcast weight feeds two instructions; the
+ * buffers hold one spare zero tile, so an odd last pass reads zeros whose outputs are not stored. */
 static T512 void panel_f32(const float *wf, int nr, const xbuf *X, int cols, float *Y, int ldy, const float *bias,
                            int r0, int T) {
-    for (int tile = 0; tile < (T + 15) / 16; tile++) {
-        __m512 acc[PANEL];
-        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
-        const float *xt = X->pf + (int64_t)tile * X->ld * 16;
+    for (int tile = 0; tile < (T + 15) / 16; tile += 2) {
+        __m512 a0[PANEL], a1[PANEL];
+        for (int i = 0; i < PANEL; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+        const float *x0 = X->pf + (int64_t)tile * X->ld * 16, *x1 = x0 + (int64_t)X->ld * 16;
         for (int c = 0; c < cols; c++) {
-            const __m512 xv = _mm512_loadu_ps(xt + (int64_t)c * 16);
-            for (int i = 0; i < PANEL; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wf[i * cols + c]), xv, acc[i]);
+            const __m512 v0 = _mm512_loadu_ps(x0 + (int64_t)c * 16), v1 = _mm512_loadu_ps(x1 + (int64_t)c * 16);
+            for (int i = 0; i < PANEL; i++) {
+                const __m512 w = _mm512_set1_ps(wf[i * cols + c]);
+                a0[i] = _mm512_fmadd_ps(w, v0, a0[i]);
+                a1[i] = _mm512_fmadd_ps(w, v1, a1[i]);
+            }
         }
-        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, a0);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16 + 16, T, a1);
     }
 }
 
 static T512BF void panel_bf16(const uint16_t *wb, int nr, const xbuf *X, int cols, float *Y, int ldy, const float *bias,
                               int r0, int T) {
-    for (int tile = 0; tile < (T + 15) / 16; tile++) {
-        __m512 acc[PANEL];
-        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
-        const uint16_t *xt = X->pb + (int64_t)tile * X->ld * 16;
+    for (int tile = 0; tile < (T + 15) / 16; tile += 2) {
+        __m512 a0[PANEL], a1[PANEL];
+        for (int i = 0; i < PANEL; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+        const uint16_t *x0 = X->pb + (int64_t)tile * X->ld * 16, *x1 = x0 + (int64_t)X->ld * 16;
         for (int c = 0; c < cols; c += 2) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + (int64_t)c * 16);
+            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + (int64_t)c * 16);
+            const __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + (int64_t)c * 16);
             for (int i = 0; i < PANEL; i++) {
                 uint32_t pair;
                 memcpy(&pair, wb + (int64_t)i * cols + c, 4);
-                acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_set1_epi32((int)pair));
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+                a0[i] = _mm512_dpbf16_ps(a0[i], v0, w);
+                a1[i] = _mm512_dpbf16_ps(a1[i], v1, w);
             }
         }
-        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, a0);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16 + 16, T, a1);
     }
 }
 
@@ -622,29 +633,35 @@ static T512BF void panel_bf16(const uint16_t *wb, int nr, const xbuf *X, int col
 static T512 void panel_quant(const int8_t *wq, const int32_t *wsum, const float *sw, int nr, const xbuf *X, int cols,
                              float *Y, int ldy, const float *bias, int r0, int T) {
     const int nb = cols / 64;
-    for (int tile = 0; tile < (T + 15) / 16; tile++) {
-        __m512 acc[PANEL];
-        for (int i = 0; i < PANEL; i++) acc[i] = _mm512_setzero_ps();
-        const uint8_t *xt = X->pq + (int64_t)tile * X->ld * 16;
-        const float *st = X->ps + (int64_t)tile * (X->ld / 64) * 16;
+    for (int tile = 0; tile < (T + 15) / 16; tile += 2) {
+        __m512 a0[PANEL], a1[PANEL];
+        for (int i = 0; i < PANEL; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+        const uint8_t *x0 = X->pq + (int64_t)tile * X->ld * 16, *x1 = x0 + (int64_t)X->ld * 16;
+        const float *s0 = X->ps + (int64_t)tile * (X->ld / 64) * 16, *s1 = s0 + (int64_t)(X->ld / 64) * 16;
         for (int b = 0; b < nb; b++) {
-            __m512i d[PANEL];
-            for (int i = 0; i < PANEL; i++) d[i] = _mm512_setzero_si512();
+            __m512i d0[PANEL], d1[PANEL];
+            for (int i = 0; i < PANEL; i++) d0[i] = d1[i] = _mm512_setzero_si512();
             for (int k = 0; k < 64; k += 4) {
-                const __m512i xv = _mm512_loadu_si512(xt + ((int64_t)b * 64 + k) * 16);
+                const __m512i v0 = _mm512_loadu_si512(x0 + ((int64_t)b * 64 + k) * 16);
+                const __m512i v1 = _mm512_loadu_si512(x1 + ((int64_t)b * 64 + k) * 16);
                 for (int i = 0; i < PANEL; i++) {
                     int32_t quad;
                     memcpy(&quad, wq + (int64_t)i * cols + b * 64 + k, 4);
-                    d[i] = _mm512_dpbusd_epi32(d[i], xv, _mm512_set1_epi32(quad));
+                    const __m512i w = _mm512_set1_epi32(quad);
+                    d0[i] = _mm512_dpbusd_epi32(d0[i], v0, w);
+                    d1[i] = _mm512_dpbusd_epi32(d1[i], v1, w);
                 }
             }
-            const __m512 sx = _mm512_loadu_ps(st + (int64_t)b * 16);
+            const __m512 sx0 = _mm512_loadu_ps(s0 + (int64_t)b * 16), sx1 = _mm512_loadu_ps(s1 + (int64_t)b * 16);
             for (int i = 0; i < PANEL; i++) {
-                const __m512i di = _mm512_sub_epi32(d[i], _mm512_set1_epi32(128 * wsum[i * nb + b]));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(di), _mm512_mul_ps(sx, _mm512_set1_ps(sw[i * nb + b])), acc[i]);
+                const __m512i off = _mm512_set1_epi32(128 * wsum[i * nb + b]);
+                const __m512 ws = _mm512_set1_ps(sw[i * nb + b]);
+                a0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d0[i], off)), _mm512_mul_ps(sx0, ws), a0[i]);
+                a1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d1[i], off)), _mm512_mul_ps(sx1, ws), a1[i]);
             }
         }
-        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, acc);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16, T, a0);
+        store_panel(Y, ldy, bias, r0, nr, tile * 16 + 16, T, a1);
     }
 }
 
@@ -838,7 +855,7 @@ static int xbuf_alloc(xbuf *X, int T, int ld, int isa) {
     X->ld = ld;
     X->tiles = T >= PREFILL_MIN && isa >= ISA_AVX512 ? (T + 15) / 16 : 0;
     if (X->tiles) {
-        const size_t n = (size_t)X->tiles * 16 * ld;
+        const size_t n = (size_t)(X->tiles + 1) * 16 * ld; /* one spare zero tile: panels go two tiles at a time */
         X->pf = alloc64(sizeof(float) * n);
         X->pb = alloc64(sizeof(uint16_t) * n);
         X->pq = alloc64(n);
