@@ -14,8 +14,6 @@ nmkit.json's ``layers`` entry of each quantized layer adds ``kind`` (int8/int4),
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from nmkit import sidecar
 from nmkit.compressed_model import _no_init
 from nmkit.errors import UserError
+from nmkit.outputs import atomic_directory
 from nmkit.patterns import NM
 from nmkit.quant.gptq import QuantizedLayer
 from nmkit.runtime.pack import PackedMat, from_codes
@@ -73,8 +72,7 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
                                               "shape": [mat.rows, mat.cols]}),
                          "kind": mat.kind, "group_blocks": mat.group_blocks,
                          "bits_per_weight": round(bits_per_weight(mat), 4)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:  # the old directory stays whole until the new one is in
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -83,17 +81,6 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
         sidecar.write(tmp, entries, **{**body, "storage": sidecar.STORAGE_QUANTIZED})
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        tmp.chmod(0o755)
-        if out.exists():  # the old directory stays whole until the new one is in place
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check(directory: Path) -> dict:
