@@ -31,6 +31,24 @@ def _no_init():
     return no_init_weights()
 
 
+def dense_model(directory: str | Path, config, tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers causal LM built from ``config`` and filled with dense ``tensors`` (tied LM head
+    allowed to be missing); a mismatch is one line naming ``directory``."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and "lm_head" in k)]
+    if missing or unexpected:
+        raise UserError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model
+
+
 def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load an ``nmkit``-format directory as a transformers model whose pruned layers are SparseLinear.
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nmkit import sidecar
-from nmkit.compressed_model import _no_init
+from nmkit.compressed_model import dense_model
 from nmkit.errors import UserError
 from nmkit.outputs import atomic_directory
 from nmkit.patterns import NM
@@ -116,19 +116,10 @@ def read_packed(directory: str | Path) -> tuple[dict[str, PackedMat], dict[str, 
 
 def load_quantized_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A transformers model whose quantized layers hold their dequantized weights (zeros where pruned)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     mats, tensors, _ = read_packed(directory)
     config = AutoConfig.from_pretrained(directory)
-    with _no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     for name, mat in mats.items():
         tensors[f"{name}.weight"] = mat.dense_weight().to(dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and "lm_head" in k)]
-    if missing or unexpected:
-        raise UserError(f"{directory}: checkpoint does not match the model: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    return model
+    return dense_model(directory, config, tensors, dtype)
