@@ -45,7 +45,7 @@ def prune(
         if calibration is None:
             raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
         run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block",
-                                           "permute", "permute_budget_s", "keep_checkpoint") if k in options}
+                                           "permute", "permute_budget_s", "keep_checkpoint", "ranks") if k in options}
         return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
                                 progress=progress, **run)
     data_free = METHODS[method]  # scores each weight on its own, in the layer's own orientation

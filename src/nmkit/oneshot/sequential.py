@@ -33,6 +33,7 @@ from nmkit import faults
 from nmkit.errors import UserError
 from nmkit.jsonout import dumps
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
+from nmkit.oneshot.distributed import Ranks
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
@@ -95,8 +96,12 @@ def _write_durably(path: Path, write) -> None:
 
 
 class _Checkpoint:
-    def __init__(self, directory: Path, config: dict):
+    """Across ranks: each rank writes its own activations (``streams-B-rR.pt``), the leader writes the block's
+    weights and commits every rank's file with the one ``state.json`` rename."""
+
+    def __init__(self, directory: Path, config: dict, ranks: Ranks | None = None):
         self.dir, self.config = directory, config
+        self.ranks = ranks or Ranks()
         self.files: dict[str, str] = {}  # file name -> SHA-256, as the last commit recorded them
 
     def _damaged(self, what: str) -> UserError:
@@ -135,7 +140,11 @@ class _Checkpoint:
         return load_file(self.dir / name)
 
     def load_streams(self, state: dict) -> dict[str, torch.Tensor]:
-        return torch.load(self.dir / state["streams"])
+        names = state["streams"]
+        return torch.load(self.dir / (names if isinstance(names, str) else names[self.ranks.rank]))
+
+    def _streams_name(self, block: int) -> str:
+        return f"streams-{block:04d}.pt" if self.ranks.size == 1 else f"streams-{block:04d}-r{self.ranks.rank}.pt"
 
     def save(self, block: int, weights: dict[str, torch.Tensor], streams: dict[str, torch.Tensor],
              state: dict) -> None:
@@ -143,19 +152,23 @@ class _Checkpoint:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             files = dict(self.files)
-            if weights:
+            if weights and self.ranks.leader:
                 name = f"block-{block:04d}.safetensors"
                 _write_durably(self.dir / name, lambda p: save_file({k: v.contiguous() for k, v in weights.items()},
                                                                    p))
                 files[name] = _file_sha256(self.dir / name)
             faults.point(f"between-files-{block}")
-            streams_name = f"streams-{block:04d}.pt"
+            streams_name = self._streams_name(block)
             _write_durably(self.dir / streams_name, lambda p: torch.save(streams, p))
+            every = self.ranks.gather_objects((streams_name, _file_sha256(self.dir / streams_name)))
             files = {k: v for k, v in files.items() if not k.startswith("streams-")}
-            files[streams_name] = _file_sha256(self.dir / streams_name)
+            files.update(every)
             faults.point(f"before-commit-{block}")
-            record = {"config": self.config, **state, "streams": streams_name, "files": files}
-            _write_durably(self.dir / STATE, lambda p: p.write_text(dumps(record)))  # the commit point
+            if self.ranks.leader:
+                names = every[0][0] if self.ranks.size == 1 else [n for n, _ in every]
+                record = {"config": self.config, **state, "streams": names, "files": files}
+                _write_durably(self.dir / STATE, lambda p: p.write_text(dumps(record)))  # the commit point
+            self.ranks.barrier()  # no rank deletes what the last commit listed before the new one is in place
         except Exception as exc:
             failure = write_failure(exc)
             if failure is None:
@@ -163,13 +176,82 @@ class _Checkpoint:
             raise UserError(f"cannot write the checkpoint in {self.dir}: {failure}; the last committed block is "
                             "kept: free space (or fix the path) and rerun the same command with --resume") from None
         for old in set(self.files) - set(files):  # superseded streams: no commit refers to them any more
-            (self.dir / old).unlink(missing_ok=True)
+            if self.ranks.size == 1 or old.endswith(f"-r{self.ranks.rank}.pt"):  # each rank removes its own
+                (self.dir / old).unlink(missing_ok=True)
         self.files = files
 
     def remove(self) -> None:
         import shutil
 
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.ranks.barrier()  # every rank is past its last read of the checkpoint
+        if self.ranks.leader:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.ranks.barrier()
+
+
+def check_distributable(ranks: Ranks, per_block: list[list[Target]], samples: torch.Tensor, method: str,
+                        permute: bool) -> None:
+    """What a run over several ranks cannot do, refused before any work."""
+    if ranks.size == 1:
+        return
+    from nmkit.oneshot.distributed import check_layout
+
+    if METHODS[method].histograms:
+        raise UserError(f"--method {method} keeps per-rank value histograms that are not merged across ranks; "
+                        "run it with --nproc 1")
+    if permute:
+        raise UserError("--permute searches within a time budget, so ranks would disagree; run it with --nproc 1")
+    check_layout(ranks, max((len(b) for b in per_block), default=1), samples.shape[0])
+
+
+def _solve_cost(target: Target, method: str) -> float:
+    out, inp = _out_in(target).shape
+    return out * inp * (inp if METHODS[method].updates_weights else 1)  # OBS/refit solves grow with in^2
+
+
+@torch.no_grad()
+def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Tensor, kwargs: dict,
+                pattern: Pattern, method: str, tail: TailPolicy, options: dict, batch: int, ranks: Ranks,
+                index: int, permute: bool = False, permute_budget_s: float = 1.0,
+                ) -> tuple[list[LayerResult], list[PermutationChange]]:
+    """Prune one block's targets in place from its calibration inputs ``hidden`` (this rank's share).
+
+    Statistics are summed over the ranks, each layer is solved by one rank and broadcast to the others;
+    with one rank this is the plain loop. Returns the layers' results (in target order) and permutations.
+    """
+    bins = 64 if METHODS[method].histograms else 0
+    with StatsCollector(block_targets, histogram_bins=bins) as collector:
+        for s in range(0, hidden.shape[0], batch):
+            collector.new_batch()
+            block(hidden[s : s + batch], **kwargs)
+    ranks.all_reduce_stats(collector.stats)
+    permutations = []
+    if permute:
+        permutations = permute_block(block, block_targets, collector.stats, pattern, method, permute_budget_s,
+                                     damp=options.get("damp", 0.01))
+    owner = ranks.owners({t.name: _solve_cost(t, method) for t in block_targets})
+    mine: dict[str, LayerResult] = {}
+    for t in block_targets:
+        stats = collector.stats[t.name]
+        if not bool(torch.isfinite(stats.xtx).all()):
+            raise UserError(f"layer {t.name}: its calibration inputs contain NaN or Inf (a layer before "
+                            "it produces non-finite activations); check the model's weights, or prune "
+                            "with --method magnitude")
+        if owner[t.name] != ranks.rank:
+            continue
+        w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
+        try:
+            w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
+        except PatternError as exc:  # e.g. NaN scores from overflowing activations
+            raise UserError(f"layer {t.name}: {exc}") from None
+        _write_back(t, w_new)
+        faults.point(f"mid-block-{index}")
+        info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
+        mine[t.name] = LayerResult(t.name, info["shape"], str(pattern), info["sparsity"], info["valid"],
+                                   reconstruction_error(w_old, w_new, stats))
+    ranks.share_weights({t.name: t.weight for t in block_targets}, owner)
+    solved = {k: v for part in ranks.gather_objects(mine) for k, v in part.items()}
+    return [solved[t.name] for t in block_targets], permutations
 
 
 @torch.no_grad()
@@ -191,6 +273,7 @@ def prune_sequential(
     permute: bool = False,
     permute_budget_s: float = 1.0,
     keep_checkpoint: bool = False,
+    ranks: Ranks | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place block by block with calibration ``samples`` (K, L) token ids.
 
@@ -200,7 +283,8 @@ def prune_sequential(
     block's absorbable input channels (see :mod:`nmkit.oneshot.permute`), ``permute_budget_s`` seconds
     of search per layer. The checkpoint is removed at the end unless ``keep_checkpoint`` (the CLI keeps
     it until the output is saved, so a failed save loses nothing). Without ``resume`` an existing
-    checkpoint in ``checkpoint_dir`` is replaced.
+    checkpoint in ``checkpoint_dir`` is replaced. ``ranks`` spreads the run over torch.distributed
+    processes (:mod:`nmkit.oneshot.distributed`): each calibrates on its share of ``samples``.
     """
     pattern = parse(pattern)
     if method not in METHODS:
@@ -220,15 +304,20 @@ def prune_sequential(
         raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
     prefix, blocks = find_blocks(model)
     per_block = _group_by_block(targets, prefix, len(blocks))
+    ranks = ranks or Ranks()
+    check_distributable(ranks, per_block, samples, method, permute)
 
     config = {"pattern": str(pattern), "method": method, "options": options, "include": include,
               "exclude": exclude, "tail": tail, "samples": list(samples.shape),
               "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(),
               **({"permute": permute_budget_s} if permute else {}), **(run_config or {})}
+    if ranks.size > 1:
+        config["ranks"] = ranks.size  # each rank's activations are its own share: resume with as many
+    samples = ranks.samples(samples)
     ckpt = None
     if checkpoint_dir:
         config["weights"] = weights_fingerprint(model)
-        ckpt = _Checkpoint(Path(checkpoint_dir), config)
+        ckpt = _Checkpoint(Path(checkpoint_dir), config, ranks)
         if not resume:
             ckpt.remove()
     state = ckpt.load() if (ckpt and resume) else None
@@ -251,36 +340,16 @@ def prune_sequential(
         first, prior_seconds = 0, 0.0
         hidden, kwargs = capture_block_inputs(model, blocks[0], samples, device)
 
-    bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block", disable=not progress,
-               initial=first)
+    bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block",
+               disable=not progress or not ranks.leader, initial=first)
     try:  # the bar is closed before an error is printed, so the error stays the last line
         for i in range(first, len(blocks)):
             block, block_targets = blocks[i], per_block[i]
             if block_targets:
-                bins = 64 if METHODS[method].histograms else 0
-                with StatsCollector(block_targets, histogram_bins=bins) as collector:
-                    for s in range(0, hidden.shape[0], batch):
-                        collector.new_batch()
-                        block(hidden[s : s + batch], **kwargs)
-                if permute:
-                    result.permutations += permute_block(block, block_targets, collector.stats, pattern, method,
-                                                         permute_budget_s, damp=options.get("damp", 0.01))
-                for t in block_targets:
-                    stats = collector.stats[t.name]
-                    if not bool(torch.isfinite(stats.xtx).all()):
-                        raise UserError(f"layer {t.name}: its calibration inputs contain NaN or Inf (a layer before "
-                                        "it produces non-finite activations); check the model's weights, or prune "
-                                        "with --method magnitude")
-                    w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
-                    try:
-                        w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
-                    except PatternError as exc:  # e.g. NaN scores from overflowing activations
-                        raise UserError(f"layer {t.name}: {exc}") from None
-                    _write_back(t, w_new)
-                    faults.point(f"mid-block-{i}")
-                    info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-                    result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
-                                                     info["valid"], reconstruction_error(w_old, w_new, stats)))
+                layers, permutations = prune_block(block, block_targets, hidden, kwargs, pattern, method, tail,
+                                                   options, batch, ranks, i, permute, permute_budget_s)
+                result.layers += layers
+                result.permutations += permutations
             hidden = run_block(block, hidden, kwargs, batch)
             if ckpt:
                 weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
