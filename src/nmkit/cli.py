@@ -115,6 +115,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibrated run from its checkpoint (DIR.nmkit-ckpt)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--stream", action="store_true", help="read, prune and write one block at a time from a "
+                   "safetensors directory, never holding the whole model (no evaluation; see docs/distributed.md)")
+    p.add_argument("--nproc", type=int, default=1, metavar="K", help="prune with K torch.distributed ranks "
+                   "(torchrun; gloo on CPU, NCCL on CUDA), streamed (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="prune only layers whose name matches GLOB (repeatable; default: all Linear layers "
@@ -176,6 +180,10 @@ def _log(msg: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.stream or args.nproc != 1:
+        from nmkit.commands.prune_stream import run_streamed
+
+        return run_streamed(args)
 
 
 
