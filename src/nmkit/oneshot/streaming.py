@@ -131,7 +131,8 @@ def skeleton(directory: str | Path, store: SafetensorsDir,
         if any(b.is_meta for b in module.buffers(recurse=False)):
             parent, _, child = name.rpartition(".")
             try:
-                fresh = type(module)(config=model.config, device=device)
+                with torch.device(device):
+                    fresh = type(module)(config=model.config)
             except TypeError:
                 raise UserError(f"streaming cannot rebuild {name} ({type(module).__name__}) of this architecture; "
                                 "prune without --stream") from None
