@@ -186,8 +186,10 @@ def test_engine_refuses_unsupported_models():
 
 def test_struct_layout_matches_c():
     # the C side reads these offsets; a reordered field would silently misread pointers
-    assert ctypes.sizeof(native.MatStruct) == 6 * 4 + 4 * 8
-    assert native.ModelStruct.embed.offset == 40
+    out = (ctypes.c_int64 * 4)()
+    native.lib().nmr_layout(out)
+    assert list(out) == [ctypes.sizeof(native.MatStruct), native.MatStruct.index.offset,
+                         ctypes.sizeof(native.ModelStruct), native.ModelStruct.vcache.offset]
 
 
 def test_engine_perplexity_equals_hf_perplexity():

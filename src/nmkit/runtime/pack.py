@@ -9,7 +9,7 @@ statement of the kernels' arithmetic, which the tests hold every ISA path to.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class PackedMat:
     scales: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     group_blocks: int = 1
+    _tables: tuple[torch.Tensor | None, torch.Tensor | None] | None = field(default=None, init=False, repr=False)
 
     @property
     def keep(self) -> int:
@@ -48,16 +49,35 @@ class PackedMat:
         return 64 * self.keep // self.group
 
     def nbytes(self) -> int:
-        """Bytes the kernel reads for one token (values, mask, scales, bias)."""
-        parts = (self.values, self.mask, self.scales, self.bias)
+        """Bytes the decode kernel reads for one token (values, mask or positions, scales, code sums, bias)."""
+        wsum, index = self.decode_tables()
+        parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def decode_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the decode kernels read besides values, mask and scales, derived once: the integer kinds'
+        per-block code sums (int16, rows x blocks) and, where a gather by position applies (integer
+        1:4 and 2:4, fp32 1:4), the kept values' 2-bit positions in their groups of 4."""
+        if self._tables is None:
+            wsum = index = None
+            group4 = self.pattern is not None and self.pattern.group == 4
+            if self.kind in ("int8", "int4"):
+                wsum = self.codes().sum(-1, dtype=torch.int32).to(torch.int16).contiguous()
+                if group4 and self.pattern.keep in (1, 2):
+                    units = self.values.shape[1] // (32 if self.kind == "int4" else 64)
+                    index = position_fields(self.kept_mask(), units)
+            elif self.kind == "fp32" and group4 and self.pattern.keep == 1:
+                index = block_position_words(self.kept_mask())
+            self._tables = (wsum, index)
+        return self._tables
 
     def struct(self) -> MatStruct:
         def ptr(t):
             return None if t is None else t.data_ptr()
 
+        wsum, index = self.decode_tables()
         return MatStruct(KINDS[self.kind], self.rows, self.cols, self.keep, self.group, self.group_blocks,
-                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias))
+                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias), ptr(wsum), ptr(index))
 
     def kept_mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -88,6 +108,29 @@ class PackedMat:
         w = torch.zeros(self.rows, self.cols)
         w[self.kept_mask()] = self.kept_values().reshape(-1)
         return w
+
+
+def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:
+    """The 2-bit position in its group of 4 of every kept value, 16 bytes per 64-value unit (uint8,
+    rows x units*16), in the order the C gather reads them (``q_unit_x_index``): value i of a unit
+    sits in qword (i/8) % 2 at bit 2 * ((i/16) * 8 + i % 8). Padding values get position 0."""
+    rows = keep.shape[0]
+    pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, -1)
+    pos = torch.cat([pos, pos.new_zeros(rows, units * 64 - pos.shape[1])], dim=1).reshape(rows, units, 64)
+    i = torch.arange(64)
+    bit = 64 * ((i // 8) % 2) + 2 * ((i // 16) * 8 + i % 8)
+    packed = torch.zeros(rows, units, 16, dtype=torch.int64)
+    packed.scatter_add_(2, (bit // 8).expand(rows, units, 64), pos << (bit % 8))
+    return packed.to(torch.uint8).reshape(rows, -1).contiguous()
+
+
+def block_position_words(keep: torch.Tensor) -> torch.Tensor:
+    """fp32 1:4: the 16 kept positions of each 64-input block as one little-endian uint32 (field l at
+    bit 2l), uint8 rows x blocks*4."""
+    rows, cols = keep.shape
+    pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, cols // 64, 16)
+    word = (pos << (2 * torch.arange(16))).sum(-1)  # int64, fits 32 bits
+    return torch.stack([(word >> (8 * i)) & 255 for i in range(4)], -1).to(torch.uint8).reshape(rows, -1).contiguous()
 
 
 def _check_shape(name: str, weight: torch.Tensor, pattern: NM | None) -> None:
