@@ -83,6 +83,11 @@ def test_pack_refuses_a_weight_that_breaks_its_pattern():
         pack(torch.randn(4, 64), "int3")
 
 
+def test_pack_refuses_rows_wider_than_the_kernels_handle():
+    with pytest.raises(UserError, match="at most 65536"):
+        pack(torch.zeros(1, 65536 + 64), "int4")
+
+
 def test_activation_quantizer_matches_reference_bit_for_bit():
     x = torch.randn(5, 256) * torch.logspace(-3, 3, 256)
     x[1] = 0  # an all-zero block gets scale 0

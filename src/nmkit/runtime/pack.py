@@ -21,6 +21,7 @@ from nmkit.runtime.native import KINDS, MatStruct, lib
 from nmkit.solvers.nm import nm_mask
 
 SUPPORTED_GROUPS = (2, 4, 8, 16)
+MAX_COLUMNS = 65536  # the quantized row loop's chunk table (Q_MAX_CHUNKS in the C file)
 
 
 @dataclass
@@ -56,8 +57,8 @@ class PackedMat:
 
     def decode_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What the decode kernels read besides values, mask and scales, derived once: the integer kinds'
-        per-block code sums (int16, rows x blocks) and, where a gather by position applies (integer
-        1:4 and 2:4, fp32 1:4), the kept values' 2-bit positions in their groups of 4."""
+        per-block code sums (int16, rows x blocks) and, for integer 1:4 and 2:4, the kept values' 2-bit
+        positions in their groups of 4 (the gather by position)."""
         if self._tables is None:
             wsum = index = None
             group4 = self.pattern is not None and self.pattern.group == 4
@@ -66,8 +67,6 @@ class PackedMat:
                 if group4 and self.pattern.keep in (1, 2):
                     units = self.values.shape[1] // (32 if self.kind == "int4" else 64)
                     index = position_fields(self.kept_mask(), units)
-            elif self.kind == "fp32" and group4 and self.pattern.keep == 1:
-                index = block_position_words(self.kept_mask())
             self._tables = (wsum, index)
         return self._tables
 
@@ -124,20 +123,13 @@ def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:
     return packed.to(torch.uint8).reshape(rows, -1).contiguous()
 
 
-def block_position_words(keep: torch.Tensor) -> torch.Tensor:
-    """fp32 1:4: the 16 kept positions of each 64-input block as one little-endian uint32 (field l at
-    bit 2l), uint8 rows x blocks*4."""
-    rows, cols = keep.shape
-    pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, cols // 64, 16)
-    word = (pos << (2 * torch.arange(16))).sum(-1)  # int64, fits 32 bits
-    return torch.stack([(word >> (8 * i)) & 255 for i in range(4)], -1).to(torch.uint8).reshape(rows, -1).contiguous()
-
-
 def _check_shape(name: str, weight: torch.Tensor, pattern: NM | None) -> None:
     if weight.dim() != 2:
         raise UserError(f"{name}: the runtime packs 2-d Linear weights, got shape {tuple(weight.shape)}")
     if weight.shape[1] % 64:
         raise UserError(f"{name}: the runtime needs in_features divisible by 64, got {weight.shape[1]}")
+    if weight.shape[1] > MAX_COLUMNS:
+        raise UserError(f"{name}: the runtime packs at most {MAX_COLUMNS} in_features, got {weight.shape[1]}")
     if pattern is not None and pattern.group not in SUPPORTED_GROUPS:
         raise UserError(f"{name}: pattern {pattern} is not supported by the runtime (M must be one of "
                         f"{SUPPORTED_GROUPS}); prune to 2:4, 1:4, 2:8, 4:8 or 8:16")

@@ -36,6 +36,7 @@
 
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
 enum { K_F32 = 0, K_BF16 = 1, K_Q8 = 2, K_Q4 = 3 };
+enum { Q_MAX_CHUNKS = 64 }; /* quantized rows: at most 64 chunks of 16 blocks (65536 inputs) */
 enum { N_MATS = 7 }; /* per layer: q k v o gate up down */
 
 void *PyInit__runtime(void) { return 0; } /* lets setuptools build this as an extension; never imported */
@@ -64,9 +65,8 @@ typedef struct {
     const uint16_t *scales; /* fp16, rows x n_scales */
     const float *bias;
     const int16_t *wsum;    /* quantized kinds: rows x blocks, the sum of each 64-input block's kept codes */
-    const uint8_t *index;   /* the kept values' positions in their group of 4, 2 bits each, where a gather by
-                             * position applies, else NULL: quantized 1:4 and 2:4, 16 bytes per unit (order:
-                             * see q_unit_x_index); fp32 1:4, one uint32 per block, field l at bit 2l */
+    const uint8_t *index;   /* quantized 1:4 and 2:4: the kept values' positions in their group of 4, 2 bits
+                             * each, 16 bytes per unit (order: see q_unit_x_index); else NULL */
 } nmr_mat;
 
 typedef struct {
@@ -288,10 +288,8 @@ static inline __attribute__((always_inline)) T512 __m512 q_unit_dot(__m512 acc, 
 }
 
 /* The 16 weight scales of blocks [b, b+16) of one row, for gb blocks per scale (gb divides 16). */
-static inline __attribute__((always_inline)) T512 __m512 q_weight_scales(const uint16_t *sc, int b, int nb, int gb,
-                                                                         __m512i gb_idx) {
-    const int first = b / gb, count = (nb - b + gb - 1) / gb;
-    const __mmask16 valid = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+static inline __attribute__((always_inline)) T512 __m512 q_weight_scales(const uint16_t *sc, int first,
+                                                                         __mmask16 valid, int gb, __m512i gb_idx) {
     const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, sc + first));
     return gb == 1 ? ws : _mm512_permutexvar_ps(gb_idx, ws);
 }
@@ -308,14 +306,17 @@ static inline __attribute__((always_inline)) T512 void store4(float *y, const fl
     _mm_storeu_ps(y + r, s);
 }
 
-/* Constants of one quantized matrix's row loop (see q_row). */
+/* Constants of one quantized matrix's row loop (see q_row), so rows do no integer divisions. */
 typedef struct {
     __m512i lane_idx, gb_idx, fields_at, base;
+    int ns;                            /* scales per row */
+    int first[Q_MAX_CHUNKS];           /* chunk c's first scale */
+    __mmask16 scale_valid[Q_MAX_CHUNKS], block_valid[Q_MAX_CHUNKS];
 } q_consts;
 
 static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W, const xrep *x, const float *xs, int r,
                                                                const q_consts *k, int P, int by_index) {
-    const int nb = W->cols / 64, U = (nb + P - 1) / P, ns = n_scales(W), gb = W->group_blocks;
+    const int nb = W->cols / 64, U = (nb + P - 1) / P, ns = k->ns, gb = W->group_blocks;
     const int q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;
     const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * U * ubytes;
     const uint8_t *ip = by_index ? W->index + (int64_t)r * U * 16 : NULL;
@@ -323,21 +324,25 @@ static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W,
     const uint16_t *sc = W->scales + (int64_t)r * ns;
     const int16_t *ws = W->wsum + (int64_t)r * nb;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), sums = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b += 16) {
-        const __mmask16 valid = nb - b >= 16 ? 0xffff : (__mmask16)((1u << (nb - b)) - 1);
-        const __m512 sxv = _mm512_mul_ps(_mm512_loadu_ps(xs + b), q_weight_scales(sc, b, nb, gb, k->gb_idx));
-        sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(valid, ws + b))), sxv,
-                               sums);
-        for (int j = 0; j < 16 / P; j++) {
+    for (int b = 0, c = 0; b < nb; b += 16, c++) {
+        const __m512 sxv = _mm512_mul_ps(_mm512_loadu_ps(xs + b),
+                                         q_weight_scales(sc, k->first[c], k->scale_valid[c], gb, k->gb_idx));
+        sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k->block_valid[c], ws + b))),
+                               sxv, sums);
+        for (int j = 0; j < 16 / P; j += 2) { /* two units per step, into two accumulators */
             const int b0 = b + j * P;
             if (b0 >= nb) break;
-            const __m512i xu = by_index ? q_unit_x_index(x->q, ip, b0, nb, P, k->fields_at, k->base)
-                                        : q_unit_x(x->q, mk, b0, nb, P);
-            const __m512 sv = _mm512_permutexvar_ps(_mm512_add_epi32(k->lane_idx, _mm512_set1_epi32(j * P)), sxv);
-            if (j & 1) acc1 = q_unit_dot(acc1, xu, q_unit_weights(wp, q4), sv);
-            else acc0 = q_unit_dot(acc0, xu, q_unit_weights(wp, q4), sv);
-            wp += ubytes;
-            if (by_index) ip += 16;
+#define UNIT(ACC, B0, J)                                                                                        \
+    ACC = q_unit_dot(ACC, by_index ? q_unit_x_index(x->q, ip, B0, nb, P, k->fields_at, k->base)                  \
+                                   : q_unit_x(x->q, mk, B0, nb, P),                                            \
+                     q_unit_weights(wp, q4), _mm512_permutexvar_ps(_mm512_add_epi32(k->lane_idx,                 \
+                                                                                    _mm512_set1_epi32((J) * P)), sxv)); \
+    wp += ubytes;                                                                                               \
+    if (by_index) ip += 16;
+            UNIT(acc0, b0, j)
+            if (b0 + P >= nb || 16 / P < 2) continue;
+            UNIT(acc1, b0 + P, j + 1)
+#undef UNIT
         }
     }
     return _mm512_fmadd_ps(sums, _mm512_set1_ps(-128.f), _mm512_add_ps(acc0, acc1));
@@ -347,9 +352,11 @@ static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W,
     static T512 void NAME(const nmr_mat *W, const xrep *x, const float *xs, float *y, int r0, int r1,            \
                           const q_consts *k) {                                                                  \
         int r = r0;                                                                                             \
-        for (; r + 4 <= r1; r += 4)                                                                             \
-            store4(y, W->bias, r, q_row(W, x, xs, r, k, P, BY_INDEX), q_row(W, x, xs, r + 1, k, P, BY_INDEX),   \
-                   q_row(W, x, xs, r + 2, k, P, BY_INDEX), q_row(W, x, xs, r + 3, k, P, BY_INDEX));             \
+        for (; r + 4 <= r1; r += 4) {                                                                           \
+            __m512 a[4];                                                                                        \
+            for (int i = 0; i < 4; i++) a[i] = q_row(W, x, xs, r + i, k, P, BY_INDEX);                          \
+            store4(y, W->bias, r, a[0], a[1], a[2], a[3]);                                                      \
+        }                                                                                                       \
         for (; r < r1; r++)                                                                                     \
             y[r] = _mm512_reduce_add_ps(q_row(W, x, xs, r, k, P, BY_INDEX)) + (W->bias ? W->bias[r] : 0.f);      \
     }
@@ -371,8 +378,15 @@ static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r
         fields_at[i] = (uint8_t)(2 * ((i / 16) * 8 + i % 8));
         base[i] = (uint8_t)(P == 2 ? i / 2 * 4 : i % 32 * 4);
     }
-    const q_consts k = {_mm512_loadu_si512(lanes), _mm512_loadu_si512(gbl), _mm512_loadu_si512(fields_at),
-                        _mm512_loadu_si512(base)};
+    q_consts k = {_mm512_loadu_si512(lanes), _mm512_loadu_si512(gbl), _mm512_loadu_si512(fields_at),
+                  _mm512_loadu_si512(base), n_scales(W), {0}, {0}, {0}};
+    const int gb = W->group_blocks;
+    for (int b = 0, c = 0; b < nb && c < Q_MAX_CHUNKS; b += 16, c++) {
+        const int scales = (nb - b + gb - 1) / gb, blocks = nb - b;
+        k.first[c] = b / gb;
+        k.scale_valid[c] = scales >= 16 ? 0xffff : (__mmask16)((1u << scales) - 1);
+        k.block_valid[c] = blocks >= 16 ? 0xffff : (__mmask16)((1u << blocks) - 1);
+    }
     const int by_index = W->index != NULL;
     switch (P) {
     case 1: q_rows_p1(W, x, xs, y, r0, r1, &k); break;
@@ -406,31 +420,6 @@ static T512 void rows_f32_512(const nmr_mat *W, const xrep *x, float *y, int r0,
                 acc0 = _mm512_fmadd_ps(wa, _mm512_loadu_ps(x->f + c), acc0);
                 acc1 = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x->f + c + 16), acc1);
             }
-        }
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (W->bias ? W->bias[r] : 0.f);
-    }
-}
-
-/* fp32 1:4 rows: each 64-input block keeps 16 values, one vector; its 2-bit positions (one uint32
- * per block) become indices and two vpermt2ps pick the 16 activations they multiply, so the block
- * costs one FMA instead of four expands and four FMAs over mostly zeros. */
-static T512 void rows_f32_512_index(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
-    const int nb = W->cols / 64;
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i base = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
-    for (int r = r0; r < r1; r++) {
-        const float *v = (const float *)W->values + (int64_t)r * nb * 16;
-        const uint32_t *ip = (const uint32_t *)W->index + (int64_t)r * nb;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32((int)ip[b]), shifts),
-                                                          _mm512_set1_epi32(3), base, 0xEA); /* (fields & 3) | base */
-            const float *xb = x->f + b * 64;
-            const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
-            const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), idx, _mm512_loadu_ps(xb + 48));
-            const __m512 xv = _mm512_mask_blend_ps(0xff00, lo, hi);
-            if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + b * 16), xv, acc1);
-            else acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + b * 16), xv, acc0);
         }
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (W->bias ? W->bias[r] : 0.f);
     }
@@ -508,7 +497,7 @@ static void mat_rows(const nmr_mat *W, const xrep *x, float *y, int r0, int r1, 
 #ifdef NMR_X86
     if (isa >= ISA_AVX512) {
         if (W->kind >= K_Q8) rows_quant_512(W, x, y, r0, r1);
-        else if (W->kind == K_F32) (W->index ? rows_f32_512_index : rows_f32_512)(W, x, y, r0, r1);
+        else if (W->kind == K_F32) rows_f32_512(W, x, y, r0, r1);
         else if (isa >= ISA_AVX512BF16) rows_bf16_512bf(W, x, y, r0, r1);
         else rows_bf16_512(W, x, y, r0, r1);
         return;
@@ -905,9 +894,8 @@ static unsigned kind_bit(const nmr_mat *W) { return 1u << W->kind; }
  * positions only where the gather by position applies. */
 static int mat_ok(const nmr_mat *W) {
     if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
-    if (W->kind >= K_Q8 && (!W->scales || !W->wsum)) return 0;
-    if (!W->index || W->group != 4) return !W->index;
-    return W->kind >= K_Q8 ? W->keep == 1 || W->keep == 2 : W->kind == K_F32 && W->keep == 1;
+    if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
+    return !W->index || (W->kind >= K_Q8 && W->group == 4 && (W->keep == 1 || W->keep == 2));
 }
 
 
