@@ -37,6 +37,8 @@ def dense_model(directory: str | Path, config, tensors: dict[str, torch.Tensor],
     allowed to be missing); a mismatch is one line naming ``directory``."""
     from transformers import AutoModelForCausalLM
 
+    if hasattr(config, "quantization_config"):  # nmkit's block is for from_pretrained; the tensors are dense here
+        del config.quantization_config
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     missing, unexpected = model.load_state_dict(tensors, strict=False)
