@@ -64,6 +64,23 @@ def test_from_pretrained_builds_sparse_layers(tmp_path, variant, dtype):
     _assert_same_greedy_tokens(model, loaded)
 
 
+def test_from_pretrained_equals_nmkit_load_with_biased_layers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import nmkit
+
+    src, model = _pruned_dir(tmp_path, bias=True)
+    export(src, "nmkit", tmp_path / "nm")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nm")
+    direct = nmkit.load(str(tmp_path / "nm"))
+    assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    got, want = loaded.state_dict(), direct.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, direct(ids).logits)
+
+
 def test_other_exports_load_or_fail_loudly(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -80,7 +80,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
             t = compress(tensors.pop(f"{name}.weight").to(dtype), pattern)
         mod.load_compressed(t)
         if old.bias is not None:
-            mod.bias.data.copy_(tensors.pop(f"{name}.bias"))
+            mod.bias.data.copy_(tensors[f"{name}.bias"])  # left in: load_state_dict below counts it as loaded
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, mod)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
