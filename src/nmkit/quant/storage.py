@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nmkit import sidecar
+from nmkit import model_card, sidecar
 from nmkit.compressed_model import dense_model
 from nmkit.errors import UserError
 from nmkit.formats import hf_config
@@ -90,6 +90,7 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
         sidecar.write(tmp, entries, **{**body, "storage": sidecar.STORAGE_QUANTIZED})
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        model_card.write(tmp)  # last: it reads nmkit.json and report.json
 
 
 def _check(directory: Path) -> dict:
