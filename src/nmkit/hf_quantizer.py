@@ -46,6 +46,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nmkit.formats import codec as tensor_codec
 from nmkit.formats.hf_config import FORMAT_VERSION, INSTALL_HINT, NM_BITMASK, NM_QUANTIZED, QUANT_METHOD
+from nmkit.formats.mapped import release_mapped
 from nmkit.formats.nm import NMTensor
 from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
@@ -150,13 +151,18 @@ class _Stored(nn.Module):
             return super().__setattr__(attr, value)
         key = f"{self.name}.{attr}"
         if key in self.tables:
-            value = tensor_codec.decode({key: value.data}, {key: self.tables[key]})[key]
+            blob = value.data
+            value = tensor_codec.decode({key: blob}, {key: self.tables[key]})[key]
+            release_mapped([blob])
         self.arrived[attr] = value.data
         if len(self.arrived) == len(self.parts):
             tensors = {s: self.arrived.pop(f"weight{s}") for s in self.suffixes}
-            built = self.format.build(self.layer, tensors, self.arrived.pop("bias", None), self.dtype)
+            bias = self.arrived.pop("bias", None)
+            built = self.format.build(self.layer, tensors, bias, self.dtype)
             # Not a submodule: transformers would see its parameters as never loaded and re-initialise them.
             object.__setattr__(self, "built", built)
+            # The stored tensors are copied into the built layer; their file pages need not stay resident.
+            release_mapped([*tensors.values(), bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # never called: replaced after loading
         raise RuntimeError("nmkit placeholder layer was not replaced after loading")
@@ -233,6 +239,7 @@ class NmkitHfQuantizer(HfQuantizer):
             if entry is None or isinstance(owner, _Stored):
                 continue
             value = tensor_codec.decode({full: tensor.data}, {full: entry})[full]
+            release_mapped([tensor.data])
             if value.is_floating_point():
                 value = value.to(self._dtype)
             if attr in owner._parameters:
