@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nmkit.formats.mapped import release_mapped
+from nmkit.formats.mapped import ReleaseQueue, release_mapped
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mappings")
 
@@ -39,3 +39,19 @@ def test_release_leaves_anonymous_memory_alone():
     copy = t.clone()
     assert release_mapped([t, t[:, ::2], torch.empty(0), None]) == 0
     assert torch.equal(t, copy)
+
+
+def test_release_queue_releases_in_batches_and_on_flush(tmp_path):
+    stored = {f"t{i}": torch.full((256, 1024), float(i)) for i in range(3)}  # 1 MiB each
+    save_file(stored, str(tmp_path / "m.safetensors"))
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt", device="cpu") as f:
+        views = {k: f.get_slice(k)[...] for k in stored}
+        queue = ReleaseQueue(batch_bytes=2 * 2**20)
+        queue.add([views["t0"]])
+        assert queue.released == 0 and len(queue.pending) == 1  # below the batch: held, not yet released
+        queue.add([views["t1"], None])
+        assert queue.released > 0 and not queue.pending  # the batch is full: both released
+        queue.add([views["t2"]])
+        queue.flush()
+        assert queue.released > 2 * 2**20 and not queue.pending
+        assert all(torch.equal(views[k], stored[k]) for k in stored)

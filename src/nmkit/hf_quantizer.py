@@ -46,7 +46,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nmkit.formats import codec as tensor_codec
 from nmkit.formats.hf_config import FORMAT_VERSION, INSTALL_HINT, NM_BITMASK, NM_QUANTIZED, QUANT_METHOD
-from nmkit.formats.mapped import release_mapped
+from nmkit.formats.mapped import ReleaseQueue
 from nmkit.formats.nm import NMTensor
 from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
@@ -134,9 +134,10 @@ class _Stored(nn.Module):
     holds the compressed tensors of one layer at a time beside the built ones.
     """
 
-    def __init__(self, name: str, layer: dict, bias: bool, dtype: torch.dtype, tables: dict[str, dict]) -> None:
+    def __init__(self, name: str, layer: dict, bias: bool, dtype: torch.dtype, tables: dict[str, dict],
+                 release: ReleaseQueue) -> None:
         super().__init__()
-        self.name, self.layer, self.dtype, self.tables = name, layer, dtype, tables
+        self.name, self.layer, self.dtype, self.tables, self.release = name, layer, dtype, tables, release
         self.format = LAYER_FORMATS[layer["format"]]
         self.suffixes = self.format.suffixes(layer)
         self.parts = [f"weight{s}" for s in self.suffixes] + (["bias"] if bias else [])
@@ -153,7 +154,7 @@ class _Stored(nn.Module):
         if key in self.tables:
             blob = value.data
             value = tensor_codec.decode({key: blob}, {key: self.tables[key]})[key]
-            release_mapped([blob])
+            self.release.add([blob])
         self.arrived[attr] = value.data
         if len(self.arrived) == len(self.parts):
             tensors = {s: self.arrived.pop(f"weight{s}") for s in self.suffixes}
@@ -162,7 +163,7 @@ class _Stored(nn.Module):
             # Not a submodule: transformers would see its parameters as never loaded and re-initialise them.
             object.__setattr__(self, "built", built)
             # The stored tensors are copied into the built layer; their file pages need not stay resident.
-            release_mapped([*tensors.values(), bias])
+            self.release.add([*tensors.values(), bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # never called: replaced after loading
         raise RuntimeError("nmkit placeholder layer was not replaced after loading")
@@ -191,6 +192,7 @@ class NmkitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._placeholders: set[str] = set()
         self._tables: dict[str, dict] = {}
+        self._release = ReleaseQueue()  # file pages of stored tensors already copied into built layers
         self._dtype = torch.float32
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
@@ -212,7 +214,7 @@ class NmkitHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise ValueError(f"nmkit checkpoint names layer {name!r}, which this model does not have") from None
             _set_module(model, name, _Stored(name, layer, getattr(old, "bias", None) is not None, self._dtype,
-                                             self._tables))
+                                             self._tables, self._release))
             self._placeholders.add(name)
         model.register_buffer(INSTALL_HINT, torch.empty(0, dtype=torch.uint8))  # expected here, so not reported
         return model
@@ -239,7 +241,7 @@ class NmkitHfQuantizer(HfQuantizer):
             if entry is None or isinstance(owner, _Stored):
                 continue
             value = tensor_codec.decode({full: tensor.data}, {full: entry})[full]
-            release_mapped([tensor.data])
+            self._release.add([tensor.data])
             if value.is_floating_point():
                 value = value.to(self._dtype)
             if attr in owner._parameters:
@@ -250,6 +252,7 @@ class NmkitHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self._tables:
             self._decode(model)
+        self._release.flush()
         model._buffers.pop(INSTALL_HINT, None)
         for name in sorted(self._placeholders):
             stored = model.get_submodule(name)

@@ -69,4 +69,28 @@ def release_mapped(tensors: list[torch.Tensor]) -> int:
     return released
 
 
-__all__ = ["release_mapped"]
+class ReleaseQueue:
+    """:func:`release_mapped` in batches, so a loader reads ``/proc/self/maps`` once per ``batch_bytes``
+    of tensors rather than once per layer. Queued tensors stay referenced until released, so their
+    mapping cannot go away (and its addresses be reused) in between."""
+
+    def __init__(self, batch_bytes: int = 32 * 2**20) -> None:
+        self.batch_bytes = batch_bytes
+        self.pending: list[torch.Tensor] = []
+        self.pending_bytes = 0
+        self.released = 0
+
+    def add(self, tensors: list[torch.Tensor | None]) -> None:
+        for t in tensors:
+            if t is not None:
+                self.pending.append(t)
+                self.pending_bytes += t.numel() * t.element_size()
+        if self.pending_bytes >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        self.released += release_mapped(self.pending)
+        self.pending, self.pending_bytes = [], 0
+
+
+__all__ = ["ReleaseQueue", "release_mapped"]
