@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,20 @@ def _run_without_nmkit(code: str) -> subprocess.CompletedProcess:
                           env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
 
 
+def _whole_pages(directory: Path, names: set[str]) -> int:
+    """Bytes of the whole memory pages inside the named tensors of the directory's safetensors files
+    (a file is mapped from offset 0, so a tensor's address modulo the page size is its file offset's)."""
+    page, total = mmap.PAGESIZE, 0
+    for f in directory.glob("*.safetensors"):
+        raw = f.read_bytes()
+        size = struct.unpack("<Q", raw[:8])[0]
+        for name, entry in json.loads(raw[8:8 + size]).items():
+            if name in names:
+                begin, end = (8 + size + o for o in entry["data_offsets"])
+                total += max(0, end // page - -(-begin // page)) * page
+    return total
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_pretrained_builds_sparse_layers(tmp_path, variant, dtype):
@@ -58,8 +74,12 @@ def test_from_pretrained_builds_sparse_layers(tmp_path, variant, dtype):
         if name in pruned:
             assert isinstance(mod, SparseLinear) and mod.values.dtype == dtype, name
         assert not (type(mod) is nn.Linear and name in pruned)
-    # Straight from the file: no pruned layer holds a dense weight.
+    # Straight from the file: no pruned layer holds a dense weight, and the file pages of the stored
+    # tensors were given back once regrouped: every whole page inside them (coded files: some).
     assert all(mod.dense_weight is None for mod in loaded.modules() if isinstance(mod, SparseLinear))
+    released = loaded.hf_quantizer._release.released
+    stored = {f"{name}.weight_{part}" for name in pruned for part in ("values", "mask")}
+    assert released == _whole_pages(tmp_path / "nm", stored) if "codec" not in VARIANTS[variant] else released > 0
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
     _assert_same_greedy_tokens(model, loaded)
 
