@@ -10,8 +10,10 @@ tokens with the dense export decoded by this environment's transformers.
 
     .venv/bin/python benchmarks/ct24_consumer_check.py PRUNED_DIR --work /tmp/ct24-check
 
-Exit status 0 when the tokens are equal, 1 when they differ, 2 with one line when the check could
-not run (no pruned directory, or the stack could not be installed, e.g. without network access).
+With equal tokens it also reports the largest difference between the two stacks' logits over the
+whole sequence (``max_abs_logit_diff``). Exit status 0 when the tokens are equal, 1 when they differ,
+2 with one line when the check could not run (no pruned directory, or the stack could not be
+installed, e.g. without network access).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype="auto").ev
 ids = tok(sys.argv[2], return_tensors="pt").input_ids
 with torch.no_grad():
     out = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)
+    torch.save(model(out).logits[0].float(), sys.argv[4])  # every position of its own sequence
 versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 try:
     import compressed_tensors
@@ -70,7 +73,9 @@ def _consumer_python(venv: Path, torch_index: str | None) -> str:
 
 
 def _decode(python: str, directory: Path, tokens: int) -> dict:
-    out = subprocess.run([python, "-c", DECODE, str(directory), PROMPT, str(tokens)], capture_output=True, text=True)
+    logits = directory.parent / f"{directory.name}-logits.pt"
+    out = subprocess.run([python, "-c", DECODE, str(directory), PROMPT, str(tokens), str(logits)], capture_output=True,
+                         text=True)
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CheckError(f"decoding {directory} with {python} failed: {last}")
@@ -100,7 +105,12 @@ def main() -> int:
     except (CheckError, UserError) as e:
         print(f"ct24_consumer_check: {e}", file=sys.stderr)
         return 2
+    import torch
+
     equal = reference["tokens"] == consumer["tokens"]
+    if equal:  # the same sequence through both stacks: how far apart are their logits?
+        ref, got = (torch.load(args.work / f"{d}-logits.pt") for d in ("dense", "ct24"))
+        reference["max_abs_logit_diff"] = float((ref - got).abs().max())
     print(json.dumps({"equal": equal, "reference": reference, "ct24_consumer": consumer}, indent=2))
     return 0 if equal else 1
 
