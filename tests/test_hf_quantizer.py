@@ -164,11 +164,7 @@ def test_from_pretrained_reads_quantized_dirs_as_nmkit_load(tmp_path, spec, dtyp
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
-def _without_nmkit_variants():
-    return [*VARIANTS, "quantized"]
-
-
-@pytest.mark.parametrize("variant", _without_nmkit_variants())
+@pytest.mark.parametrize("variant", [*VARIANTS, "quantized"])
 def test_without_nmkit_from_pretrained_fails_naming_nmkit(tmp_path, variant):
     if variant == "quantized":
         out = _quantized_dir(tmp_path, QuantSpec(4, 1))
