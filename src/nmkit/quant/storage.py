@@ -8,6 +8,11 @@ model as is, except the quantized layers, which are stored in the runtime's pack
 - ``{layer}.weight_mask``: uint8 N:M bitmask, rows x cols/8 (absent for a dense layer)
 - ``{layer}.weight_scales``: fp16, rows x scale groups
 
+``config.json`` carries the ``quantization_config`` block of :mod:`nmkit.formats.hf_config` (layer format
+``nm-quantized``), so ``AutoModelForCausalLM.from_pretrained`` with nmkit imported loads the directory
+(dequantized, as :func:`load_quantized_model`), and the 0-element guard tensors make transformers
+without nmkit fail instead of loading random weights for the quantized layers.
+
 nmkit.json's ``layers`` entry of each quantized layer adds ``kind`` (int8/int4), ``group_blocks`` and
 ``bits_per_weight`` (values + mask + scales on disk over rows x cols).
 """
@@ -20,9 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nmkit import sidecar
+from nmkit import model_card, sidecar
 from nmkit.compressed_model import dense_model
 from nmkit.errors import UserError
+from nmkit.formats import hf_config
 from nmkit.outputs import atomic_directory
 from nmkit.patterns import NM
 from nmkit.quant.gptq import QuantizedLayer
@@ -72,8 +78,11 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
                                               "shape": [mat.rows, mat.cols]}),
                          "kind": mat.kind, "group_blocks": mat.group_blocks,
                          "bits_per_weight": round(bits_per_weight(mat), 4)}
+    for guard in hf_config.guard_names(layers):
+        tensors[guard] = torch.empty(0, dtype=torch.uint8)
     with atomic_directory(out, overwrite=True) as tmp:  # the old directory stays whole until the new one is in
         model.config.save_pretrained(tmp)
+        hf_config.write(tmp / "config.json", hf_config.quantization_config({n: entries[n] for n in layers}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -81,6 +90,7 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
         sidecar.write(tmp, entries, **{**body, "storage": sidecar.STORAGE_QUANTIZED})
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        model_card.write(tmp)  # last: it reads nmkit.json and report.json
 
 
 def _check(directory: Path) -> dict:
@@ -99,6 +109,8 @@ def read_packed(directory: str | Path) -> tuple[dict[str, PackedMat], dict[str, 
     directory = Path(directory)
     meta = _check(directory)
     tensors = load_file(str(directory / WEIGHTS))
+    for guard in hf_config.guard_names(meta["layers"]):  # only for transformers without nmkit
+        tensors.pop(guard, None)
     mats = {}
     for name, layer in meta["layers"].items():
         if "kind" not in layer:
