@@ -12,7 +12,8 @@ from nmkit import models, sidecar
 from nmkit.cli import main
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
-from nmkit.quant.gptq import quantize_layer, quantize_model, round_to_nearest
+from nmkit.quant.gptq import (least_squares_scales, quantize_layer, quantize_model, refine_codes,
+                              round_to_nearest)
 from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
 from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
@@ -58,6 +59,97 @@ def test_gptq_output_error_below_round_to_nearest(spec):
     rtn = round_to_nearest(w, pattern, spec, importance=h.diagonal()).dequantized()
     err = lambda wq: torch.linalg.norm((wq - w) @ x.T)  # noqa: E731
     assert err(gptq) < err(rtn)
+
+
+OPTIONS = [{}, {"act_order": True}, {"refit_scales": True}, {"refine": 2}, {"act_order": True, "refit_scales": True,
+                                                                            "refine": 2}]
+
+
+def _output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    d = (wq - w).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2), QuantSpec(8, 1)], ids=lambda s: f"{s}g{s.group_blocks}")
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4)], ids=str)
+def test_gptq_options_keep_the_pattern_exact_and_are_deterministic(pattern, spec, options):
+    w, x = _layer(24, 320, pattern, seed=2)
+    q = quantize_layer(w, x.T @ x, pattern, spec, **options)
+    assert torch.equal(q.keep, w != 0)  # the same N:M mask, every group exactly N kept
+    assert bool((q.keep.reshape(24, -1, pattern.group).sum(-1) == pattern.keep).all())
+    assert int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    assert q.scales.dtype == torch.float16 and bool((q.scales.float() >= 0).all())
+    assert torch.equal(packed_layer(q).dense_weight(), q.dequantized())
+    again = quantize_layer(w, x.T @ x, pattern, spec, **options)
+    assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
+
+
+def test_act_order_with_equal_input_energies_is_the_plain_sweep():
+    # every diag(X^T X) equal: the stable order is the column order, so nothing may change
+    w, _ = _layer(16, 256, NM(2, 4), seed=3)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(256, 256, generator=g)
+    h = a @ a.T
+    h.diagonal().fill_(float(h.diagonal().max()))  # raising the diagonal keeps it positive definite
+    plain = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    ordered = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1), act_order=True)
+    assert torch.equal(plain.codes, ordered.codes) and torch.equal(plain.scales, ordered.scales)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2)], ids=lambda s: f"g{s.group_blocks}")
+def test_refine_codes_never_raises_the_output_error_and_is_a_fixed_point_of_itself(spec):
+    w, x = _layer(32, 256, NM(2, 4), seed=4)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), spec)
+    errors = [_output_error(w, q.dequantized(), h)]
+    for _ in range(4):
+        refine_codes(q, w, h)
+        errors.append(_output_error(w, q.dequantized(), h))
+        assert torch.equal(q.dequantized()[~q.keep], torch.zeros(int((~q.keep).sum())))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < errors[0]
+
+
+def test_refine_codes_step_is_the_best_single_code_change():
+    # brute force: after a pass, moving any one kept code by +-1 (within range) does not lower the error
+    # by more than float noise... checked on the last column, whose decision no later step revisits
+    w, x = _layer(8, 64, NM(2, 4), seed=5)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    refine_codes(q, w, h)
+    base = _output_error(w, q.dequantized(), h)
+    col = 63
+    rows = torch.nonzero(q.keep[:, col]).flatten().tolist()
+    index = q.keep.cumsum(1)[:, col] - 1  # position of (row, col) among the row's kept values
+    for r in rows:
+        for step in (-1, 1):
+            codes = q.codes.clone().reshape(8, -1)
+            k = int(index[r])
+            if not q.spec.qmin <= int(codes[r, k]) + step <= q.spec.qmax:
+                continue
+            codes[r, k] += step
+            trial = type(q)(q.pattern, q.spec, q.keep, codes.reshape(q.codes.shape), q.scales)
+            assert _output_error(w, trial.dequantized(), h) >= base * (1 - 1e-6)
+
+
+def test_least_squares_scales_match_a_dense_least_squares_solve():
+    w, x = _layer(6, 192, NM(2, 4), seed=6)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    scales = least_squares_scales(q, w, h)
+    # row by row: columns = each group's codes, solved by lstsq on the outputs X^T
+    for r in range(6):
+        basis = torch.zeros(3, 192)
+        full = torch.zeros(192)
+        full[q.keep[r]] = q.codes[r].float().reshape(-1)
+        for g in range(3):
+            basis[g, 64 * g : 64 * (g + 1)] = full[64 * g : 64 * (g + 1)]
+        sol = torch.linalg.lstsq((basis @ x.T).T.double(), (w[r] @ x.T).double().unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(scales[r].float(), sol.float().half().float(), rtol=2e-3)
+    before = _output_error(w, q.dequantized(), h)
+    q.scales = scales
+    assert _output_error(w, q.dequantized(), h) <= before
 
 
 def test_quantize_model_writes_back_quantized_weights():
