@@ -12,8 +12,7 @@ from nmkit import models, sidecar
 from nmkit.cli import main
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
-from nmkit.quant.gptq import (least_squares_scales, quantize_layer, quantize_model, refine_codes,
-                              round_to_nearest)
+from nmkit.quant.gptq import least_squares_scales, quantize_layer, quantize_model, refine_codes, round_to_nearest
 from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
 from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
@@ -61,8 +60,8 @@ def test_gptq_output_error_below_round_to_nearest(spec):
     assert err(gptq) < err(rtn)
 
 
-OPTIONS = [{}, {"act_order": True}, {"refit_scales": True}, {"refine": 2}, {"act_order": True, "refit_scales": True,
-                                                                            "refine": 2}]
+OPTIONS = [{}, {"act_order": True}, {"refit_scales": True}, {"refine": 2},
+           {"act_order": True, "refit_scales": True, "refine": 2}]
 
 
 def _output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
@@ -71,7 +70,8 @@ def _output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
-@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2), QuantSpec(8, 1)], ids=lambda s: f"{s}g{s.group_blocks}")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2), QuantSpec(8, 1)],
+                         ids=lambda s: f"{s}g{s.group_blocks}")
 @pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4)], ids=str)
 def test_gptq_options_keep_the_pattern_exact_and_are_deterministic(pattern, spec, options):
     w, x = _layer(24, 320, pattern, seed=2)
