@@ -275,13 +275,15 @@ def _pattern_of(w: torch.Tensor) -> NM | None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                    patterns: dict[str, NM | None] | None = None, damp: float = 0.01, blocksize: int = 128,
-                   batch: int = 8, progress: bool = True) -> QuantizeResult:
+                   batch: int = 8, progress: bool = True, act_order: bool = False, refine: int = 0
+                   ) -> QuantizeResult:
     """Quantize the Linear layers inside the transformer blocks of ``model`` in place, block by block.
 
     ``calibration``: token ids (samples, seqlen). ``patterns``: layer name -> the N:M it follows (e.g. from
     nmkit.json; default: the layers named there, else every block Linear with its pattern detected).
     Each layer's weight is replaced by its dequantized value, so later blocks calibrate on the
-    quantized predecessors; the codes and scales are in the result.
+    quantized predecessors; the codes and scales are in the result. ``act_order`` and ``refine``: see
+    :func:`quantize_layer` (``refine`` > 0 also re-solves the scales by least squares around each pass).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -310,7 +312,8 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                 w = t.weight.detach().float().cpu()
                 pattern = patterns[t.name] if patterns is not None else _pattern_of(w)
                 stats: InputStats = collector.stats[t.name]
-                layer = quantize_layer(w, stats.xtx.cpu(), pattern, spec, damp, blocksize)
+                layer = quantize_layer(w, stats.xtx.cpu(), pattern, spec, damp, blocksize, act_order=act_order,
+                                       refit_scales=refine > 0, refine=refine)
                 wq = layer.dequantized()
                 result.layers[t.name] = layer
                 result.rel_errors[t.name] = reconstruction_error(w, wq, InputStats(stats.xtx.cpu()))
