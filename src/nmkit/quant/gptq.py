@@ -29,7 +29,7 @@ from nmkit.oneshot.methods import inverse_hessian_factor, reconstruction_error, 
 from nmkit.oneshot.stats import InputStats, StatsCollector
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import NM
-from nmkit.quant.nm_quant import QuantSpec, dequantize, quantize_kept
+from nmkit.quant.nm_quant import QuantSpec, dequantize, fit_levels, quantize_kept
 from nmkit.solvers.nm import nm_mask
 
 
@@ -79,13 +79,16 @@ def _check_layer(w: torch.Tensor, pattern: NM | None) -> None:
 
 def quantize_layer(w: torch.Tensor, xtx: torch.Tensor, pattern: NM | None, spec: QuantSpec, damp: float = 0.01,
                    blocksize: int = 128, act_order: bool = False, refit_scales: bool = False,
-                   refine: int = 0) -> QuantizedLayer:
+                   refine: int = 0, fit_grid: bool = False) -> QuantizedLayer:
     """GPTQ with the mask fixed for one (rows, cols) weight that follows ``pattern`` (zeros where pruned).
 
     ``xtx``: (cols, cols) sum of x x^T over the calibration inputs of the layer. ``act_order``: visit the
     columns by decreasing diag(X^T X) (GPTQ's act-order); scale groups stay contiguous 64-input blocks,
     each group's scales chosen when the sweep first reaches one of its columns. ``refit_scales``: after
     the sweep, re-solve each row's scales by least squares on the layer output with the codes fixed.
+    ``refine``: passes of :func:`refine_codes` (each followed by the scale re-solve when ``refit_scales``).
+    ``fit_grid`` (INT4): a 16-level table fitted to this layer's kept values (:func:`fit_levels`) in
+    place of the uniform [-8, 7] grid; the table is the returned layer's ``spec.levels``.
     """
     _check_layer(w, pattern)
     keep = kept_mask(w.detach(), pattern)
@@ -95,6 +98,10 @@ def quantize_layer(w: torch.Tensor, xtx: torch.Tensor, pattern: NM | None, spec:
     dead = xtx.diagonal() == 0  # inputs that were always zero: no error to feed back through them
     xtx[dead, dead] = 1.0
     importance = xtx.diagonal().expand(rows, cols)
+    if fit_grid and spec.bits == 4:
+        shape = (rows, cols // 64, -1)
+        spec = QuantSpec(4, spec.group_blocks,
+                         fit_levels(target[keep].reshape(shape), importance[keep].reshape(shape), spec.group_blocks))
     group_cols = 64 * spec.group_blocks
     n_groups = -(-cols // group_cols)
     # sweep position -> column; stable so ties keep index order (reproducible bit for bit)
@@ -186,8 +193,7 @@ def refine_codes(layer: QuantizedLayer, target: torch.Tensor, xtx: torch.Tensor,
                 c = i1 + j
                 s = per_col[:, c]
                 safe = torch.where(s > 0, s, torch.ones_like(s))
-                step = torch.round(-g1[:, j] / (safe * hd[c]))
-                new = torch.clamp(q[:, c] + step, spec.qmin, spec.qmax)
+                new = spec.nearest(q[:, c] - g1[:, j] / (safe * hd[c]))  # the 1-D quadratic's best grid value
                 d = (new - q[:, c]) * keep[:, c] * (s > 0)
                 q[:, c] += d
                 dw = d * s
@@ -231,14 +237,14 @@ def _group_scales(wg: torch.Tensor, kg: torch.Tensor, imp: torch.Tensor, spec: Q
     rows, n = wg.shape
     blocks = n // 64
     kept = wg[kg].reshape(rows, blocks, -1)
-    _, s = quantize_kept(kept, QuantSpec(spec.bits, blocks), imp[kg].reshape(rows, blocks, -1))
+    _, s = quantize_kept(kept, QuantSpec(spec.bits, blocks, spec.levels), imp[kg].reshape(rows, blocks, -1))
     return s[:, 0]
 
 
 def _round(col: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Nearest grid point code x scale (0 where the scale is 0: an all-zero group)."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(torch.round(col / safe), spec.qmin, spec.qmax) * scale
+    return spec.nearest(col / safe) * scale
 
 
 def round_to_nearest(w: torch.Tensor, pattern: NM | None, spec: QuantSpec,
@@ -275,15 +281,16 @@ def _pattern_of(w: torch.Tensor) -> NM | None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                    patterns: dict[str, NM | None] | None = None, damp: float = 0.01, blocksize: int = 128,
-                   batch: int = 8, progress: bool = True, act_order: bool = False, refine: int = 0
-                   ) -> QuantizeResult:
+                   batch: int = 8, progress: bool = True, act_order: bool = False, refine: int = 0,
+                   fit_grid: bool = False) -> QuantizeResult:
     """Quantize the Linear layers inside the transformer blocks of ``model`` in place, block by block.
 
     ``calibration``: token ids (samples, seqlen). ``patterns``: layer name -> the N:M it follows (e.g. from
     nmkit.json; default: the layers named there, else every block Linear with its pattern detected).
     Each layer's weight is replaced by its dequantized value, so later blocks calibrate on the
     quantized predecessors; the codes and scales are in the result. ``act_order`` and ``refine``: see
-    :func:`quantize_layer` (``refine`` > 0 also re-solves the scales by least squares around each pass).
+    :func:`quantize_layer` (``refine`` > 0 also re-solves the scales by least squares around each pass);
+    ``fit_grid``: each INT4 layer gets its own fitted 16-level table.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -313,7 +320,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                 pattern = patterns[t.name] if patterns is not None else _pattern_of(w)
                 stats: InputStats = collector.stats[t.name]
                 layer = quantize_layer(w, stats.xtx.cpu(), pattern, spec, damp, blocksize, act_order=act_order,
-                                       refit_scales=refine > 0, refine=refine)
+                                       refit_scales=refine > 0, refine=refine, fit_grid=fit_grid)
                 wq = layer.dequantized()
                 result.layers[t.name] = layer
                 result.rel_errors[t.name] = reconstruction_error(w, wq, InputStats(stats.xtx.cpu()))
