@@ -10,13 +10,15 @@ import torch
 
 from nmkit import models, sidecar
 from nmkit.cli import main
+from nmkit.errors import UserError
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
 from nmkit.quant.gptq import least_squares_scales, quantize_layer, quantize_model, refine_codes, round_to_nearest
+from nmkit.quant.nm_quant import fit_levels
 from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
 from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
-from nmkit.runtime.pack import pack
+from nmkit.runtime.pack import from_codes, pack, reference_matmul
 from nmkit.solvers.nm import nm_mask
 from tests.test_runtime import _tiny_llama
 
@@ -201,6 +203,61 @@ def test_storage_round_trip_is_bit_exact(tmp_path, kind, group_blocks, bias):
     assert torch.equal(direct, stored)
 
 
+def test_fit_levels_gives_16_distinct_sorted_int8_levels_deterministically():
+    w, x = _layer(32, 256, NM(2, 4), seed=7)
+    kept = w[w != 0].reshape(32, 4, 32)
+    imp = (x * x).sum(0).expand(32, 256)[w != 0].reshape(32, 4, 32)
+    levels = fit_levels(kept, imp)
+    assert len(levels) == 16 and list(levels) == sorted(set(levels)) and -127 <= levels[0] and levels[-1] <= 127
+    assert max(abs(levels[0]), abs(levels[-1])) == 127 and fit_levels(kept, imp) == levels
+    # N:M keeps the large weights: the fitted table spends no level on the empty middle
+    assert min(abs(v) for v in levels) > 127 / 16
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2)], ids=lambda s: f"g{s.group_blocks}")
+def test_fitted_grid_keeps_the_pattern_round_trips_and_lowers_the_error(spec):
+    w, x = _layer(32, 256, NM(2, 4), seed=8)
+    h = x.T @ x
+    uniform = quantize_layer(w, h, NM(2, 4), spec)
+    fitted = quantize_layer(w, h, NM(2, 4), spec, fit_grid=True)
+    assert fitted.spec.levels is not None and torch.equal(fitted.keep, w != 0)
+    assert bool(torch.isin(fitted.codes.long(), torch.tensor(fitted.spec.levels)).all())
+    assert _output_error(w, fitted.dequantized(), h) < _output_error(w, uniform.dequantized(), h)
+    mat = packed_layer(fitted)
+    assert mat.kind == "int4" and mat.values.dtype == torch.uint8 and torch.equal(mat.codes(), fitted.codes)
+    assert torch.equal(mat.dense_weight(), fitted.dequantized())
+    # the INT8 stand-in the engine runs is the same arithmetic (same products, scales and activation rounding)
+    wide = mat.widened()
+    xs = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    assert wide.kind == "int8" and torch.equal(reference_matmul(wide, xs), reference_matmul(mat, xs))
+    with pytest.raises(UserError, match="level tables"):
+        mat.struct()
+    with pytest.raises(UserError, match="not levels"):
+        from_codes(fitted.codes.clamp(-8, 7), fitted.scales, fitted.keep, NM(2, 4), 4, spec.group_blocks,
+                   levels=fitted.spec.levels)
+
+
+def test_levels_storage_round_trip_is_bit_exact_and_runs(tmp_path):
+    model = _tiny_llama(NM(2, 4))
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(model, calib, QuantSpec(4, 1), progress=False, fit_grid=True, refine=1)
+    mats = {n: packed_layer(layer, model.get_submodule(n).bias) for n, layer in result.layers.items()}
+    meta = {"layers": {n: {"pattern": "2:4", "dim": 1, "shape": [m.rows, m.cols]} for n, m in mats.items()},
+            "quant": {"version": 2}}
+    write_quantized(tmp_path / "q", model, mats, meta)
+    back, _, _ = read_packed(tmp_path / "q")
+    for name, m in mats.items():
+        for part in ("values", "mask", "scales", "levels"):
+            assert torch.equal(getattr(m, part), getattr(back[name], part)), part
+    loaded = models.load(str(tmp_path / "q"))
+    for name, m in mats.items():
+        assert torch.equal(loaded.get_submodule(name).weight, m.dense_weight())
+    ids = torch.arange(1, 17)
+    direct = Engine(model, weights="int4", head="fp32", max_seq=32, threads=1, packed=mats).forward(ids, True)
+    stored = Engine(loaded, weights="int4", head="fp32", max_seq=32, threads=1, packed=back).forward(ids, True)
+    assert torch.equal(direct, stored) and bool(torch.isfinite(direct).all())
+
+
 def test_bits_per_weight_of_2_4_int4():
     w = torch.randn(8, 1024)
     w = w * nm_mask(w.abs(), NM(2, 4))
@@ -243,6 +300,20 @@ def test_quantize_command_end_to_end(pruned_24, tiny_data_dir, tmp_path, capsys)
     assert result["weight_bytes_per_token"] > stored
 
 
+def test_quantize_command_fitted_grid_and_refine(pruned_24, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "w4f"
+    code = main(["quantize", str(pruned_24), "--quant", "w4", "--quant-grid", "fitted", "--quant-refine", "1",
+                 "--quant-act-order", "--calib-samples", "4", "--calib-seqlen", "32", "--data-dir", str(tiny_data_dir),
+                 "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["version"], summary["grid"], summary["refine"], summary["act_order"]) == (2, "fitted", 1, True)
+    mats, _, meta = read_packed(out)
+    assert meta["quant"]["version"] == 2 and all(m.levels is not None and m.kind == "int4" for m in mats.values())
+    assert all(m.pattern == NM(2, 4) for m in mats.values())
+    assert bench_main([str(out), "--decode", "2", "--prefill", "4", "--reps", "1", "--json"]) == 0
+
+
 def test_prune_with_quant_writes_a_quantized_dir(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "pq"
     code = main(["prune", str(tiny_model_dir), "--pattern", "2:4", "--method", "wanda", "--quant", "w8",
@@ -260,6 +331,9 @@ def test_prune_with_quant_writes_a_quantized_dir(tiny_model_dir, tiny_data_dir, 
     (["--quant", "w3"], "unsupported --quant 'w3': choose w8 (INT8) or w4 (INT4)"),
     (["--quant", "w4", "--quant-group", "48"], "choose one of 32, 64, 128, 256, 512"),
     (["--quant", "w4", "--quant-group", "1024"], "choose one of 32, 64, 128, 256, 512"),
+    (["--quant", "w8", "--quant-grid", "fitted"], "--quant-grid fitted needs --quant w4"),
+    (["--quant", "w4", "--quant-grid", "nf4"], "unknown --quant-grid 'nf4': choose uniform or fitted"),
+    (["--quant", "w4", "--quant-refine", "-1"], "--quant-refine must be in 0..16"),
 ])
 def test_bad_quant_input_exits_2_with_one_line_and_writes_nothing(pruned_24, tiny_model_dir, tiny_data_dir, tmp_path,
                                                                   capsys, extra, message):

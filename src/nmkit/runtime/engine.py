@@ -108,7 +108,7 @@ class Engine:
                     lin = getattr(getattr(layer, part), proj)
                     name = f"model.layers.{i}.{part}.{proj}"
                     if packed and name in packed:  # pre-quantized (calibrated codes): used as stored
-                        mat = packed[name]
+                        mat = packed[name].widened()  # INT4 level tables run as INT8 codes until the kernels read them
                         pattern = mat.pattern
                     else:
                         pattern = detect_nm(lin.weight)
