@@ -114,8 +114,8 @@ def test_refine_codes_never_raises_the_output_error_and_is_a_fixed_point_of_itse
 
 
 def test_refine_codes_step_is_the_best_single_code_change():
-    # brute force: after a pass, moving any one kept code by +-1 (within range) does not lower the error
-    # by more than float noise... checked on the last column, whose decision no later step revisits
+    # brute force: after a pass, no single +-1 move of a code in the last column (whose decision no later
+    # step revisits) lowers the output error
     w, x = _layer(8, 64, NM(2, 4), seed=5)
     h = x.T @ x
     q = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
