@@ -16,7 +16,7 @@ from pathlib import Path
 from nmkit import data, faults, model_card, models, preflight, recipe, resume, sidecar
 from nmkit.api import plan as sparsify_plan
 from nmkit.api import sparsify_
-from nmkit.commands.quantize import add_quant_arguments, parse_spec, quantize_pruned, write_output
+from nmkit.commands.quantize import add_quant_arguments, parse_spec, quant_options, quantize_pruned, write_output
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
@@ -199,6 +199,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if type(pattern) is not NM:
             raise UserError(f"--quant needs a plain N:M --pattern (e.g. 2:4), not {pattern}")
         spec = parse_spec(args.quant, args.quant_group, pattern)
+        quant_opts = quant_options(args)
     elif args.quant_group is not None:
         raise UserError("--quant-group needs --quant w8 or w4")
     device = _device(args.device)
@@ -313,7 +314,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         meta = {"model": source.name, "method": args.method, "pattern": str(pattern), "tail": args.tail,
                 "eval": report["eval"], "calibration": calib_info, "layers": layers}
         _log(f"quantizing the kept weights to {spec}")
-        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp)
+        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp, **quant_opts)
         if not args.no_eval and source.kind == "causal-lm":
             _log("evaluating the quantized model (dequantized weights, fp32 activations)")
             quant["ppl"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids).ppl

@@ -20,7 +20,8 @@ _p = ctypes.c_void_p
 class MatStruct(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
                 ("keep", ctypes.c_int32), ("group", ctypes.c_int32), ("group_blocks", ctypes.c_int32),
-                ("values", _p), ("mask", _p), ("scales", _p), ("bias", _p), ("wsum", _p), ("index", _p)]
+                ("values", _p), ("mask", _p), ("scales", _p), ("bias", _p), ("wsum", _p), ("index", _p),
+                ("levels", _p)]
 
 
 class ModelStruct(ctypes.Structure):

@@ -36,6 +36,7 @@ class PackedMat:
     bias: torch.Tensor | None = None
     group_blocks: int = 1
     _tables: tuple[torch.Tensor | None, torch.Tensor | None] | None = field(default=None, init=False, repr=False)
+    levels: torch.Tensor | None = None  # int4 only: int8 (16,) table, nibble n stands for levels[n] (else n - 8)
 
     @property
     def keep(self) -> int:
@@ -50,9 +51,10 @@ class PackedMat:
         return 64 * self.keep // self.group
 
     def nbytes(self) -> int:
-        """Bytes the decode kernel reads for one token (values, mask or positions, scales, code sums, bias)."""
+        """Bytes the decode kernel reads for one token (values, mask or positions, scales, code sums, bias,
+        level table)."""
         wsum, index = self.decode_tables()
-        parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias)
+        parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias, self.levels)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def decode_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -76,7 +78,8 @@ class PackedMat:
 
         wsum, index = self.decode_tables()
         return MatStruct(KINDS[self.kind], self.rows, self.cols, self.keep, self.group, self.group_blocks,
-                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias), ptr(wsum), ptr(index))
+                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias), ptr(wsum), ptr(index),
+                         ptr(self.levels))
 
     def kept_mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -98,8 +101,9 @@ class PackedMat:
             flat = self.values
         else:
             packed = self.values.reshape(self.rows, -1, 32)
-            lo, hi = (packed & 15).to(torch.int8), (packed >> 4).to(torch.int8)
-            flat = (torch.cat([lo, hi], dim=-1) - 8).reshape(self.rows, -1)
+            lo, hi = (packed & 15).long(), (packed >> 4).long()
+            nibbles = torch.cat([lo, hi], dim=-1).reshape(self.rows, -1)
+            flat = (nibbles - 8 if self.levels is None else self.levels.long()[nibbles]).to(torch.int8)
         return flat[:, : nb * self.k64].reshape(self.rows, nb, self.k64)
 
     def dense_weight(self) -> torch.Tensor:
@@ -169,32 +173,43 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     return p
 
 
-def code_values(codes: torch.Tensor, kind: str) -> torch.Tensor:
-    """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units."""
+def code_values(codes: torch.Tensor, kind: str, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units.
+    With ``levels`` (int4), each code is stored as its index in the table (padding: index 0)."""
     rows = codes.shape[0]
     flat = codes.reshape(rows, -1)
-    flat = torch.cat([flat, flat.new_zeros(rows, -flat.shape[1] % 64)], dim=1)
+    pad = -flat.shape[1] % 64
     if kind == "int8":
-        return flat.contiguous()
-    u = (flat + 8).to(torch.uint8).reshape(rows, -1, 64)
+        return torch.cat([flat, flat.new_zeros(rows, pad)], dim=1).contiguous()
+    if levels is None:
+        nibbles = flat.long() + 8
+    else:
+        nibbles = torch.searchsorted(levels.long(), flat.long().contiguous())
+    nibbles = torch.cat([nibbles, nibbles.new_full((rows, pad), 0 if levels is not None else 8)], dim=1)
+    u = nibbles.to(torch.uint8).reshape(rows, -1, 64)
     return (u[..., :32] | (u[..., 32:] << 4)).reshape(rows, -1).contiguous()
 
 
 def from_codes(codes: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor, pattern: NM | None, bits: int,
-               group_blocks: int, bias: torch.Tensor | None = None) -> PackedMat:
+               group_blocks: int, bias: torch.Tensor | None = None,
+               levels: tuple[int, ...] | None = None) -> PackedMat:
     """A quantized PackedMat straight from codes (rows, blocks, k64), fp16 scales and the kept mask
-    (rows, cols), e.g. from a calibrated quantization, with no re-rounding."""
+    (rows, cols), e.g. from a calibrated quantization, with no re-rounding. ``levels``: the INT4 table
+    the codes are values of (stored as their indices)."""
     kind = "int8" if bits == 8 else "int4"
     rows, cols = keep.shape
-    spec = QuantSpec(bits, group_blocks)
+    spec = QuantSpec(bits, group_blocks, levels)
     if codes.shape != (rows, cols // 64, 64 * (pattern.keep if pattern else 1) // (pattern.group if pattern else 1)):
         raise UserError(f"codes of shape {tuple(codes.shape)} do not fit a {rows}x{cols} {pattern or 'dense'} weight")
     if int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax:
         raise UserError(f"codes outside the INT{bits} range [{spec.qmin}, {spec.qmax}]")
+    table = None if levels is None else torch.tensor(levels, dtype=torch.int8)
+    if table is not None and not bool(torch.isin(codes.long(), table.long()).all()):
+        raise UserError("codes that are not levels of the given INT4 table")
     mask = None if pattern is None else pack_bits(keep)
     b = None if bias is None else bias.detach().float().contiguous()
-    return PackedMat(kind, rows, cols, pattern, code_values(codes.to(torch.int8), kind), mask,
-                     scales.to(torch.float16).contiguous(), b, group_blocks)
+    return PackedMat(kind, rows, cols, pattern, code_values(codes.to(torch.int8), kind, table), mask,
+                     scales.to(torch.float16).contiguous(), b, group_blocks, table)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

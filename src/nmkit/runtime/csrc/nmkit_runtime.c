@@ -9,7 +9,8 @@
  *   kind Q8 / Q4    : a row's kept values in units of 64 (a unit spans 64/k64 whole 64-input blocks,
  *                     k64 = 64*keep/group kept per block; the row's last unit is zero-padded). Q8: one
  *                     int8 per value. Q4: 32 bytes per unit, byte j holding value j (low nibble) and
- *                     value j + 32 (high nibble) as q + 8. One fp16 scale per row and scale group.
+ *                     value j + 32 (high nibble) as q + 8, or as the index of q in the matrix's
+ *                     optional 16-level table. One fp16 scale per row and scale group.
  *   mask            : rows x cols/8 bytes, bit j of byte b <-> column 8b + j (little endian, so 8 bytes
  *                     are the uint64 mask of one 64-input block); NULL when keep == group (dense)
  * "N:M" keeps N (keep) of every M (group) consecutive inputs; group is 2, 4, 8 or 16.
@@ -67,6 +68,7 @@ typedef struct {
     const int16_t *wsum;    /* quantized kinds: rows x blocks, the sum of each 64-input block's kept codes */
     const uint8_t *index;   /* quantized 1:4 and 2:4: the kept values' positions in their group of 4, 2 bits
                              * each, 16 bytes per unit (order: see q_unit_x_index); else NULL */
+    const int8_t *levels;   /* Q4 only, optional: 16 int8 levels, nibble n stands for levels[n] (else n - 8) */
 } nmr_mat;
 
 typedef struct {
@@ -183,7 +185,8 @@ static inline __attribute__((always_inline)) float dot_quant_row(const nmr_mat *
                 w = ((const int8_t *)W->values)[(int64_t)r * units_per_row(W) * 64 + g];
             } else {
                 const uint8_t byte = ((const uint8_t *)W->values)[(int64_t)r * units_per_row(W) * 32 + g / 64 * 32 + g % 32];
-                w = (g % 64 < 32 ? (byte & 15) : (byte >> 4)) - 8;
+                const int nib = g % 64 < 32 ? (byte & 15) : (byte >> 4);
+                w = W->levels ? W->levels[nib] : nib - 8;
             }
             dot += w * ((int)x->q[b * 64 + c] - 128);
             j++;
@@ -237,11 +240,19 @@ static inline __attribute__((always_inline)) T512 __mmask64 low_bytes(int n) {
  * block's dot carries 128 x (the sum of its codes): the packed sums (W->wsum) take that off once per
  * 16 blocks rather than with a second dot product per unit. P is a compile-time constant in each
  * instance below, so the gathers unroll. */
-static inline __attribute__((always_inline)) T512 __m512i q_unit_weights(const uint8_t *wp, int q4) {
+/* A unit's 64 weights as int8: INT8 as stored; INT4 nibbles minus 8, or looked up in the matrix's
+ * 16-level table (lut: the table in every 128-bit lane; one vpshufb maps 64 nibbles). */
+static inline __attribute__((always_inline)) T512 __m512i q_unit_weights(const uint8_t *wp, int q4, const int8_t *levels,
+                                                                         __m512i lut) {
     if (!q4) return _mm512_loadu_si512(wp);
     const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     const __m512i t = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)wp));
-    return _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(t, shifts), _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
+    const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(t, shifts), _mm512_set1_epi8(15));
+    return levels ? _mm512_shuffle_epi8(lut, nib) : _mm512_sub_epi8(nib, _mm512_set1_epi8(8));
+}
+
+static inline __attribute__((always_inline)) T512 __m512i level_lut(const nmr_mat *W) {
+    return W->levels ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)W->levels)) : _mm512_setzero_si512();
 }
 
 /* The gather by mask: one vpcompressb per block. */
@@ -323,6 +334,7 @@ static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W,
     const uint64_t *mk = W->mask ? (const uint64_t *)(W->mask + (int64_t)r * (W->cols / 8)) : NULL;
     const uint16_t *sc = W->scales + (int64_t)r * ns;
     const int16_t *ws = W->wsum + (int64_t)r * nb;
+    const __m512i lut = level_lut(W);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), sums = _mm512_setzero_ps();
     for (int b = 0, c = 0; b < nb; b += 16, c++) {
         const __m512 sxv = _mm512_mul_ps(_mm512_loadu_ps(xs + b),
@@ -335,7 +347,7 @@ static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W,
 #define UNIT(ACC, B0, J)                                                                                        \
     ACC = q_unit_dot(ACC, by_index ? q_unit_x_index(x->q, ip, B0, nb, P, k->fields_at, k->base)                  \
                                    : q_unit_x(x->q, mk, B0, nb, P),                                            \
-                     q_unit_weights(wp, q4), _mm512_permutexvar_ps(_mm512_add_epi32(k->lane_idx,                 \
+                     q_unit_weights(wp, q4, W->levels, lut), _mm512_permutexvar_ps(_mm512_add_epi32(k->lane_idx,                 \
                                                                                     _mm512_set1_epi32((J) * P)), sxv)); \
     wp += ubytes;                                                                                               \
     if (by_index) ip += 16;
@@ -613,12 +625,12 @@ static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, in
     const int k64 = k64_of(W), P = 64 / k64, q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;
     const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * units_per_row(W) * ubytes;
     const uint16_t *sc = W->scales + (int64_t)r * n_scales(W);
-    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i ones = _mm512_set1_epi8(1), lut = level_lut(W);
     __m512i unit = _mm512_setzero_si512();
     for (int b = 0; b < nb; b++) {
         const int at = (b % P) * k64; /* this block's first kept value within its unit */
         if (at == 0) {
-            unit = q_unit_weights(wp, q4);
+            unit = q_unit_weights(wp, q4, W->levels, lut);
             wp += ubytes;
         }
         const __m512i kept = P == 1 ? unit : _mm512_maskz_compress_epi8((__mmask64)(low_bytes(k64) << at), unit);
@@ -895,6 +907,7 @@ static unsigned kind_bit(const nmr_mat *W) { return 1u << W->kind; }
 static int mat_ok(const nmr_mat *W) {
     if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
+    if (W->levels && W->kind != K_Q4) return 0;
     return !W->index || (W->kind >= K_Q8 && W->group == 4 && (W->keep == 1 || W->keep == 2));
 }
 
