@@ -54,9 +54,11 @@ class SparseTensorCoreGPU:
     """An NVIDIA GPU with sparse tensor cores: 2:4 runs on them, every other pattern runs dense.
 
     Per layer: launch latency + roofline of the GEMM. Dense: 2*B*out*in flops at ``peak_tflops`` x
-    ``efficiency``; bytes are the fp16 weight plus activations. 2:4: half the flops at twice the peak
-    times ``sparse_efficiency`` (the fraction of the 2x that shipped kernels attain), half the values plus
-    2 bits of metadata per kept value.
+    ``efficiency``; bytes are the fp16 weight plus activations. 2:4: the flops at twice the peak
+    times ``sparse_efficiency`` (the fraction of the 2x that shipped kernels attain); of the bytes 2:4
+    could save (half the values, plus 2 bits of metadata per kept value), ``sparse_bytes_gain`` is
+    realised: shipped kernels pad small batches to full tiles, so at decode they read about what dense
+    reads (gain 0, the published batch-1 figure in docs/plan.md).
     """
 
     name: str
@@ -64,6 +66,7 @@ class SparseTensorCoreGPU:
     mem_gbps: float
     efficiency: float = 0.7  # fraction of the dense peak a GEMM reaches
     sparse_efficiency: float = 0.65  # fraction of the ideal 2x that the 2:4 kernels reach (compute side)
+    sparse_bytes_gain: float = 0.0  # fraction of the ideal byte saving realised (memory-bound side)
     bw_efficiency: float = 0.8  # fraction of memory bandwidth reached
     launch_us: float = 4.0
     dtype_bytes: int = 2
@@ -78,11 +81,13 @@ class SparseTensorCoreGPU:
         acts = batch * (out + inp) * self.dtype_bytes
         peak = self.peak_tflops * 1e12 * self.efficiency
         bw = self.mem_gbps * 1e9 * self.bw_efficiency
+        dense_weights = out * inp * self.dtype_bytes
         if pattern == "2:4":
-            weights = out * inp * 0.5 * self.dtype_bytes + out * inp * 0.5 * 2 / 8  # values + 2-bit indices
-            t = _roofline(flops / 2, weights + acts, peak * 2 * self.sparse_efficiency, bw)
+            ideal = out * inp * 0.5 * self.dtype_bytes + out * inp * 0.5 * 2 / 8  # values + 2-bit indices
+            weights = dense_weights - self.sparse_bytes_gain * (dense_weights - ideal)
+            t = _roofline(flops, weights + acts, peak * 2 * self.sparse_efficiency, bw)  # dense-equivalent flops
         else:  # dense, and the dense fallback of every other pattern
-            t = _roofline(flops, out * inp * self.dtype_bytes + acts, peak, bw)
+            t = _roofline(flops, dense_weights + acts, peak, bw)
         return self.launch_us * 1e-6 + t
 
     def overhead(self, model: ModelShape, batch: int, dtype: str | None = None) -> float:
