@@ -245,10 +245,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                       "seed": args.calib_seed}
     model = models.load(source).to(device)
-    found = {t.name for t in find_targets(model, args.include, args.exclude)}  # fail on an empty selection
-    if layer_plan is not None and set(layer_plan) - found:
-        missing = sorted(set(layer_plan) - found)
+    if layer_plan is not None and set(layer_plan) - {t.name for t in find_targets(model)}:
+        missing = sorted(set(layer_plan) - {t.name for t in find_targets(model)})
         raise UserError(f"--plan names layer {missing[0]} which {source.name} does not have; plan this model again")
+    find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
     if plan is not None:
         sparsify_plan(model, plan)  # every recipe glob must select a layer
     load_s = time.perf_counter() - t0
