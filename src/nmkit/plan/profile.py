@@ -35,7 +35,7 @@ from nmkit.runtime.engine import Engine
 from nmkit.runtime.pack import SUPPORTED_GROUPS, native_matmul, pack
 from nmkit.solvers.nm import nm_mask
 
-STREAM_BYTES = 64 << 20  # copies of a matrix per timing sweep: more than any last-level cache here
+STREAM_BYTES = 128 << 20  # copies of a matrix per timing sweep: several times any last-level cache
 VERSION = 1
 
 
@@ -122,7 +122,7 @@ def time_matrix(shape: tuple[int, int], pattern: str, batch: int, kind: str, thr
     gen = torch.Generator().manual_seed(0)
     one = pack(_prune_like(torch.randn(shape, generator=gen), pattern), kind,
                None if pattern == DENSE else NM.parse(pattern))
-    copies = max(4, min(256, STREAM_BYTES // max(one.nbytes(), 1)))
+    copies = max(4, min(4096, STREAM_BYTES // max(one.nbytes(), 1)))
     mats = [one] + [pack(_prune_like(torch.randn(shape, generator=gen), pattern), kind, one.pattern)
                     for _ in range(copies - 1)]
     x = torch.randn(batch, shape[1], generator=gen)
