@@ -180,6 +180,10 @@ def measure(model: nn.Module, shape: ModelShape, kind: str, threads: int, batch:
 
     overhead = max(0.0, steps[DENSE] - summed(DENSE))
     scale = {p: (steps[p] - overhead) / summed(p) for p in patterns}
+    if any(s <= 0 for s in scale.values()):  # a sparse step faster than the fixed part: the timings were disturbed
+        shown = ", ".join(f"{p} {1e3 * t:.1f} ms" for p, t in steps.items())
+        raise UserError(f"the CPU profile is inconsistent (steps: {shown}); the machine was busy: rerun "
+                        "`nmkit plan MODEL --profile` on a quiet machine")
     return {"version": VERSION, "kind": kind, "threads": threads, "batch": batch, "arch": shape.key,
             "isa": native.best_isa(), "matrices": matrices, "steps_s": steps, "overhead_s": overhead,
             "scale": scale, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
