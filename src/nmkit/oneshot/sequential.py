@@ -191,6 +191,7 @@ def prune_sequential(
     permute: bool = False,
     permute_budget_s: float = 1.0,
     keep_checkpoint: bool = False,
+    layer_patterns: dict[str, Pattern | str] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place block by block with calibration ``samples`` (K, L) token ids.
 
@@ -200,9 +201,11 @@ def prune_sequential(
     block's absorbable input channels (see :mod:`nmkit.oneshot.permute`), ``permute_budget_s`` seconds
     of search per layer. The checkpoint is removed at the end unless ``keep_checkpoint`` (the CLI keeps
     it until the output is saved, so a failed save loses nothing). Without ``resume`` an existing
-    checkpoint in ``checkpoint_dir`` is replaced.
+    checkpoint in ``checkpoint_dir`` is replaced. ``layer_patterns``: layer name -> pattern for layers
+    that take another pattern than ``pattern`` (a per-layer plan, pruned in the same single pass).
     """
     pattern = parse(pattern)
+    per_layer = {name: parse(p) for name, p in (layer_patterns or {}).items()}
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     options = options or {}
@@ -211,11 +214,13 @@ def prune_sequential(
     check_prunable(model, targets)
     for t in targets:
         try:
-            group = getattr(pattern, "group", None)
+            group = getattr(per_layer.get(t.name, pattern), "group", None)
             if group:
                 check_tail(_out_in(t).shape[1], group, tail)
         except PatternError as exc:
             raise UserError(f"layer {t.name} {list(t.weight.shape)}: {exc}") from None
+    if permute and per_layer:
+        raise UserError("--permute is not supported with per-layer patterns (a plan)")
     if permute and not permutable(pattern):
         raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
     prefix, blocks = find_blocks(model)
@@ -223,6 +228,7 @@ def prune_sequential(
 
     config = {"pattern": str(pattern), "method": method, "options": options, "include": include,
               "exclude": exclude, "tail": tail, "samples": list(samples.shape),
+              **({"layer_patterns": {k: str(v) for k, v in per_layer.items()}} if per_layer else {}),
               "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(),
               **({"permute": permute_budget_s} if permute else {}), **(run_config or {})}
     ckpt = None
@@ -272,14 +278,15 @@ def prune_sequential(
                                         "it produces non-finite activations); check the model's weights, or prune "
                                         "with --method magnitude")
                     w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
+                    layer_pattern = per_layer.get(t.name, pattern)
                     try:
-                        w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
+                        w_new = METHODS[method].solve(w_old, stats, layer_pattern, tail=tail, **options)
                     except PatternError as exc:  # e.g. NaN scores from overflowing activations
                         raise UserError(f"layer {t.name}: {exc}") from None
                     _write_back(t, w_new)
                     faults.point(f"mid-block-{i}")
-                    info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-                    result.layers.append(LayerResult(t.name, info["shape"], str(pattern), info["sparsity"],
+                    info = summarize(t.weight, layer_pattern, dim=t.reduce_dim, tail=tail)
+                    result.layers.append(LayerResult(t.name, info["shape"], str(layer_pattern), info["sparsity"],
                                                      info["valid"], reconstruction_error(w_old, w_new, stats)))
             hidden = run_block(block, hidden, kwargs, batch)
             if ckpt:
