@@ -140,13 +140,16 @@ def _quantized_dir(tmp_path, spec: QuantSpec, dtype: torch.dtype = torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("spec", [QuantSpec(8, 1), QuantSpec(4, 2)], ids=["int8", "int4-g2"])
+@pytest.mark.parametrize("spec", [QuantSpec(8, 1), QuantSpec(4, 2),
+                                  QuantSpec(4, 1, (-100, -70, -50, -36, -25, -16, -8, -2, 3, 9, 17, 26, 38, 52, 72, 110))],
+                         ids=["int8", "int4-g2", "int4-levels"])
 def test_from_pretrained_reads_quantized_dirs_as_nmkit_load(tmp_path, spec, dtype):
     from transformers import AutoModelForCausalLM
 
     out = _quantized_dir(tmp_path, spec, dtype)
     mats, _, _ = read_packed(out)
     assert {m.kind for m in mats.values()} == {f"int{spec.bits}"} and any(m.mask is None for m in mats.values())
+    assert all((m.levels is not None) == (spec.levels is not None) for m in mats.values())
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {layer["format"] for layer in cfg["layers"].values()} == {"nm-quantized"}
     card = (out / "README.md").read_text()  # the model card says what loads it

@@ -50,6 +50,7 @@ from nmkit.formats.mapped import ReleaseQueue
 from nmkit.formats.nm import NMTensor
 from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
+from nmkit.runtime.pack import PackedMat
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,10 @@ def _build_nm_bitmask(layer: dict, tensors: dict[str, torch.Tensor], bias: torch
 def _build_nm_quantized(layer: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
                         dtype: torch.dtype) -> nn.Module:
     """A dense Linear holding the dequantized weight (zeros where pruned), as nmkit.load builds it."""
-    from nmkit.runtime.pack import PackedMat  # the runtime's loader: only for files that hold quantized layers
-
     rows, cols = layer["shape"]
     pattern = None if layer["pattern"] == "dense" else NM.parse(layer["pattern"])
     mat = PackedMat(layer["kind"], rows, cols, pattern, tensors["_values"], tensors.get("_mask"), tensors["_scales"],
-                    group_blocks=layer["group_blocks"])
+                    group_blocks=layer["group_blocks"], levels=tensors.get("_levels"))
     with torch.device("meta"):
         mod = nn.Linear(cols, rows, bias=bias is not None, dtype=dtype)
     mod.weight = nn.Parameter(mat.dense_weight().to(dtype), requires_grad=False)
@@ -93,7 +92,8 @@ def _build_nm_quantized(layer: dict, tensors: dict[str, torch.Tensor], bias: tor
 
 
 def _quantized_suffixes(layer: dict) -> tuple[str, ...]:
-    return ("_values", "_scales") if layer["pattern"] == "dense" else ("_values", "_mask", "_scales")
+    parts = ("_values", "_scales") if layer["pattern"] == "dense" else ("_values", "_mask", "_scales")
+    return parts + (("_levels",) if layer.get("levels") else ())
 
 
 # Stored layer format -> layout and builder (see nmkit.formats.hf_config for the formats).

@@ -8,7 +8,8 @@ new format name, and an older nmkit says plainly that it cannot read it. Two for
   (:mod:`nmkit.formats.nm`), stored as ``P.weight_values`` and ``P.weight_mask``;
 - ``nm-quantized`` (``nmkit quantize``): INT8/INT4 codes in the runtime's packed layout, the mask
   (absent for a dense layer) and fp16 group scales (:mod:`nmkit.quant.storage`), stored as
-  ``P.weight_values``, ``P.weight_mask`` and ``P.weight_scales``; the entry adds ``kind`` and ``group_blocks``.
+  ``P.weight_values``, ``P.weight_mask`` and ``P.weight_scales`` (and ``P.weight_levels``, an INT4 level
+  table, when the entry's ``levels`` is true); the entry adds ``kind``, ``group_blocks`` and ``levels``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _entry(layer: dict) -> dict:
     fmt = layer_format(layer)
     entry = {"format": fmt, "pattern": layer["pattern"], "shape": [int(s) for s in layer["shape"]]}
     if fmt == NM_QUANTIZED:
-        entry.update(kind=layer["kind"], group_blocks=int(layer["group_blocks"]))
+        entry.update(kind=layer["kind"], group_blocks=int(layer["group_blocks"]), levels=bool(layer.get("levels")))
     return entry
 
 

@@ -84,7 +84,7 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
                 tensors[f"{name}.weight_{part}"] = t.contiguous()
         entries[name] = {**entries.get(name, {"pattern": str(mat.pattern) if mat.pattern else "dense", "dim": 1,
                                               "shape": [mat.rows, mat.cols]}),
-                         "kind": mat.kind, "group_blocks": mat.group_blocks,
+                         "kind": mat.kind, "group_blocks": mat.group_blocks, "levels": mat.levels is not None,
                          "bits_per_weight": round(bits_per_weight(mat), 4)}
     for guard in hf_config.guard_names(layers):
         tensors[guard] = torch.empty(0, dtype=torch.uint8)
