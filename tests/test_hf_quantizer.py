@@ -139,9 +139,11 @@ def _quantized_dir(tmp_path, spec: QuantSpec, dtype: torch.dtype = torch.float32
     return out
 
 
+FITTED_LEVELS = (-100, -70, -50, -36, -25, -16, -8, -2, 3, 9, 17, 26, 38, 52, 72, 110)  # an INT4 level table
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("spec", [QuantSpec(8, 1), QuantSpec(4, 2),
-                                  QuantSpec(4, 1, (-100, -70, -50, -36, -25, -16, -8, -2, 3, 9, 17, 26, 38, 52, 72, 110))],
+@pytest.mark.parametrize("spec", [QuantSpec(8, 1), QuantSpec(4, 2), QuantSpec(4, 1, FITTED_LEVELS)],
                          ids=["int8", "int4-g2", "int4-levels"])
 def test_from_pretrained_reads_quantized_dirs_as_nmkit_load(tmp_path, spec, dtype):
     from transformers import AutoModelForCausalLM
