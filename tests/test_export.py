@@ -16,14 +16,14 @@ from nmkit.nn import SparseLinear
 from nmkit.solvers.nm import nm_mask
 
 
-def _pruned_dir(tmp_path, pattern="2:4", dtype=torch.float32, hidden=64, name="src", heads=4):
+def _pruned_dir(tmp_path, pattern="2:4", dtype=torch.float32, hidden=64, name="src", heads=4, bias=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from nmkit import sidecar
 
     cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, attention_bias=bias)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     layers = {}

@@ -10,13 +10,16 @@ import torch
 
 from nmkit import models, sidecar
 from nmkit.cli import main
+from nmkit.errors import UserError
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
-from nmkit.quant.gptq import quantize_layer, quantize_model, round_to_nearest
+from nmkit.quant.gptq import least_squares_scales, quantize_layer, quantize_model, refine_codes, round_to_nearest
+from nmkit.quant.nm_quant import fit_levels
 from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
+from nmkit.runtime import native
 from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
-from nmkit.runtime.pack import pack
+from nmkit.runtime.pack import from_codes, native_matmul, pack, reference_matmul
 from nmkit.solvers.nm import nm_mask
 from tests.test_runtime import _tiny_llama
 
@@ -58,6 +61,98 @@ def test_gptq_output_error_below_round_to_nearest(spec):
     rtn = round_to_nearest(w, pattern, spec, importance=h.diagonal()).dequantized()
     err = lambda wq: torch.linalg.norm((wq - w) @ x.T)  # noqa: E731
     assert err(gptq) < err(rtn)
+
+
+OPTIONS = [{}, {"act_order": True}, {"refit_scales": True}, {"refine": 2},
+           {"act_order": True, "refit_scales": True, "refine": 2}]
+
+
+def _output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    d = (wq - w).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2), QuantSpec(8, 1)],
+                         ids=lambda s: f"{s}g{s.group_blocks}")
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4)], ids=str)
+def test_gptq_options_keep_the_pattern_exact_and_are_deterministic(pattern, spec, options):
+    w, x = _layer(24, 320, pattern, seed=2)
+    q = quantize_layer(w, x.T @ x, pattern, spec, **options)
+    assert torch.equal(q.keep, w != 0)  # the same N:M mask, every group exactly N kept
+    assert bool((q.keep.reshape(24, -1, pattern.group).sum(-1) == pattern.keep).all())
+    assert int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    assert q.scales.dtype == torch.float16 and bool((q.scales.float() >= 0).all())
+    assert torch.equal(packed_layer(q).dense_weight(), q.dequantized())
+    again = quantize_layer(w, x.T @ x, pattern, spec, **options)
+    assert torch.equal(again.codes, q.codes) and torch.equal(again.scales, q.scales)
+
+
+def test_act_order_with_equal_input_energies_is_the_plain_sweep():
+    # every diag(X^T X) equal: the stable order is the column order, so nothing may change
+    w, _ = _layer(16, 256, NM(2, 4), seed=3)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(256, 256, generator=g)
+    h = a @ a.T
+    h.diagonal().fill_(float(h.diagonal().max()))  # raising the diagonal keeps it positive definite
+    plain = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    ordered = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1), act_order=True)
+    assert torch.equal(plain.codes, ordered.codes) and torch.equal(plain.scales, ordered.scales)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2)], ids=lambda s: f"g{s.group_blocks}")
+def test_refine_codes_never_raises_the_output_error_and_is_a_fixed_point_of_itself(spec):
+    w, x = _layer(32, 256, NM(2, 4), seed=4)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), spec)
+    errors = [_output_error(w, q.dequantized(), h)]
+    for _ in range(4):
+        refine_codes(q, w, h)
+        errors.append(_output_error(w, q.dequantized(), h))
+        assert torch.equal(q.dequantized()[~q.keep], torch.zeros(int((~q.keep).sum())))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < errors[0]
+
+
+def test_refine_codes_step_is_the_best_single_code_change():
+    # brute force: after a pass, no single +-1 move of a code in the last column (whose decision no later
+    # step revisits) lowers the output error
+    w, x = _layer(8, 64, NM(2, 4), seed=5)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    refine_codes(q, w, h)
+    base = _output_error(w, q.dequantized(), h)
+    col = 63
+    rows = torch.nonzero(q.keep[:, col]).flatten().tolist()
+    index = q.keep.cumsum(1)[:, col] - 1  # position of (row, col) among the row's kept values
+    for r in rows:
+        for step in (-1, 1):
+            codes = q.codes.clone().reshape(8, -1)
+            k = int(index[r])
+            if not q.spec.qmin <= int(codes[r, k]) + step <= q.spec.qmax:
+                continue
+            codes[r, k] += step
+            trial = type(q)(q.pattern, q.spec, q.keep, codes.reshape(q.codes.shape), q.scales)
+            assert _output_error(w, trial.dequantized(), h) >= base * (1 - 1e-6)
+
+
+def test_least_squares_scales_match_a_dense_least_squares_solve():
+    w, x = _layer(6, 192, NM(2, 4), seed=6)
+    h = x.T @ x
+    q = quantize_layer(w, h, NM(2, 4), QuantSpec(4, 1))
+    scales = least_squares_scales(q, w, h)
+    # row by row: columns = each group's codes, solved by lstsq on the outputs X^T
+    for r in range(6):
+        basis = torch.zeros(3, 192)
+        full = torch.zeros(192)
+        full[q.keep[r]] = q.codes[r].float().reshape(-1)
+        for g in range(3):
+            basis[g, 64 * g : 64 * (g + 1)] = full[64 * g : 64 * (g + 1)]
+        sol = torch.linalg.lstsq((basis @ x.T).T.double(), (w[r] @ x.T).double().unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(scales[r].float(), sol.float().half().float(), rtol=2e-3)
+    before = _output_error(w, q.dequantized(), h)
+    q.scales = scales
+    assert _output_error(w, q.dequantized(), h) <= before
 
 
 def test_quantize_model_writes_back_quantized_weights():
@@ -109,6 +204,62 @@ def test_storage_round_trip_is_bit_exact(tmp_path, kind, group_blocks, bias):
     assert torch.equal(direct, stored)
 
 
+def test_fit_levels_gives_16_distinct_sorted_int8_levels_deterministically():
+    w, x = _layer(32, 256, NM(2, 4), seed=7)
+    kept = w[w != 0].reshape(32, 4, 32)
+    imp = (x * x).sum(0).expand(32, 256)[w != 0].reshape(32, 4, 32)
+    levels = fit_levels(kept, imp)
+    assert len(levels) == 16 and list(levels) == sorted(set(levels)) and -127 <= levels[0] and levels[-1] <= 127
+    assert max(abs(levels[0]), abs(levels[-1])) == 127 and fit_levels(kept, imp) == levels
+    # N:M keeps the large weights: the fitted table spends no level on the empty middle
+    assert min(abs(v) for v in levels) > 127 / 16
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 1), QuantSpec(4, 2)], ids=lambda s: f"g{s.group_blocks}")
+def test_fitted_grid_keeps_the_pattern_round_trips_and_lowers_the_error(spec):
+    w, x = _layer(32, 256, NM(2, 4), seed=8)
+    h = x.T @ x
+    uniform = quantize_layer(w, h, NM(2, 4), spec)
+    fitted = quantize_layer(w, h, NM(2, 4), spec, fit_grid=True)
+    assert fitted.spec.levels is not None and torch.equal(fitted.keep, w != 0)
+    assert bool(torch.isin(fitted.codes.long(), torch.tensor(fitted.spec.levels)).all())
+    assert _output_error(w, fitted.dequantized(), h) < _output_error(w, uniform.dequantized(), h)
+    mat = packed_layer(fitted)
+    assert mat.kind == "int4" and mat.values.dtype == torch.uint8 and torch.equal(mat.codes(), fitted.codes)
+    assert torch.equal(mat.dense_weight(), fitted.dequantized())
+    # the C kernels read the table themselves: every ISA path equals the reference
+    xs = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    if native.available():
+        ref = reference_matmul(mat, xs)
+        for isa in native.supported_isas():
+            y = native_matmul(mat, xs, native.ISAS.index(isa))
+            assert float((y - ref).abs().max() / ref.abs().max()) < 2e-5, isa
+    with pytest.raises(UserError, match="not levels"):
+        from_codes(fitted.codes.clamp(-8, 7), fitted.scales, fitted.keep, NM(2, 4), 4, spec.group_blocks,
+                   levels=fitted.spec.levels)
+
+
+def test_levels_storage_round_trip_is_bit_exact_and_runs(tmp_path):
+    model = _tiny_llama(NM(2, 4))
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = quantize_model(model, calib, QuantSpec(4, 1), progress=False, fit_grid=True, refine=1)
+    mats = {n: packed_layer(layer, model.get_submodule(n).bias) for n, layer in result.layers.items()}
+    meta = {"layers": {n: {"pattern": "2:4", "dim": 1, "shape": [m.rows, m.cols]} for n, m in mats.items()},
+            "quant": {"version": 2}}
+    write_quantized(tmp_path / "q", model, mats, meta)
+    back, _, _ = read_packed(tmp_path / "q")
+    for name, m in mats.items():
+        for part in ("values", "mask", "scales", "levels"):
+            assert torch.equal(getattr(m, part), getattr(back[name], part)), part
+    loaded = models.load(str(tmp_path / "q"))
+    for name, m in mats.items():
+        assert torch.equal(loaded.get_submodule(name).weight, m.dense_weight())
+    ids = torch.arange(1, 17)
+    direct = Engine(model, weights="int4", head="fp32", max_seq=32, threads=1, packed=mats).forward(ids, True)
+    stored = Engine(loaded, weights="int4", head="fp32", max_seq=32, threads=1, packed=back).forward(ids, True)
+    assert torch.equal(direct, stored) and bool(torch.isfinite(direct).all())
+
+
 def test_bits_per_weight_of_2_4_int4():
     w = torch.randn(8, 1024)
     w = w * nm_mask(w.abs(), NM(2, 4))
@@ -151,6 +302,20 @@ def test_quantize_command_end_to_end(pruned_24, tiny_data_dir, tmp_path, capsys)
     assert result["weight_bytes_per_token"] > stored
 
 
+def test_quantize_command_fitted_grid_and_refine(pruned_24, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "w4f"
+    code = main(["quantize", str(pruned_24), "--quant", "w4", "--quant-grid", "fitted", "--quant-refine", "1",
+                 "--quant-act-order", "--calib-samples", "4", "--calib-seqlen", "32", "--data-dir", str(tiny_data_dir),
+                 "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["version"], summary["grid"], summary["refine"], summary["act_order"]) == (2, "fitted", 1, True)
+    mats, _, meta = read_packed(out)
+    assert meta["quant"]["version"] == 2 and all(m.levels is not None and m.kind == "int4" for m in mats.values())
+    assert all(m.pattern == NM(2, 4) for m in mats.values())
+    assert bench_main([str(out), "--decode", "2", "--prefill", "4", "--reps", "1", "--json"]) == 0
+
+
 def test_prune_with_quant_writes_a_quantized_dir(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "pq"
     code = main(["prune", str(tiny_model_dir), "--pattern", "2:4", "--method", "wanda", "--quant", "w8",
@@ -168,6 +333,9 @@ def test_prune_with_quant_writes_a_quantized_dir(tiny_model_dir, tiny_data_dir, 
     (["--quant", "w3"], "unsupported --quant 'w3': choose w8 (INT8) or w4 (INT4)"),
     (["--quant", "w4", "--quant-group", "48"], "choose one of 32, 64, 128, 256, 512"),
     (["--quant", "w4", "--quant-group", "1024"], "choose one of 32, 64, 128, 256, 512"),
+    (["--quant", "w8", "--quant-grid", "fitted"], "--quant-grid fitted needs --quant w4"),
+    (["--quant", "w4", "--quant-grid", "nf4"], "unknown --quant-grid 'nf4': choose uniform or fitted"),
+    (["--quant", "w4", "--quant-refine", "-1"], "--quant-refine must be in 0..16"),
 ])
 def test_bad_quant_input_exits_2_with_one_line_and_writes_nothing(pruned_24, tiny_model_dir, tiny_data_dir, tmp_path,
                                                                   capsys, extra, message):

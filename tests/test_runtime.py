@@ -12,7 +12,7 @@ from nmkit.errors import UserError
 from nmkit.patterns import NM
 from nmkit.runtime import Engine, complete, native
 from nmkit.runtime.engine import detect_nm
-from nmkit.runtime.pack import native_matmul, pack, quantize_activations, reference_matmul
+from nmkit.runtime.pack import from_codes, native_matmul, pack, quantize_activations, reference_matmul
 from nmkit.solvers.nm import nm_mask
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="runtime library not built")
@@ -50,6 +50,27 @@ def test_kernels_match_reference_on_every_isa(pattern, kind, shape):
                     assert err < 2e-5, (isa, group_blocks, tokens, threads, float(err))
 
 
+@pytest.mark.parametrize("pattern", [None, NM(2, 4), NM(1, 4), NM(2, 8)], ids=str)
+def test_int4_level_tables_match_reference_on_every_isa(pattern):
+    # a fitted 16-level table: the kernels look each nibble up instead of subtracting 8
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 37, 576
+    table = torch.sort(torch.randperm(255, generator=g)[:16] - 127).values.to(torch.int8)
+    scores = torch.rand(rows, cols, generator=g)
+    keep = torch.ones(rows, cols, dtype=torch.bool) if pattern is None else nm_mask(scores, pattern)
+    k64 = 64 * (pattern.keep if pattern else 1) // (pattern.group if pattern else 1)
+    codes = table[torch.randint(0, 16, (rows, cols // 64, k64), generator=g)]
+    scales = (torch.rand(rows, cols // 64, generator=g) + 0.5).half()
+    p = from_codes(codes, scales, keep, pattern, 4, 1, bias=torch.randn(rows), levels=tuple(table.tolist()))
+    assert torch.equal(p.codes(), codes)
+    for tokens in (1, 37):
+        x = torch.randn(tokens, cols) * 3
+        ref = reference_matmul(p, x)
+        for isa in _isas():
+            y = native_matmul(p, x, native.ISAS.index(isa), 2)
+            assert ((y - ref).abs().max() / ref.abs().max()) < 2e-5, (isa, tokens)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
@@ -81,6 +102,11 @@ def test_pack_refuses_a_weight_that_breaks_its_pattern():
         pack(torch.randn(4, 48), "fp32")
     with pytest.raises(UserError, match="unknown weight kind"):
         pack(torch.randn(4, 64), "int3")
+
+
+def test_pack_refuses_rows_wider_than_the_kernels_handle():
+    with pytest.raises(UserError, match="at most 65536"):
+        pack(torch.zeros(1, 65536 + 64), "int4")
 
 
 def test_activation_quantizer_matches_reference_bit_for_bit():
@@ -186,8 +212,10 @@ def test_engine_refuses_unsupported_models():
 
 def test_struct_layout_matches_c():
     # the C side reads these offsets; a reordered field would silently misread pointers
-    assert ctypes.sizeof(native.MatStruct) == 6 * 4 + 4 * 8
-    assert native.ModelStruct.embed.offset == 40
+    out = (ctypes.c_int64 * 4)()
+    native.lib().nmr_layout(out)
+    assert list(out) == [ctypes.sizeof(native.MatStruct), native.MatStruct.index.offset,
+                         ctypes.sizeof(native.ModelStruct), native.ModelStruct.vcache.offset]
 
 
 def test_engine_perplexity_equals_hf_perplexity():

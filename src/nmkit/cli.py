@@ -11,12 +11,13 @@ import importlib.util
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from nmkit import data, faults, model_card, models, preflight, recipe, resume, sidecar
 from nmkit.api import plan as sparsify_plan
 from nmkit.api import sparsify_
-from nmkit.commands.quantize import add_quant_arguments, parse_spec, quantize_pruned, write_output
+from nmkit.commands.quantize import add_quant_arguments, parse_spec, quant_options, quantize_pruned, write_output
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
 from nmkit.evaluate import DensePerplexityCache, embedding_fidelity, perplexity, protocol_for
@@ -26,6 +27,7 @@ from nmkit.oneshot import find_targets, prune
 from nmkit.oneshot.methods import METHODS, method_help
 from nmkit.outputs import atomic_directory, check_output_dir, write_failure
 from nmkit.patterns import NM, NM_HELP, parse
+from nmkit.plan import planfile
 from nmkit.report import machine, now, plot_layer_errors, prune_markdown
 from nmkit.selection import parse_layers
 
@@ -44,6 +46,7 @@ EXTRA_COMMANDS = {
     "quantize": ("nmkit.commands.quantize", "INT8/INT4 kept values for a pruned model (calibrated, mask fixed)"),
     "generate": ("nmkit.commands.generate", "generate text with the lean decode runtime (streamed, chat template)"),
     "serve": ("nmkit.commands.serve", "an OpenAI-compatible HTTP server on the lean decode runtime"),
+    "plan": ("nmkit.commands.plan", "choose a pattern per layer for a device and a speed target (plan.json)"),
 }
 
 
@@ -130,6 +133,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="YAML", default=None,
                    help="take pattern (and per-layer patterns by glob), method, calibration, include/exclude, "
                         "permute and tail from a YAML recipe (see nmkit.recipe); it replaces those flags")
+    p.add_argument("--plan", metavar="plan.json", default=None,
+                   help="prune each layer to the pattern `nmkit plan` chose for it (layers it keeps dense stay "
+                        "dense), with the plan's method; replaces --pattern, --include and --exclude")
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
@@ -188,6 +194,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
     # Validate everything cheap before loading anything heavy.
+    layer_plan = _read_plan(args) if args.plan else None
     plan = recipe.load(args.recipe) if args.recipe else None
     if plan is not None:  # the recipe replaces the flags it covers
         args.pattern, args.method, args.include, args.exclude = plan.pattern, plan.method, plan.include, plan.exclude
@@ -207,6 +214,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if type(pattern) is not NM:
             raise UserError(f"--quant needs a plain N:M --pattern (e.g. 2:4), not {pattern}")
         spec = parse_spec(args.quant, args.quant_group, pattern)
+        quant_opts = quant_options(args)
     elif args.quant_group is not None:
         raise UserError("--quant-group needs --quant w8 or w4")
     device = _device(args.device)
@@ -246,6 +254,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                       "seed": args.calib_seed}
     model = models.load(source).to(device)
+    if layer_plan is not None and set(layer_plan) - {t.name for t in find_targets(model)}:
+        missing = sorted(set(layer_plan) - {t.name for t in find_targets(model)})
+        raise UserError(f"--plan names layer {missing[0]} which {source.name} does not have; plan this model again")
     find_targets(model, args.include, args.exclude)  # fail on an empty selection before evaluating
     if plan is not None:
         sparsify_plan(model, plan)  # every recipe glob must select a layer
@@ -284,6 +295,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     "run_config": {"model": source.path, "calibration": calib_info, **_run_arguments(args)}}
         options |= {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
+    if layer_plan is not None:
+        options["layer_patterns"] = layer_plan
+        report["pattern"] = "mixed"
     if plan is None:
         result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
     else:
@@ -321,7 +335,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         meta = {"model": source.name, "method": args.method, "pattern": str(pattern), "tail": args.tail,
                 "eval": report["eval"], "calibration": calib_info, "layers": layers}
         _log(f"quantizing the kept weights to {spec}")
-        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp)
+        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp, **quant_opts)
         if not args.no_eval and source.kind == "causal-lm":
             _log("evaluating the quantized model (dequantized weights, fp32 activations)")
             quant["ppl"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids).ppl
@@ -341,8 +355,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             faults.point("during-save")
             tokenizer.save_pretrained(tmp)
             sidecar.write(tmp, layers, model=source.name, base=report["base"], method=args.method,
-                          pattern=str(pattern), tail=args.tail, eval=report["eval"], calibration=calib_info,
-                          **({"recipe": plan.to_dict()} if plan is not None else {}))
+                          pattern=report["pattern"], tail=args.tail, eval=report["eval"], calibration=calib_info,
+                          **({"recipe": plan.to_dict()} if plan is not None else {}),
+                          **({"plan": args.plan_record} if layer_plan is not None else {}))
             report["versions"] = sidecar.versions()
             (tmp / "report.json").write_text(dumps(report, indent=2) + "\n")
             (tmp / "report.md").write_text(prune_markdown(report))
@@ -364,6 +379,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(f"wrote {args.out}")
     print(dumps(report, indent=2) if args.json else prune_markdown(report))
     return 0
+
+
+def _read_plan(args: argparse.Namespace) -> dict[str, str]:
+    """--plan: the layers it prunes (name -> N:M); sets the method, pattern and selection flags from it."""
+    if args.recipe or args.include or args.exclude or args.quant is not None or args.permute:
+        raise UserError("--plan chooses each layer's pattern: drop --recipe, --include, --exclude, --quant and "
+                        "--permute (quantize afterwards with `nmkit quantize`)")
+    body = planfile.read(args.plan)
+    if args.method not in ("magnitude", body.get("method")):
+        raise UserError(f"--plan {args.plan} was made with {body.get('method')} sensitivities; drop --method "
+                        f"{args.method} (or plan again with --method {args.method})")
+    args.method = body.get("method") or args.method
+    pruned = {name: p for name, p in body["layers"].items() if p != "dense"}
+    if not pruned:
+        raise UserError(f"--plan {args.plan} keeps every layer dense; there is nothing to prune")
+    args.pattern = Counter(pruned.values()).most_common(1)[0][0]
+    args.include = sorted(pruned)
+    args.plan_record = {"file": str(args.plan), "device": body.get("device"),
+                        "target_speedup": body.get("target_speedup"), "predicted": body.get("predicted")}
+    return pruned
 
 
 # Flags that do not change what a prune computes: a resumed run may differ in them.

@@ -37,6 +37,8 @@ def dense_model(directory: str | Path, config, tensors: dict[str, torch.Tensor],
     allowed to be missing); a mismatch is one line naming ``directory``."""
     from transformers import AutoModelForCausalLM
 
+    if hasattr(config, "quantization_config"):  # nmkit's block is for from_pretrained; the tensors are dense here
+        del config.quantization_config
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -78,7 +80,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
             t = compress(tensors.pop(f"{name}.weight").to(dtype), pattern)
         mod.load_compressed(t)
         if old.bias is not None:
-            mod.bias.data.copy_(tensors.pop(f"{name}.bias"))
+            mod.bias.data.copy_(tensors[f"{name}.bias"])  # left in: load_state_dict below counts it as loaded
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, mod)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

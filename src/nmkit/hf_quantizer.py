@@ -9,17 +9,22 @@
    whose buffers carry the stored names (``weight_values``, ``weight_mask``), so transformers' own
    loader fills them with the compressed tensors as they are on disk (no dense copy);
 2. after loading, each placeholder becomes the module its stored layer format names
-   (:data:`LAYER_FORMATS`), e.g. :class:`nmkit.nn.SparseLinear` for ``"nm-bitmask"``.
+   (:data:`LAYER_FORMATS`): :class:`nmkit.nn.SparseLinear` for ``"nm-bitmask"`` (``nmkit export``),
+   an ``nn.Linear`` holding the dequantized weight for ``"nm-quantized"`` (``nmkit quantize``; the
+   same values as :func:`nmkit.quant.storage.load_quantized_model`).
 
 Coded files (``--codec zstd``) hold every tensor as a byte blob: the quantizer lets each blob in as it
 is (``param_needs_quantization``: shapes are not checked) and decodes them one by one afterwards.
 
 Without nmkit, transformers does not know ``quant_method: "nmkit"``, so every export also stores a
 0-element ``P.weight`` per compressed layer: stock transformers then stops with a size-mismatch error
-instead of loading random weights (nmkit's own readers skip these guards).
+instead of loading random weights (nmkit's own readers skip these guards). transformers' exception
+text cannot be set from a checkpoint; what names nmkit is its log: "Unknown quantization type, got
+nmkit" and, in the load report printed just before the error, the 0-element tensor
+:data:`~nmkit.formats.hf_config.INSTALL_HINT`, whose name says what to install.
 
-A new stored layer kind (e.g. quantized N:M with fp16 scales) is one more entry in
-:data:`LAYER_FORMATS`: the tensor suffixes it stores and a function that builds its module.
+A new stored layer kind is one more entry in :data:`LAYER_FORMATS`: the tensor suffixes it stores
+and a function that builds its module.
 """
 
 from __future__ import annotations
@@ -40,17 +45,19 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nmkit.formats import codec as tensor_codec
-from nmkit.formats.hf_config import FORMAT_VERSION, NM_BITMASK, QUANT_METHOD
+from nmkit.formats.hf_config import FORMAT_VERSION, INSTALL_HINT, NM_BITMASK, NM_QUANTIZED, QUANT_METHOD
+from nmkit.formats.mapped import ReleaseQueue
 from nmkit.formats.nm import NMTensor
 from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
+from nmkit.runtime.pack import PackedMat
 
 
 @dataclass(frozen=True)
 class LayerFormat:
     """How one kind of stored layer is laid out and which module it becomes."""
 
-    suffixes: tuple[str, ...]  # stored tensors of layer P, as P.weight<suffix>
+    suffixes: Callable[[dict], tuple[str, ...]]  # stored tensors of layer P (its config entry), as P.weight<suffix>
     build: Callable[[dict, dict[str, torch.Tensor], torch.Tensor | None, torch.dtype], nn.Module]
 
 
@@ -69,9 +76,30 @@ def _build_nm_bitmask(layer: dict, tensors: dict[str, torch.Tensor], bias: torch
     return mod
 
 
-# Stored layer format -> layout and builder. The canonical N:M values + bitmask of nmkit.formats.nm.
+def _build_nm_quantized(layer: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                        dtype: torch.dtype) -> nn.Module:
+    """A dense Linear holding the dequantized weight (zeros where pruned), as nmkit.load builds it."""
+    rows, cols = layer["shape"]
+    pattern = None if layer["pattern"] == "dense" else NM.parse(layer["pattern"])
+    mat = PackedMat(layer["kind"], rows, cols, pattern, tensors["_values"], tensors.get("_mask"), tensors["_scales"],
+                    group_blocks=layer["group_blocks"], levels=tensors.get("_levels"))
+    with torch.device("meta"):
+        mod = nn.Linear(cols, rows, bias=bias is not None, dtype=dtype)
+    mod.weight = nn.Parameter(mat.dense_weight().to(dtype), requires_grad=False)
+    if bias is not None:
+        mod.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return mod
+
+
+def _quantized_suffixes(layer: dict) -> tuple[str, ...]:
+    parts = ("_values", "_scales") if layer["pattern"] == "dense" else ("_values", "_mask", "_scales")
+    return parts + (("_levels",) if layer.get("levels") else ())
+
+
+# Stored layer format -> layout and builder (see nmkit.formats.hf_config for the formats).
 LAYER_FORMATS: dict[str, LayerFormat] = {
-    NM_BITMASK: LayerFormat(suffixes=("_values", "_mask"), build=_build_nm_bitmask),
+    NM_BITMASK: LayerFormat(suffixes=lambda layer: ("_values", "_mask"), build=_build_nm_bitmask),
+    NM_QUANTIZED: LayerFormat(suffixes=_quantized_suffixes, build=_build_nm_quantized),
 }
 
 
@@ -106,11 +134,13 @@ class _Stored(nn.Module):
     holds the compressed tensors of one layer at a time beside the built ones.
     """
 
-    def __init__(self, name: str, layer: dict, bias: bool, dtype: torch.dtype, tables: dict[str, dict]) -> None:
+    def __init__(self, name: str, layer: dict, bias: bool, dtype: torch.dtype, tables: dict[str, dict],
+                 release: ReleaseQueue) -> None:
         super().__init__()
-        self.name, self.layer, self.dtype, self.tables = name, layer, dtype, tables
+        self.name, self.layer, self.dtype, self.tables, self.release = name, layer, dtype, tables, release
         self.format = LAYER_FORMATS[layer["format"]]
-        self.parts = [f"weight{s}" for s in self.format.suffixes] + (["bias"] if bias else [])
+        self.suffixes = self.format.suffixes(layer)
+        self.parts = [f"weight{s}" for s in self.suffixes] + (["bias"] if bias else [])
         self.arrived: dict[str, torch.Tensor] = {}
         self.built: nn.Module | None = None
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))  # the guard (see module docstring)
@@ -122,11 +152,18 @@ class _Stored(nn.Module):
             return super().__setattr__(attr, value)
         key = f"{self.name}.{attr}"
         if key in self.tables:
-            value = tensor_codec.decode({key: value.data}, {key: self.tables[key]})[key]
+            blob = value.data
+            value = tensor_codec.decode({key: blob}, {key: self.tables[key]})[key]
+            self.release.add([blob])
         self.arrived[attr] = value.data
         if len(self.arrived) == len(self.parts):
-            tensors = {s: self.arrived.pop(f"weight{s}") for s in self.format.suffixes}
-            self.built = self.format.build(self.layer, tensors, self.arrived.pop("bias", None), self.dtype)
+            tensors = {s: self.arrived.pop(f"weight{s}") for s in self.suffixes}
+            bias = self.arrived.pop("bias", None)
+            built = self.format.build(self.layer, tensors, bias, self.dtype)
+            # Not a submodule: transformers would see its parameters as never loaded and re-initialise them.
+            object.__setattr__(self, "built", built)
+            # The stored tensors are copied into the built layer; their file pages need not stay resident.
+            self.release.add([*tensors.values(), bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # never called: replaced after loading
         raise RuntimeError("nmkit placeholder layer was not replaced after loading")
@@ -155,6 +192,7 @@ class NmkitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._placeholders: set[str] = set()
         self._tables: dict[str, dict] = {}
+        self._release = ReleaseQueue()  # file pages of stored tensors already copied into built layers
         self._dtype = torch.float32
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
@@ -176,8 +214,9 @@ class NmkitHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise ValueError(f"nmkit checkpoint names layer {name!r}, which this model does not have") from None
             _set_module(model, name, _Stored(name, layer, getattr(old, "bias", None) is not None, self._dtype,
-                                             self._tables))
+                                             self._tables, self._release))
             self._placeholders.add(name)
+        model.register_buffer(INSTALL_HINT, torch.empty(0, dtype=torch.uint8))  # expected here, so not reported
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -188,6 +227,9 @@ class NmkitHfQuantizer(HfQuantizer):
     def get_new_dtype(self, converter, param, dtype):
         if self._tables:
             return None  # coded blobs are bytes until decoded
+        target = (getattr(converter, "target_patterns", None) or [""])[0]
+        if target.rpartition(".")[0] in self._placeholders:
+            return None  # as stored (e.g. fp16 scales): the layer's builder casts what it needs
         return super().get_new_dtype(converter, param, dtype)
 
     def _decode(self, model: nn.Module) -> None:
@@ -199,6 +241,7 @@ class NmkitHfQuantizer(HfQuantizer):
             if entry is None or isinstance(owner, _Stored):
                 continue
             value = tensor_codec.decode({full: tensor.data}, {full: entry})[full]
+            self._release.add([tensor.data])
             if value.is_floating_point():
                 value = value.to(self._dtype)
             if attr in owner._parameters:
@@ -209,6 +252,8 @@ class NmkitHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self._tables:
             self._decode(model)
+        self._release.flush()
+        model._buffers.pop(INSTALL_HINT, None)
         for name in sorted(self._placeholders):
             stored = model.get_submodule(name)
             if stored.built is None:

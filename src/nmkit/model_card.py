@@ -21,8 +21,8 @@ def _front_matter(base: dict, meta: dict, pipeline: str | None) -> str:
     tags = ["nmkit", "sparse", "n:m-sparsity", "pruned"]
     if pattern:
         tags.append(f"{pattern.replace(':', '-')}-sparsity")
-    if meta.get("storage") == "nmkit-compressed":
-        tags.append("nmkit-compressed")
+    if meta.get("storage") in ("nmkit-compressed", "nmkit-quantized"):
+        tags.append(meta["storage"])
     lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
     if base.get("name") and "/" in base["name"]:  # the Hub links base_model only to Hub ids
         lines.append(f"base_model: {base['name']}")
@@ -39,6 +39,18 @@ def _load_section(directory: Path, meta: dict) -> list[str]:
         return ["## How to load", "",
                 "The pruned layers are stored compressed (kept values + 1-bit mask). With nmkit installed and "
                 "imported, transformers builds them as nmkit `SparseLinear` layers straight from the file:", "",
+                "```python", "import nmkit  # registers quant_method 'nmkit' with transformers",
+                "from transformers import AutoModelForCausalLM", "",
+                'model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", dtype="auto")',
+                "# or: model = nmkit.load(\"path\")", "```", "",
+                "Without nmkit, transformers stops with a size-mismatch error (it never loads these files as "
+                "random weights): `pip install nmkit`."]
+    if storage == "nmkit-quantized":
+        quant = meta.get("quant") or {}
+        return ["## How to load", "",
+                f"The pruned layers are stored quantized (INT{quant.get('bits', '?')} kept values with fp16 group "
+                "scales, 1-bit mask). With nmkit installed and imported, transformers loads them dequantized "
+                "(the same weights as `nmkit.load`); `nmkit generate DIR` runs the stored codes:", "",
                 "```python", "import nmkit  # registers quant_method 'nmkit' with transformers",
                 "from transformers import AutoModelForCausalLM", "",
                 'model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", dtype="auto")',
@@ -89,6 +101,10 @@ def render(directory: str | Path) -> str:
              f"- pruning: `{meta.get('method', '?')}` to {pattern}" +
              (f", tail policy `{meta['tail']}`" if meta.get("tail") else ""),
              ]
+    if meta.get("quant"):
+        q = meta["quant"]
+        lines.append(f"- quantization: INT{q.get('bits')} kept values, {q.get('method', '?')}, "
+                     f"{q.get('group_kept', '?')} kept values per fp16 scale")
     if meta.get("recipe"):
         lines.append(f"- recipe: `{json.dumps(meta['recipe'], sort_keys=True)}`")
     cal = meta.get("calibration") or report.get("calibration")

@@ -19,11 +19,12 @@ from nmkit.outputs import check_output_dir
 from nmkit.patterns import NM
 from nmkit.quant.gptq import quantize_model
 from nmkit.quant.nm_quant import QuantSpec
-from nmkit.quant.storage import FORMAT_VERSION, bits_per_weight, packed_layer, write_quantized
+from nmkit.quant.storage import bits_per_weight, format_version, packed_layer, write_quantized
 from nmkit.report import machine, now
 from nmkit.runtime.pack import PackedMat
 
 QUANT_CHOICES = ("w8", "w4")
+GRIDS = ("uniform", "fitted")
 _GROUP_BLOCKS = (1, 2, 4, 8, 16)
 
 
@@ -35,6 +36,25 @@ def add_quant_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument("--quant-group", type=int, default=None, metavar="G",
                         help="kept values per fp16 scale: a multiple of the kept values per 64 inputs (32 for 2:4) "
                              "spanning 1, 2, 4, 8 or 16 blocks of 64 inputs (default: one block, 32 for 2:4)")
+    parser.add_argument("--quant-grid", default="uniform", metavar="uniform|fitted",
+                        help="INT4 grid: uniform (codes -8..7) or fitted (a 16-level table per layer, fitted to its "
+                             "kept values; the runtime runs it as INT8 codes until its kernels read tables)")
+    parser.add_argument("--quant-refine", type=int, default=0, metavar="N",
+                        help="after GPTQ, N rounds of least-squares scales and coordinate descent on the codes "
+                             "(layer output error; 0 = plain GPTQ) (default 0)")
+    parser.add_argument("--quant-act-order", action="store_true",
+                        help="GPTQ visits columns by decreasing input energy (scale groups stay contiguous)")
+
+
+def quant_options(args: argparse.Namespace) -> dict:
+    """--quant-grid/--quant-refine/--quant-act-order as keyword arguments of quantize_pruned (checked)."""
+    if args.quant_grid not in GRIDS:
+        raise UserError(f"unknown --quant-grid {args.quant_grid!r}: choose uniform or fitted")
+    if args.quant_refine < 0 or args.quant_refine > 16:
+        raise UserError(f"--quant-refine must be in 0..16, got {args.quant_refine}")
+    if args.quant_grid == "fitted" and args.quant != "w4":
+        raise UserError("--quant-grid fitted needs --quant w4 (INT8 keeps its uniform grid)")
+    return {"fit_grid": args.quant_grid == "fitted", "refine": args.quant_refine, "act_order": args.quant_act_order}
 
 
 def parse_spec(quant: str, group: int | None, pattern: NM | None) -> QuantSpec:
@@ -68,17 +88,20 @@ def layer_pattern(meta: dict) -> NM:
 
 
 def quantize_pruned(model, meta: dict, spec: QuantSpec, calibration, calib_info: dict | None,
-                    damp: float = 0.01) -> tuple[dict[str, PackedMat], dict]:
+                    damp: float = 0.01, fit_grid: bool = False, refine: int = 0,
+                    act_order: bool = False) -> tuple[dict[str, PackedMat], dict]:
     """Quantize the pruned layers named in ``meta`` (nmkit.json) in place (dequantized weights written back);
     their packed codes and the quant record (bits per weight and error per layer) for nmkit.json/report."""
     pattern = layer_pattern(meta)
     start = time.perf_counter()
-    result = quantize_model(model, calibration, spec, {name: pattern for name in meta["layers"]}, damp=damp)
+    result = quantize_model(model, calibration, spec, {name: pattern for name in meta["layers"]}, damp=damp,
+                            act_order=act_order, refine=refine, fit_grid=fit_grid)
     mats = {name: packed_layer(layer, model.get_submodule(name).bias) for name, layer in result.layers.items()}
     bpw = {name: bits_per_weight(m) for name, m in mats.items()}
     elements = {name: m.rows * m.cols for name, m in mats.items()}
-    record = {"version": FORMAT_VERSION, "bits": spec.bits, "group_blocks": spec.group_blocks,
+    record = {"version": format_version(mats), "bits": spec.bits, "group_blocks": spec.group_blocks,
               "group_kept": spec.group_blocks * 64 * pattern.keep // pattern.group, "method": "gptq-fixed-mask",
+              "grid": "fitted" if fit_grid and spec.bits == 4 else "uniform", "refine": refine, "act_order": act_order,
               "damp": damp, "calibration": calib_info, "seconds": round(time.perf_counter() - start, 3),
               "bits_per_weight": sum(bpw[n] * elements[n] for n in bpw) / sum(elements.values())}
     layers = [{"name": n, "bits_per_weight": bpw[n], "rel_error": result.rel_errors[n]} for n in bpw]
@@ -117,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.dir!r} stores its layers as {meta['storage']!r}; quantize a directory written by "
                         "`nmkit prune` (dense storage)")
     spec = parse_spec(args.quant, args.quant_group, layer_pattern(meta))
+    options = quant_options(args)
     if args.calib_samples < 1 or args.calib_seqlen < 2 or not 0 <= args.damp < 10:
         raise UserError("--calib-samples must be >= 1, --calib-seqlen >= 2 and --damp in [0, 10)")
     check_output_dir(args.out, args.overwrite)
@@ -129,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = data.calibration_windows(data.tokenize(tokenizer, train), args.calib_samples, args.calib_seqlen,
                                            args.calib_seed)
     calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.calib_seed}
-    mats, summary = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp)
+    mats, summary = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp, **options)
     write_output(args.out, model, tokenizer, meta, mats, summary, {"source": str(args.dir), "model": meta.get("model")})
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -82,8 +82,9 @@ def decode(coded: dict[str, torch.Tensor], table: dict) -> dict[str, torch.Tenso
         dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
         size = torch.empty(0, dtype=dtype).element_size()
         numel = int(np.prod(shape, dtype=np.int64))
-        blob = t.numpy().tobytes()
-        planes = np.empty((size, numel), dtype=np.uint8)
+        blob = memoryview(t.contiguous().numpy())  # no copy: the stored bytes may be a view of a mapped file
+        flat = np.empty(numel * size, dtype=np.uint8)
+        elements = flat.reshape(numel, size)  # plane j lands in column j: no planes array, no transpose copy
         start = 0
         for j, length in enumerate(entry["planes"]):
             try:
@@ -93,9 +94,9 @@ def decode(coded: dict[str, torch.Tensor], table: dict) -> dict[str, torch.Tenso
             if len(piece) != numel:
                 raise UserError(f"tensor {name!r}: byte plane {j} decodes to {len(piece)} bytes, expected "
                                 f"{numel}; the file is damaged")
-            planes[j] = np.frombuffer(piece, dtype=np.uint8)
+            elements[:, j] = np.frombuffer(piece, dtype=np.uint8)
             start += length
-        raw = torch.from_numpy(np.ascontiguousarray(planes.T).reshape(-1))  # element after element
+        raw = torch.from_numpy(flat)  # element after element
         out[name] = raw.view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
     return out
 

@@ -61,7 +61,7 @@ def _guards(sidecar: dict) -> set[str]:
     """Names of the empty guard tensors an nmkit-compressed directory stores (see :mod:`nmkit.formats.hf_config`)."""
     if sidecar.get("storage") != STORAGE_NMKIT:
         return set()
-    return {hf_config.guard_name(name) for name in sidecar["layers"]}
+    return hf_config.guard_names(sidecar["layers"])
 
 
 def read_stored(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -179,8 +179,8 @@ def export_nmkit(src: str | Path, out: str | Path, codec: str = "none",
         t = _compress(key, w, layer["pattern"])
         writer.add(f"{key}_values", t.values)
         writer.add(f"{key}_mask", t.mask)
-    for name in sidecar["layers"]:  # without nmkit, transformers fails on these instead of loading noise
-        writer.add(hf_config.guard_name(name), torch.empty(0, dtype=torch.uint8))
+    for name in sorted(hf_config.guard_names(sidecar["layers"])):  # transformers without nmkit fails on these
+        writer.add(name, torch.empty(0, dtype=torch.uint8))
     files = writer.close()
     _copy_side_files(src, out)
     hf_config.write(out / "config.json", hf_config.quantization_config(sidecar["layers"], codec=codec))

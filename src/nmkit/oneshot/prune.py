@@ -35,6 +35,7 @@ def prune(
 
     ``magnitude`` needs no data. Calibrated methods (``wanda``, ``sparsegpt``, ...) need
     ``calibration``: token ids of shape (samples, seqlen), e.g. from :func:`nmkit.data.calibration_windows`;
+    ``layer_patterns`` (name -> pattern) overrides ``pattern`` per layer (a plan);
     extra keyword ``options`` (checkpoint_dir, resume, blocksize, damp, ...) go to
     :func:`nmkit.oneshot.sequential.prune_sequential`.
     """
@@ -45,7 +46,8 @@ def prune(
         if calibration is None:
             raise UserError(f"method {method!r} needs calibration data (token ids, shape (samples, seqlen))")
         run = {k: options.pop(k) for k in ("checkpoint_dir", "resume", "run_config", "batch", "stop_after_block",
-                                           "permute", "permute_budget_s", "keep_checkpoint", "ranks") if k in options}
+                                           "permute", "permute_budget_s", "keep_checkpoint", "ranks", "layer_patterns")
+               if k in options}
         return prune_sequential(model, pattern, method, calibration, include, exclude, tail, options,
                                 progress=progress, **run)
     data_free = METHODS[method]  # scores each weight on its own, in the layer's own orientation
@@ -53,17 +55,22 @@ def prune(
     check_prunable(model, targets)
     result = PruneResult(str(pattern), method)
     start = time.perf_counter()
+    per_layer = {name: parse(p) for name, p in (options.pop("layer_patterns", None) or {}).items()}
     if options.pop("permute", False):
+        if per_layer:
+            raise UserError("--permute is not supported with per-layer patterns (a plan)")
         result.permutations = _permute_whole_model(model, targets, pattern, options.pop("permute_budget_s", 1.0))
     for target in tqdm(targets, desc=f"prune {pattern} ({method})", unit="layer", disable=not progress):
         weight = target.weight
+        layer_pattern = per_layer.get(target.name, pattern)
         try:
-            mask = mask_for(data_free.score(weight, None, 0.0), pattern, dim=target.reduce_dim, tail=tail)
+            mask = mask_for(data_free.score(weight, None, 0.0), layer_pattern, dim=target.reduce_dim, tail=tail)
         except PatternError as exc:
             raise UserError(f"layer {target.name} {list(weight.shape)}: {exc}") from None
         weight.mul_(mask.to(weight.dtype)).add_(0.0)  # -0.0 -> +0.0: one zero, bit-exact round trips
-        info = summarize(weight, pattern, dim=target.reduce_dim, tail=tail)
-        result.layers.append(LayerResult(target.name, info["shape"], str(pattern), info["sparsity"], info["valid"]))
+        info = summarize(weight, layer_pattern, dim=target.reduce_dim, tail=tail)
+        result.layers.append(LayerResult(target.name, info["shape"], str(layer_pattern), info["sparsity"],
+                                         info["valid"]))
     result.seconds = time.perf_counter() - start
     return result
 

@@ -213,12 +213,15 @@ def _solve_cost(target: Target, method: str) -> float:
 def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Tensor, kwargs: dict,
                 pattern: Pattern, method: str, tail: TailPolicy, options: dict, batch: int, ranks: Ranks,
                 index: int, permute: bool = False, permute_budget_s: float = 1.0,
+                per_layer: dict[str, Pattern] | None = None,
                 ) -> tuple[list[LayerResult], list[PermutationChange]]:
     """Prune one block's targets in place from its calibration inputs ``hidden`` (this rank's share).
 
     Statistics are summed over the ranks, each layer is solved by one rank and broadcast to the others;
-    with one rank this is the plain loop. Returns the layers' results (in target order) and permutations.
+    with one rank this is the plain loop. ``per_layer``: layer name -> its own pattern (a per-layer plan).
+    Returns the layers' results (in target order) and permutations.
     """
+    per_layer = per_layer or {}
     bins = 64 if METHODS[method].histograms else 0
     with StatsCollector(block_targets, histogram_bins=bins) as collector:
         for s in range(0, hidden.shape[0], batch):
@@ -240,14 +243,15 @@ def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Ten
         if owner[t.name] != ranks.rank:
             continue
         w_old = _out_in(t).float().clone()  # the weight itself is overwritten below
+        layer_pattern = per_layer.get(t.name, pattern)
         try:
-            w_new = METHODS[method].solve(w_old, stats, pattern, tail=tail, **options)
+            w_new = METHODS[method].solve(w_old, stats, layer_pattern, tail=tail, **options)
         except PatternError as exc:  # e.g. NaN scores from overflowing activations
             raise UserError(f"layer {t.name}: {exc}") from None
         _write_back(t, w_new)
         faults.point(f"mid-block-{index}")
-        info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-        mine[t.name] = LayerResult(t.name, info["shape"], str(pattern), info["sparsity"], info["valid"],
+        info = summarize(t.weight, layer_pattern, dim=t.reduce_dim, tail=tail)
+        mine[t.name] = LayerResult(t.name, info["shape"], str(layer_pattern), info["sparsity"], info["valid"],
                                    reconstruction_error(w_old, w_new, stats))
     ranks.share_weights({t.name: t.weight for t in block_targets}, owner)
     solved = {k: v for part in ranks.gather_objects(mine) for k, v in part.items()}
@@ -274,6 +278,7 @@ def prune_sequential(
     permute_budget_s: float = 1.0,
     keep_checkpoint: bool = False,
     ranks: Ranks | None = None,
+    layer_patterns: dict[str, Pattern | str] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place block by block with calibration ``samples`` (K, L) token ids.
 
@@ -285,8 +290,11 @@ def prune_sequential(
     it until the output is saved, so a failed save loses nothing). Without ``resume`` an existing
     checkpoint in ``checkpoint_dir`` is replaced. ``ranks`` spreads the run over torch.distributed
     processes (:mod:`nmkit.oneshot.distributed`): each calibrates on its share of ``samples``.
+    ``layer_patterns``: layer name -> pattern for layers that take another pattern than ``pattern``
+    (a per-layer plan, pruned in the same single pass).
     """
     pattern = parse(pattern)
+    per_layer = {name: parse(p) for name, p in (layer_patterns or {}).items()}
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     options = options or {}
@@ -295,11 +303,13 @@ def prune_sequential(
     check_prunable(model, targets)
     for t in targets:
         try:
-            group = getattr(pattern, "group", None)
+            group = getattr(per_layer.get(t.name, pattern), "group", None)
             if group:
                 check_tail(_out_in(t).shape[1], group, tail)
         except PatternError as exc:
             raise UserError(f"layer {t.name} {list(t.weight.shape)}: {exc}") from None
+    if permute and per_layer:
+        raise UserError("--permute is not supported with per-layer patterns (a plan)")
     if permute and not permutable(pattern):
         raise UserError(f"--permute supports plain N:M patterns (e.g. 2:4, 4:8), not {pattern}")
     prefix, blocks = find_blocks(model)
@@ -309,6 +319,7 @@ def prune_sequential(
 
     config = {"pattern": str(pattern), "method": method, "options": options, "include": include,
               "exclude": exclude, "tail": tail, "samples": list(samples.shape),
+              **({"layer_patterns": {k: str(v) for k, v in per_layer.items()}} if per_layer else {}),
               "samples_sum": int(samples.long().sum()), "threads": torch.get_num_threads(),
               **({"permute": permute_budget_s} if permute else {}), **(run_config or {})}
     if ranks.size > 1:
@@ -347,7 +358,8 @@ def prune_sequential(
             block, block_targets = blocks[i], per_block[i]
             if block_targets:
                 layers, permutations = prune_block(block, block_targets, hidden, kwargs, pattern, method, tail,
-                                                   options, batch, ranks, i, permute, permute_budget_s)
+                                                   options, batch, ranks, i, permute, permute_budget_s,
+                                                   per_layer)
                 result.layers += layers
                 result.permutations += permutations
             hidden = run_block(block, hidden, kwargs, batch)

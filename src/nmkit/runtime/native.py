@@ -20,7 +20,8 @@ _p = ctypes.c_void_p
 class MatStruct(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
                 ("keep", ctypes.c_int32), ("group", ctypes.c_int32), ("group_blocks", ctypes.c_int32),
-                ("values", _p), ("mask", _p), ("scales", _p), ("bias", _p)]
+                ("values", _p), ("mask", _p), ("scales", _p), ("bias", _p), ("wsum", _p), ("index", _p),
+                ("levels", _p)]
 
 
 class ModelStruct(ctypes.Structure):
@@ -41,6 +42,7 @@ LIBRARY = clib.Library(
                                    clib.INT)),
         ("nmr_matmul", clib.INT, (ctypes.POINTER(MatStruct), _p, clib.INT, _p, clib.INT, clib.INT)),
         ("nmr_quantize", None, (_p, clib.INT, _p, _p, clib.INT)),
+        ("nmr_layout", None, (_p,)),
     ),
 )
 

@@ -9,7 +9,7 @@ statement of the kernels' arithmetic, which the tests hold every ISA path to.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ from nmkit.runtime.native import KINDS, MatStruct, lib
 from nmkit.solvers.nm import nm_mask
 
 SUPPORTED_GROUPS = (2, 4, 8, 16)
+MAX_COLUMNS = 65536  # the quantized row loop's chunk table (Q_MAX_CHUNKS in the C file)
 
 
 @dataclass
@@ -34,6 +35,8 @@ class PackedMat:
     scales: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     group_blocks: int = 1
+    _tables: tuple[torch.Tensor | None, torch.Tensor | None] | None = field(default=None, init=False, repr=False)
+    levels: torch.Tensor | None = None  # int4 only: int8 (16,) table, nibble n stands for levels[n] (else n - 8)
 
     @property
     def keep(self) -> int:
@@ -48,16 +51,35 @@ class PackedMat:
         return 64 * self.keep // self.group
 
     def nbytes(self) -> int:
-        """Bytes the kernel reads for one token (values, mask, scales, bias)."""
-        parts = (self.values, self.mask, self.scales, self.bias)
+        """Bytes the decode kernel reads for one token (values, mask or positions, scales, code sums, bias,
+        level table)."""
+        wsum, index = self.decode_tables()
+        parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias, self.levels)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def decode_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the decode kernels read besides values, mask and scales, derived once: the integer kinds'
+        per-block code sums (int16, rows x blocks) and, for integer 1:4 and 2:4, the kept values' 2-bit
+        positions in their groups of 4 (the gather by position)."""
+        if self._tables is None:
+            wsum = index = None
+            group4 = self.pattern is not None and self.pattern.group == 4
+            if self.kind in ("int8", "int4"):
+                wsum = self.codes().sum(-1, dtype=torch.int32).to(torch.int16).contiguous()
+                if group4 and self.pattern.keep in (1, 2):
+                    units = self.values.shape[1] // (32 if self.kind == "int4" else 64)
+                    index = position_fields(self.kept_mask(), units)
+            self._tables = (wsum, index)
+        return self._tables
 
     def struct(self) -> MatStruct:
         def ptr(t):
             return None if t is None else t.data_ptr()
 
+        wsum, index = self.decode_tables()
         return MatStruct(KINDS[self.kind], self.rows, self.cols, self.keep, self.group, self.group_blocks,
-                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias))
+                         ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias), ptr(wsum), ptr(index),
+                         ptr(self.levels))
 
     def kept_mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -79,8 +101,9 @@ class PackedMat:
             flat = self.values
         else:
             packed = self.values.reshape(self.rows, -1, 32)
-            lo, hi = (packed & 15).to(torch.int8), (packed >> 4).to(torch.int8)
-            flat = (torch.cat([lo, hi], dim=-1) - 8).reshape(self.rows, -1)
+            lo, hi = (packed & 15).long(), (packed >> 4).long()
+            nibbles = torch.cat([lo, hi], dim=-1).reshape(self.rows, -1)
+            flat = (nibbles - 8 if self.levels is None else self.levels.long()[nibbles]).to(torch.int8)
         return flat[:, : nb * self.k64].reshape(self.rows, nb, self.k64)
 
     def dense_weight(self) -> torch.Tensor:
@@ -90,11 +113,27 @@ class PackedMat:
         return w
 
 
+def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:
+    """The 2-bit position in its group of 4 of every kept value, 16 bytes per 64-value unit (uint8,
+    rows x units*16), in the order the C gather reads them (``q_unit_x_index``): value i of a unit
+    sits in qword (i/8) % 2 at bit 2 * ((i/16) * 8 + i % 8). Padding values get position 0."""
+    rows = keep.shape[0]
+    pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, -1)
+    pos = torch.cat([pos, pos.new_zeros(rows, units * 64 - pos.shape[1])], dim=1).reshape(rows, units, 64)
+    i = torch.arange(64)
+    bit = 64 * ((i // 8) % 2) + 2 * ((i // 16) * 8 + i % 8)
+    packed = torch.zeros(rows, units, 16, dtype=torch.int64)
+    packed.scatter_add_(2, (bit // 8).expand(rows, units, 64), pos << (bit % 8))
+    return packed.to(torch.uint8).reshape(rows, -1).contiguous()
+
+
 def _check_shape(name: str, weight: torch.Tensor, pattern: NM | None) -> None:
     if weight.dim() != 2:
         raise UserError(f"{name}: the runtime packs 2-d Linear weights, got shape {tuple(weight.shape)}")
     if weight.shape[1] % 64:
         raise UserError(f"{name}: the runtime needs in_features divisible by 64, got {weight.shape[1]}")
+    if weight.shape[1] > MAX_COLUMNS:
+        raise UserError(f"{name}: the runtime packs at most {MAX_COLUMNS} in_features, got {weight.shape[1]}")
     if pattern is not None and pattern.group not in SUPPORTED_GROUPS:
         raise UserError(f"{name}: pattern {pattern} is not supported by the runtime (M must be one of "
                         f"{SUPPORTED_GROUPS}); prune to 2:4, 1:4, 2:8, 4:8 or 8:16")
@@ -134,32 +173,43 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     return p
 
 
-def code_values(codes: torch.Tensor, kind: str) -> torch.Tensor:
-    """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units."""
+def code_values(codes: torch.Tensor, kind: str, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units.
+    With ``levels`` (int4), each code is stored as its index in the table (padding: index 0)."""
     rows = codes.shape[0]
     flat = codes.reshape(rows, -1)
-    flat = torch.cat([flat, flat.new_zeros(rows, -flat.shape[1] % 64)], dim=1)
+    pad = -flat.shape[1] % 64
     if kind == "int8":
-        return flat.contiguous()
-    u = (flat + 8).to(torch.uint8).reshape(rows, -1, 64)
+        return torch.cat([flat, flat.new_zeros(rows, pad)], dim=1).contiguous()
+    if levels is None:
+        nibbles = flat.long() + 8
+    else:
+        nibbles = torch.searchsorted(levels.long(), flat.long().contiguous())
+    nibbles = torch.cat([nibbles, nibbles.new_full((rows, pad), 0 if levels is not None else 8)], dim=1)
+    u = nibbles.to(torch.uint8).reshape(rows, -1, 64)
     return (u[..., :32] | (u[..., 32:] << 4)).reshape(rows, -1).contiguous()
 
 
 def from_codes(codes: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor, pattern: NM | None, bits: int,
-               group_blocks: int, bias: torch.Tensor | None = None) -> PackedMat:
+               group_blocks: int, bias: torch.Tensor | None = None,
+               levels: tuple[int, ...] | None = None) -> PackedMat:
     """A quantized PackedMat straight from codes (rows, blocks, k64), fp16 scales and the kept mask
-    (rows, cols), e.g. from a calibrated quantization, with no re-rounding."""
+    (rows, cols), e.g. from a calibrated quantization, with no re-rounding. ``levels``: the INT4 table
+    the codes are values of (stored as their indices)."""
     kind = "int8" if bits == 8 else "int4"
     rows, cols = keep.shape
-    spec = QuantSpec(bits, group_blocks)
+    spec = QuantSpec(bits, group_blocks, levels)
     if codes.shape != (rows, cols // 64, 64 * (pattern.keep if pattern else 1) // (pattern.group if pattern else 1)):
         raise UserError(f"codes of shape {tuple(codes.shape)} do not fit a {rows}x{cols} {pattern or 'dense'} weight")
     if int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax:
         raise UserError(f"codes outside the INT{bits} range [{spec.qmin}, {spec.qmax}]")
+    table = None if levels is None else torch.tensor(levels, dtype=torch.int8)
+    if table is not None and not bool(torch.isin(codes.long(), table.long()).all()):
+        raise UserError("codes that are not levels of the given INT4 table")
     mask = None if pattern is None else pack_bits(keep)
     b = None if bias is None else bias.detach().float().contiguous()
-    return PackedMat(kind, rows, cols, pattern, code_values(codes.to(torch.int8), kind), mask,
-                     scales.to(torch.float16).contiguous(), b, group_blocks)
+    return PackedMat(kind, rows, cols, pattern, code_values(codes.to(torch.int8), kind, table), mask,
+                     scales.to(torch.float16).contiguous(), b, group_blocks, table)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@
  *   kind Q8 / Q4    : a row's kept values in units of 64 (a unit spans 64/k64 whole 64-input blocks,
  *                     k64 = 64*keep/group kept per block; the row's last unit is zero-padded). Q8: one
  *                     int8 per value. Q4: 32 bytes per unit, byte j holding value j (low nibble) and
- *                     value j + 32 (high nibble) as q + 8. One fp16 scale per row and scale group.
+ *                     value j + 32 (high nibble) as q + 8, or as the index of q in the matrix's
+ *                     optional 16-level table. One fp16 scale per row and scale group.
  *   mask            : rows x cols/8 bytes, bit j of byte b <-> column 8b + j (little endian, so 8 bytes
  *                     are the uint64 mask of one 64-input block); NULL when keep == group (dense)
  * "N:M" keeps N (keep) of every M (group) consecutive inputs; group is 2, 4, 8 or 16.
@@ -18,10 +19,11 @@
  * by the mask with vpcompressb).
  *
  * ISA levels: portable < avx2 (the portable C compiled for AVX2/FMA, vectorised by the compiler) <
- * avx512 (F/BW/VL/DQ + VBMI2 + VNNI, hand-written) < avx512bf16 (+ BF16 dot products). Chosen at run
+ * avx512 (F/BW/VL/DQ + VBMI/VBMI2 + VNNI, hand-written) < avx512bf16 (+ BF16 dot products). Chosen at run
  * time; no -march flag.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +37,7 @@
 
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };
 enum { K_F32 = 0, K_BF16 = 1, K_Q8 = 2, K_Q4 = 3 };
+enum { Q_MAX_CHUNKS = 64 }; /* quantized rows: at most 64 chunks of 16 blocks (65536 inputs) */
 enum { N_MATS = 7 }; /* per layer: q k v o gate up down */
 
 void *PyInit__runtime(void) { return 0; } /* lets setuptools build this as an extension; never imported */
@@ -46,7 +49,8 @@ int nmr_best_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni")) {
+        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+        __builtin_cpu_supports("avx512vnni")) {
         return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512BF16 : ISA_AVX512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
@@ -61,6 +65,10 @@ typedef struct {
     const uint8_t *mask;
     const uint16_t *scales; /* fp16, rows x n_scales */
     const float *bias;
+    const int16_t *wsum;    /* quantized kinds: rows x blocks, the sum of each 64-input block's kept codes */
+    const uint8_t *index;   /* quantized 1:4 and 2:4: the kept values' positions in their group of 4, 2 bits
+                             * each, 16 bytes per unit (order: see q_unit_x_index); else NULL */
+    const int8_t *levels;   /* Q4 only, optional: 16 int8 levels, nibble n stands for levels[n] (else n - 8) */
 } nmr_mat;
 
 typedef struct {
@@ -177,7 +185,8 @@ static inline __attribute__((always_inline)) float dot_quant_row(const nmr_mat *
                 w = ((const int8_t *)W->values)[(int64_t)r * units_per_row(W) * 64 + g];
             } else {
                 const uint8_t byte = ((const uint8_t *)W->values)[(int64_t)r * units_per_row(W) * 32 + g / 64 * 32 + g % 32];
-                w = (g % 64 < 32 ? (byte & 15) : (byte >> 4)) - 8;
+                const int nib = g % 64 < 32 ? (byte & 15) : (byte >> 4);
+                w = W->levels ? W->levels[nib] : nib - 8;
             }
             dot += w * ((int)x->q[b * 64 + c] - 128);
             j++;
@@ -217,26 +226,36 @@ PORTABLE_ROWS(rows_avx2, T_AVX2)
 
 /* ------------------------------------------------------------------------- AVX-512 kernels */
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512vnni,f16c,fma,bmi2")))
-#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512vnni,avx512bf16,f16c,fma,bmi2")))
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512vnni,f16c,fma,bmi2")))
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512vnni,avx512bf16,f16c,fma,bmi2")))
 
 static inline __attribute__((always_inline)) T512 __mmask64 low_bytes(int n) {
     return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
 }
 
-/* Quantized rows, one 64-value unit (P = 64/k64 input blocks) per step: gather each block's kept
- * activations with vpcompressb and lay them side by side, unpack the unit's weights to int8, two
- * vpdpbusd (activations are stored +128; the second removes 128 * sum(w)), then one fused
- * multiply-add with a vector holding each lane's block scale. Blocks go in chunks of 16, whose 16
- * scale products (activation x weight) are made with one vector multiply. P is a compile-time
- * constant in each instance below, so the gather unrolls. */
-static inline __attribute__((always_inline)) T512 __m512i q_unit_weights(const uint8_t *wp, int q4) {
+/* Quantized rows, one 64-value unit (P = 64/k64 input blocks) per step: gather the unit's kept
+ * activations side by side, unpack its weights to int8, one vpdpbusd, then one fused multiply-add
+ * with a vector holding each lane's block scale. Blocks go in chunks of 16, whose 16 scale products
+ * (activation x weight) are made with one vector multiply. Activations are stored +128, so each
+ * block's dot carries 128 x (the sum of its codes): the packed sums (W->wsum) take that off once per
+ * 16 blocks rather than with a second dot product per unit. P is a compile-time constant in each
+ * instance below, so the gathers unroll. */
+/* A unit's 64 weights as int8: INT8 as stored; INT4 nibbles minus 8, or looked up in the matrix's
+ * 16-level table (lut: the table in every 128-bit lane; one vpshufb maps 64 nibbles). */
+static inline __attribute__((always_inline)) T512 __m512i q_unit_weights(const uint8_t *wp, int q4, const int8_t *levels,
+                                                                         __m512i lut) {
     if (!q4) return _mm512_loadu_si512(wp);
     const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     const __m512i t = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)wp));
-    return _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(t, shifts), _mm512_set1_epi8(15)), _mm512_set1_epi8(8));
+    const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(t, shifts), _mm512_set1_epi8(15));
+    return levels ? _mm512_shuffle_epi8(lut, nib) : _mm512_sub_epi8(nib, _mm512_set1_epi8(8));
 }
 
+static inline __attribute__((always_inline)) T512 __m512i level_lut(const nmr_mat *W) {
+    return W->levels ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)W->levels)) : _mm512_setzero_si512();
+}
+
+/* The gather by mask: one vpcompressb per block. */
 static inline __attribute__((always_inline)) T512 __m512i q_unit_x(const uint8_t *xq, const uint64_t *mk, int b0,
                                                                    int nb, int P) {
     if (P == 1) return mk ? _mm512_maskz_compress_epi8(mk[b0], _mm512_loadu_si512(xq + (int64_t)b0 * 64))
@@ -257,17 +276,31 @@ static inline __attribute__((always_inline)) T512 __m512i q_unit_x(const uint8_t
     return xu;
 }
 
+/* The gather by position, for M = 4 (P = 2: 2:4, P = 4: 1:4): the unit's 64 two-bit positions become
+ * byte indices into its 128-input halves, and vpermt2b picks the activations (vpcompressb is several
+ * times slower). Value i's field sits in qword (i/8) % 2 of the unit's 16 bytes at bit
+ * 2 * ((i/16) * 8 + i % 8), so one vpmultishiftqb over the broadcast pair lines every field up with
+ * its byte; adding the group's first input (base) gives the index. */
+static inline __attribute__((always_inline)) T512 __m512i q_unit_x_index(const uint8_t *xq, const uint8_t *ip, int b0,
+                                                                         int nb, int P, __m512i fields_at,
+                                                                         __m512i base) {
+    const __m512i pairs = _mm512_broadcast_i64x2(_mm_loadu_si128((const __m128i *)ip));
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(fields_at, pairs), _mm512_set1_epi8(3),
+                                                  base, 0xEA); /* (fields & 3) | base */
+#define XB(i) _mm512_maskz_loadu_epi8(b0 + (i) < nb ? ~(__mmask64)0 : 0, xq + (int64_t)(b0 + (i)) * 64)
+    const __m512i lo = _mm512_permutex2var_epi8(XB(0), idx, XB(1));
+    if (P == 2) return lo;
+    return _mm512_mask_blend_epi8(~(__mmask64)0 << 32, lo, _mm512_permutex2var_epi8(XB(2), idx, XB(3)));
+#undef XB
+}
+
 static inline __attribute__((always_inline)) T512 __m512 q_unit_dot(__m512 acc, __m512i xu, __m512i w, __m512 sv) {
-    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
-    const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, w), _mm512_dpbusd_epi32(zero, c128, w));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w)), sv, acc);
 }
 
 /* The 16 weight scales of blocks [b, b+16) of one row, for gb blocks per scale (gb divides 16). */
-static inline __attribute__((always_inline)) T512 __m512 q_weight_scales(const uint16_t *sc, int b, int nb, int gb,
-                                                                         __m512i gb_idx) {
-    const int first = b / gb, count = (nb - b + gb - 1) / gb;
-    const __mmask16 valid = count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1);
+static inline __attribute__((always_inline)) T512 __m512 q_weight_scales(const uint16_t *sc, int first,
+                                                                         __mmask16 valid, int gb, __m512i gb_idx) {
     const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, sc + first));
     return gb == 1 ? ws : _mm512_permutexvar_ps(gb_idx, ws);
 }
@@ -284,76 +317,94 @@ static inline __attribute__((always_inline)) T512 void store4(float *y, const fl
     _mm_storeu_ps(y + r, s);
 }
 
-#define ROWS_BY_4(ROW_ACC)                                                                                \
-    {                                                                                                     \
-        int r = r0;                                                                                       \
-        for (; r + 4 <= r1; r += 4) {                                                                     \
-            __m512 a[4];                                                                                  \
-            for (int i = 0; i < 4; i++) a[i] = ROW_ACC(r + i);                                            \
-            store4(y, W->bias, r, a[0], a[1], a[2], a[3]);                                                \
-        }                                                                                                 \
-        for (; r < r1; r++) y[r] = _mm512_reduce_add_ps(ROW_ACC(r)) + (W->bias ? W->bias[r] : 0.f);      \
-    }
+/* Constants of one quantized matrix's row loop (see q_row), so rows do no integer divisions. */
+typedef struct {
+    __m512i lane_idx, gb_idx, fields_at, base;
+    int ns;                            /* scales per row */
+    int first[Q_MAX_CHUNKS];           /* chunk c's first scale */
+    __mmask16 scale_valid[Q_MAX_CHUNKS], block_valid[Q_MAX_CHUNKS];
+} q_consts;
 
-#define Q_ROWS(P)                                                                                          \
-    static inline __attribute__((always_inline)) T512 __m512 q_row_p##P(const nmr_mat *W, const xrep *x,  \
-                                                                        const float *xs, int r,           \
-                                                                        __m512i lane_idx, __m512i gb_idx) { \
-        const int nb = W->cols / 64, U = (nb + P - 1) / P, ns = n_scales(W), gb = W->group_blocks;        \
-        const int q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;                                             \
-        const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * U * ubytes;                         \
-        const uint64_t *mk = W->mask ? (const uint64_t *)(W->mask + (int64_t)r * (W->cols / 8)) : NULL;   \
-        const uint16_t *sc = W->scales + (int64_t)r * ns;                                                  \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                     \
-        for (int b = 0; b < nb; b += 16) {                                                                 \
-            const __m512 sxv = _mm512_mul_ps(_mm512_loadu_ps(xs + b), q_weight_scales(sc, b, nb, gb, gb_idx)); \
-            for (int j = 0; j < 16 / P; j += 2) {                                                          \
-                const int b0 = b + j * P;                                                                  \
-                if (b0 >= nb) break;                                                                       \
-                const __m512i ia = _mm512_add_epi32(lane_idx, _mm512_set1_epi32(j * P));                   \
-                acc0 = q_unit_dot(acc0, q_unit_x(x->q, mk, b0, nb, P), q_unit_weights(wp, q4),             \
-                                  _mm512_permutexvar_ps(ia, sxv));                                         \
-                wp += ubytes;                                                                              \
-                if (b0 + P >= nb || 16 / P < 2) continue;                                                  \
-                const __m512i ib = _mm512_add_epi32(lane_idx, _mm512_set1_epi32(j * P + P));               \
-                acc1 = q_unit_dot(acc1, q_unit_x(x->q, mk, b0 + P, nb, P), q_unit_weights(wp, q4),         \
-                                  _mm512_permutexvar_ps(ib, sxv));                                         \
-                wp += ubytes;                                                                              \
-            }                                                                                              \
-        }                                                                                                  \
-        return _mm512_add_ps(acc0, acc1);                                                                  \
-    }                                                                                                      \
-    static T512 void rows_quant_512_p##P(const nmr_mat *W, const xrep *x, const float *xs, float *y, int r0, \
-                                         int r1) {                                                         \
-        int lanes[16], gbl[16];                                                                            \
-        for (int l = 0; l < 16; l++) {                                                                     \
-            lanes[l] = l / (16 / P);                                                                       \
-            gbl[l] = l / W->group_blocks;                                                                  \
-        }                                                                                                  \
-        const __m512i lane_idx = _mm512_loadu_si512(lanes), gb_idx = _mm512_loadu_si512(gbl);              \
-        _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wshadow\"")                      \
-        ROWS_BY_4(Q_ROW_ACC_##P)                                                                           \
-        _Pragma("GCC diagnostic pop")                                                                      \
+static inline __attribute__((always_inline)) T512 __m512 q_row(const nmr_mat *W, const xrep *x, const float *xs, int r,
+                                                               const q_consts *k, int P, int by_index) {
+    const int nb = W->cols / 64, U = (nb + P - 1) / P, ns = k->ns, gb = W->group_blocks;
+    const int q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;
+    const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * U * ubytes;
+    const uint8_t *ip = by_index ? W->index + (int64_t)r * U * 16 : NULL;
+    const uint64_t *mk = W->mask ? (const uint64_t *)(W->mask + (int64_t)r * (W->cols / 8)) : NULL;
+    const uint16_t *sc = W->scales + (int64_t)r * ns;
+    const int16_t *ws = W->wsum + (int64_t)r * nb;
+    const __m512i lut = level_lut(W);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), sums = _mm512_setzero_ps();
+    for (int b = 0, c = 0; b < nb; b += 16, c++) {
+        const __m512 sxv = _mm512_mul_ps(_mm512_loadu_ps(xs + b),
+                                         q_weight_scales(sc, k->first[c], k->scale_valid[c], gb, k->gb_idx));
+        sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k->block_valid[c], ws + b))),
+                               sxv, sums);
+        for (int j = 0; j < 16 / P; j += 2) { /* two units per step, into two accumulators */
+            const int b0 = b + j * P;
+            if (b0 >= nb) break;
+#define UNIT(ACC, B0, J)                                                                                        \
+    ACC = q_unit_dot(ACC, by_index ? q_unit_x_index(x->q, ip, B0, nb, P, k->fields_at, k->base)                  \
+                                   : q_unit_x(x->q, mk, B0, nb, P),                                            \
+                     q_unit_weights(wp, q4, W->levels, lut), _mm512_permutexvar_ps(_mm512_add_epi32(k->lane_idx,                 \
+                                                                                    _mm512_set1_epi32((J) * P)), sxv)); \
+    wp += ubytes;                                                                                               \
+    if (by_index) ip += 16;
+            UNIT(acc0, b0, j)
+            if (b0 + P >= nb || 16 / P < 2) continue;
+            UNIT(acc1, b0 + P, j + 1)
+#undef UNIT
+        }
     }
-#define Q_ROW_ACC_1(rr) q_row_p1(W, x, xs, rr, lane_idx, gb_idx)
-#define Q_ROW_ACC_2(rr) q_row_p2(W, x, xs, rr, lane_idx, gb_idx)
-#define Q_ROW_ACC_4(rr) q_row_p4(W, x, xs, rr, lane_idx, gb_idx)
-#define Q_ROW_ACC_8(rr) q_row_p8(W, x, xs, rr, lane_idx, gb_idx)
+    return _mm512_fmadd_ps(sums, _mm512_set1_ps(-128.f), _mm512_add_ps(acc0, acc1));
+}
 
-Q_ROWS(1)
-Q_ROWS(2)
-Q_ROWS(4)
-Q_ROWS(8)
+#define Q_ROWS(NAME, P, BY_INDEX)                                                                              \
+    static T512 void NAME(const nmr_mat *W, const xrep *x, const float *xs, float *y, int r0, int r1,            \
+                          const q_consts *k) {                                                                  \
+        int r = r0;                                                                                             \
+        for (; r + 4 <= r1; r += 4) {                                                                           \
+            __m512 a[4];                                                                                        \
+            for (int i = 0; i < 4; i++) a[i] = q_row(W, x, xs, r + i, k, P, BY_INDEX);                          \
+            store4(y, W->bias, r, a[0], a[1], a[2], a[3]);                                                      \
+        }                                                                                                       \
+        for (; r < r1; r++)                                                                                     \
+            y[r] = _mm512_reduce_add_ps(q_row(W, x, xs, r, k, P, BY_INDEX)) + (W->bias ? W->bias[r] : 0.f);      \
+    }
+Q_ROWS(q_rows_p1, 1, 0)
+Q_ROWS(q_rows_p2, 2, 0)
+Q_ROWS(q_rows_p2_index, 2, 1)
+Q_ROWS(q_rows_p4, 4, 0)
+Q_ROWS(q_rows_p4_index, 4, 1)
+Q_ROWS(q_rows_p8, 8, 0)
 
 static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
-    const int nb = W->cols / 64, padded = (nb + 15) / 16 * 16;
+    const int nb = W->cols / 64, padded = (nb + 15) / 16 * 16, P = 64 / k64_of(W);
     float xs[padded]; /* the activation scales, zero past the last block */
     for (int b = 0; b < padded; b++) xs[b] = b < nb ? x->s[b] : 0.f;
-    switch (64 / k64_of(W)) {
-    case 1: rows_quant_512_p1(W, x, xs, y, r0, r1); break;
-    case 2: rows_quant_512_p2(W, x, xs, y, r0, r1); break;
-    case 4: rows_quant_512_p4(W, x, xs, y, r0, r1); break;
-    default: rows_quant_512_p8(W, x, xs, y, r0, r1); break;
+    int lanes[16], gbl[16];
+    uint8_t fields_at[64], base[64];
+    for (int l = 0; l < 16; l++) lanes[l] = l / (16 / P), gbl[l] = l / W->group_blocks;
+    for (int i = 0; i < 64; i++) {
+        fields_at[i] = (uint8_t)(2 * ((i / 16) * 8 + i % 8));
+        base[i] = (uint8_t)(P == 2 ? i / 2 * 4 : i % 32 * 4);
+    }
+    q_consts k = {_mm512_loadu_si512(lanes), _mm512_loadu_si512(gbl), _mm512_loadu_si512(fields_at),
+                  _mm512_loadu_si512(base), n_scales(W), {0}, {0}, {0}};
+    const int gb = W->group_blocks;
+    for (int b = 0, c = 0; b < nb && c < Q_MAX_CHUNKS; b += 16, c++) {
+        const int scales = (nb - b + gb - 1) / gb, blocks = nb - b;
+        k.first[c] = b / gb;
+        k.scale_valid[c] = scales >= 16 ? 0xffff : (__mmask16)((1u << scales) - 1);
+        k.block_valid[c] = blocks >= 16 ? 0xffff : (__mmask16)((1u << blocks) - 1);
+    }
+    const int by_index = W->index != NULL;
+    switch (P) {
+    case 1: q_rows_p1(W, x, xs, y, r0, r1, &k); break;
+    case 2: by_index ? q_rows_p2_index(W, x, xs, y, r0, r1, &k) : q_rows_p2(W, x, xs, y, r0, r1, &k); break;
+    case 4: by_index ? q_rows_p4_index(W, x, xs, y, r0, r1, &k) : q_rows_p4(W, x, xs, y, r0, r1, &k); break;
+    default: q_rows_p8(W, x, xs, y, r0, r1, &k); break;
     }
 }
 
@@ -545,36 +596,48 @@ static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
  * vector of 16 tokens per instruction. The expansion costs one pass over the panel and is shared by
  * all T/16 tiles, so a prompt runs at dense-GEMM speed without gathering activations per token. */
 
-/* Row r of W as dense floats (fp32/bf16 kinds) or dense int8 codes (quantized kinds). */
-static void expand_row(const nmr_mat *W, int r, float *wf, int8_t *wq) {
-    const int cols = W->cols;
+/* Row r of W expanded to dense, zeros where pruned, in the form its panel kernel reads: fp32 (wf),
+ * bf16 bits (wb) or int8 codes (wq) with each block's code sum and weight scale (wsum, sw). Every
+ * 16 inputs hold the same number of kept values (M divides 16), so the kept values are read at fixed
+ * strides and put in place with one expand per vector. */
+static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, int8_t *wq, int32_t *wsum, float *sw) {
+    const int cols = W->cols, nb = cols / 64;
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
-    int64_t k = 0;
-    if (W->kind <= K_BF16) {
-        const int64_t base = (int64_t)r * kept_per_row(W);
-        for (int c = 0; c < cols; c++) {
-            if (mk && !(mk[c >> 3] >> (c & 7) & 1)) {
-                wf[c] = 0.f;
-                continue;
-            }
-            wf[c] = W->kind == K_F32 ? ((const float *)W->values)[base + k] : bf16_to_f32(((const uint16_t *)W->values)[base + k]);
-            k++;
+    if (W->kind == K_F32) {
+        const int p16 = dense(W) ? 16 : 16 / W->group * W->keep;
+        const float *v = (const float *)W->values + (int64_t)r * kept_per_row(W);
+        for (int c = 0; c < cols; c += 16, v += p16) {
+            const __mmask16 m = mk ? ((const uint16_t *)mk)[c / 16] : 0xffff;
+            _mm512_storeu_ps(wf + c, _mm512_maskz_expand_ps(m, _mm512_maskz_loadu_ps((__mmask16)((1u << p16) - 1), v)));
         }
         return;
     }
-    const int64_t units = units_per_row(W);
-    for (int c = 0; c < cols; c++) {
-        if (mk && !(mk[c >> 3] >> (c & 7) & 1)) {
-            wq[c] = 0;
-            continue;
+    if (W->kind == K_BF16) {
+        const int p32 = dense(W) ? 32 : 32 / W->group * W->keep;
+        const uint16_t *v = (const uint16_t *)W->values + (int64_t)r * kept_per_row(W);
+        for (int c = 0; c < cols; c += 32, v += p32) {
+            const __mmask32 m = mk ? ((const uint32_t *)mk)[c / 32] : 0xffffffffu;
+            const __m512i kept = _mm512_maskz_loadu_epi16((__mmask32)(((uint64_t)1 << p32) - 1), v);
+            _mm512_storeu_si512(wb + c, _mm512_maskz_expand_epi16(m, kept));
         }
-        if (W->kind == K_Q8) {
-            wq[c] = ((const int8_t *)W->values)[r * units * 64 + k];
-        } else {
-            const uint8_t byte = ((const uint8_t *)W->values)[r * units * 32 + k / 64 * 32 + k % 32];
-            wq[c] = (int8_t)((k % 64 < 32 ? (byte & 15) : (byte >> 4)) - 8);
+        return;
+    }
+    const int k64 = k64_of(W), P = 64 / k64, q4 = W->kind == K_Q4, ubytes = q4 ? 32 : 64;
+    const uint8_t *wp = (const uint8_t *)W->values + (int64_t)r * units_per_row(W) * ubytes;
+    const uint16_t *sc = W->scales + (int64_t)r * n_scales(W);
+    const __m512i ones = _mm512_set1_epi8(1), lut = level_lut(W);
+    __m512i unit = _mm512_setzero_si512();
+    for (int b = 0; b < nb; b++) {
+        const int at = (b % P) * k64; /* this block's first kept value within its unit */
+        if (at == 0) {
+            unit = q_unit_weights(wp, q4, W->levels, lut);
+            wp += ubytes;
         }
-        k++;
+        const __m512i kept = P == 1 ? unit : _mm512_maskz_compress_epi8((__mmask64)(low_bytes(k64) << at), unit);
+        const __m512i w = _mm512_maskz_expand_epi8(mk ? ((const uint64_t *)mk)[b] : ~(__mmask64)0, kept);
+        _mm512_storeu_si512(wq + b * 64, w);
+        wsum[b] = _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w));
+        sw[b] = f16_to_f32(sc[b / W->group_blocks]);
     }
 }
 
@@ -689,18 +752,7 @@ static void prefill_share(const nmr_mat *W, const xbuf *X, float *Y, int ldy, in
                 for (int b = 0; b < nb; b++) wsum[i * nb + b] = 0, sw[i * nb + b] = 0.f;
                 continue;
             }
-            expand_row(W, p + i, wf + i * cols, wq + i * cols);
-            if (W->kind == K_BF16)
-                for (int c = 0; c < cols; c++) wb[i * cols + c] = f32_to_bf16(wf[i * cols + c]);
-            if (W->kind >= K_Q8) {
-                const uint16_t *sc = W->scales + (int64_t)(p + i) * n_scales(W);
-                for (int b = 0; b < nb; b++) {
-                    int32_t sum = 0;
-                    for (int c = 0; c < 64; c++) sum += wq[i * cols + b * 64 + c];
-                    wsum[i * nb + b] = sum;
-                    sw[i * nb + b] = f16_to_f32(sc[b / W->group_blocks]);
-                }
-            }
+            expand_row(W, p + i, wf + i * cols, wb + i * cols, wq + i * cols, wsum + i * nb, sw + i * nb);
         }
         if (W->kind == K_F32) panel_f32(wf, nr, X, cols, Y, ldy, W->bias, p, T);
         else if (W->kind == K_BF16) panel_bf16(wb, nr, X, cols, Y, ldy, W->bias, p, T);
@@ -850,6 +902,15 @@ static void attend_isa(const float *q, const float *Kt, int64_t ld, const float 
 
 static unsigned kind_bit(const nmr_mat *W) { return 1u << W->kind; }
 
+/* What the kernels rely on: whole 64-input blocks, the quantized kinds' scales and code sums, and
+ * positions only where the gather by position applies. */
+static int mat_ok(const nmr_mat *W) {
+    if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
+    if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
+    if (W->levels && W->kind != K_Q4) return 0;
+    return !W->index || (W->kind >= K_Q8 && W->group == 4 && (W->keep == 1 || W->keep == 2));
+}
+
 
 static int xbuf_alloc(xbuf *X, int T, int ld, int isa) {
     X->ld = ld;
@@ -890,6 +951,8 @@ static void xbuf_free(xbuf *X) {
 int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float *logits, int all_logits,
                 int isa, int nth) {
     if (T < 1 || pos < 0 || pos + T > M->max_seq || M->dim % 64 || M->hidden % 64) return -1;
+    for (int i = 0; i < M->n_layers * 7 + 1; i++)
+        if (!mat_ok(&M->mats[i])) return -1;
     const int dim = M->dim, hd = M->head_dim, nh = M->n_heads, nkv = M->n_kv, hid = M->hidden;
     const int qdim = nh * hd, kvdim = nkv * hd, wide = hid > qdim ? (hid > dim ? hid : dim) : (qdim > dim ? qdim : dim);
     const int n_out = all_logits ? T : 1, t_out = all_logits ? 0 : T - 1;
@@ -1012,7 +1075,7 @@ int nmr_forward(const nmr_model *M, const int32_t *tokens, int T, int pos, float
 
 /* One matrix on one or more tokens, for the kernel tests: y (T x rows) = x (T x cols) W^T. */
 int nmr_matmul(const nmr_mat *W, const float *x, int T, float *y, int isa, int nth) {
-    if (T < 1 || W->cols % 64) return -1;
+    if (T < 1 || !mat_ok(W)) return -1;
     xbuf X = {0};
     if (!xbuf_alloc(&X, T, W->cols, isa)) {
         xbuf_free(&X);
@@ -1030,6 +1093,14 @@ int nmr_matmul(const nmr_mat *W, const float *x, int T, float *y, int isa, int n
     }
     xbuf_free(&X);
     return 0;
+}
+
+/* The structs' sizes and last fields' offsets, so the ctypes mirrors can be checked against them. */
+void nmr_layout(int64_t *out) {
+    out[0] = (int64_t)sizeof(nmr_mat);
+    out[1] = (int64_t)offsetof(nmr_mat, index);
+    out[2] = (int64_t)sizeof(nmr_model);
+    out[3] = (int64_t)offsetof(nmr_model, vcache);
 }
 
 /* The activation quantizer, exposed so the torch reference can be checked against it. */
