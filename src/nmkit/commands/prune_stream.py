@@ -156,7 +156,7 @@ def launch(args: argparse.Namespace) -> int:
     try:
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
         for line in proc.stderr:
-            if line.startswith("nmkit"):
+            if line.startswith(("nmkit:", "nmkit prune:")):  # nmkit's own lines, not torchrun's summary
                 if line not in seen:
                     seen.add(line)
                     sys.stderr.write(line)
