@@ -151,16 +151,21 @@ def launch(args: argparse.Namespace) -> int:
            "-m", "nmkit.commands.prune_stream", fh.name]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     seen: set[str] = set()
+    unexpected: list[str] = []  # held back: when a worker died, the others' broken-connection errors are noise
     error = False
     failed: list[str] = []
     try:
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
         for line in proc.stderr:
             if line.startswith(("nmkit:", "nmkit prune:")):  # nmkit's own lines, not torchrun's summary
-                if line not in seen:
-                    seen.add(line)
+                if line in seen:
+                    continue
+                seen.add(line)
+                if line.startswith("nmkit prune: unexpected error"):
+                    unexpected.append(line)
+                else:
                     sys.stderr.write(line)
-                error |= line.startswith("nmkit prune:") and "error:" in line
+                error |= line.startswith("nmkit prune: error:")
             elif args.debug:
                 sys.stderr.write(line)
             m = re.search(r"exitcode\s*:\s*(-?\d+)", line)
@@ -170,7 +175,10 @@ def launch(args: argparse.Namespace) -> int:
     finally:
         os.unlink(fh.name)
     if code == 0 or error:
-        return 0 if code == 0 else (2 if any(": error:" in x for x in seen) else 1)
+        return 0 if code == 0 else 2
+    if unexpected and not any(f.startswith("-") for f in failed):  # no worker was killed: show what went wrong
+        sys.stderr.writelines(unexpected)
+        return 1
     how = f"exit code {failed[0]}" if failed and not failed[0].startswith("-") else (
         f"killed by signal {failed[0][1:]}" if failed else f"torchrun exit code {code}")
     print(f"nmkit prune: error: a worker of the {args.nproc}-rank run died ({how}); the blocks committed so far "
