@@ -17,6 +17,7 @@ from pathlib import Path
 from nmkit import data, faults, model_card, models, preflight, recipe, resume, sidecar
 from nmkit.api import plan as sparsify_plan
 from nmkit.api import sparsify_
+from nmkit.commands import prune_stream
 from nmkit.commands.quantize import add_quant_arguments, parse_spec, quant_options, quantize_pruned, write_output
 from nmkit.dynamic import runtime_sparsity
 from nmkit.errors import UserError
@@ -187,9 +188,7 @@ def _log(msg: str) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     if args.stream or args.nproc != 1:
-        from nmkit.commands.prune_stream import run_streamed
-
-        return run_streamed(args)
+        return prune_stream.run_streamed(args)
 
 
 
@@ -292,7 +291,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if method.calibrated:
         options |= {"calibration": calibration, "checkpoint_dir": resume.checkpoint_dir(args.out),
                     "resume": args.resume, "keep_checkpoint": True,
-                    "run_config": {"model": source.path, "calibration": calib_info, **_run_arguments(args)}}
+                    "run_config": {"model": source.path, "calibration": calib_info, **resume.run_arguments(vars(args))}}
         options |= {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()  # CPU seconds of this process: a load-independent cost of the prune
     if layer_plan is not None:
@@ -402,15 +401,6 @@ def _read_plan(args: argparse.Namespace) -> dict[str, str]:
 
 
 # Flags that do not change what a prune computes: a resumed run may differ in them.
-_NOT_RECORDED = {"func", "command", "debug", "resume", "json", "overwrite", "out"}
-
-
-def _run_arguments(args: argparse.Namespace) -> dict:
-    """The run's flags as the checkpoint records them ("--calib-samples": 64, ...), so that --resume
-    refuses a run with other flags and names them."""
-    return {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items()) if k not in _NOT_RECORDED}
-
-
 def _permutation_summary(changes: list, budget_s: float) -> dict:
     """How much more of the method's score N:M keeps after the channel permutations."""
     kept_default = sum(c.kept_default for c in changes)

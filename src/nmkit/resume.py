@@ -84,3 +84,12 @@ def mark_saved(out: str | Path, run_id: str) -> None:
 
 def remove(out: str | Path) -> None:
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+NOT_RECORDED = {"func", "command", "debug", "resume", "json", "overwrite", "out"}
+
+
+def run_arguments(flags: dict) -> dict:
+    """A run's CLI flags (argparse's ``vars(args)``) as the checkpoint records them ("--calib-samples": 64,
+    ...), so that --resume refuses a run with other flags and names them."""
+    return {"--" + k.replace("_", "-"): v for k, v in sorted(flags.items()) if k not in NOT_RECORDED}

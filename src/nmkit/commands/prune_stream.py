@@ -91,14 +91,12 @@ def run_streamed(args: argparse.Namespace) -> int:
         calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                       "seed": args.calib_seed}
     load_s = time.perf_counter() - t0
-    from nmkit.cli import _run_arguments  # the same record of flags as the in-memory prune
-
     options = {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()
     result, outside, dims = prune_streaming(
         path, args.pattern, args.method, calibration, ckpt, args.include, args.exclude, args.tail, options,
-        resume=args.resume, run_config={"model": source.path, "calibration": calib_info, **_run_arguments(args)},
-        ranks=ranks, device=device)
+        resume=args.resume, ranks=ranks, device=device,
+        run_config={"model": source.path, "calibration": calib_info, **resume.run_arguments(vars(args))})
     prune_cpu_s = time.process_time() - cpu0
     if ranks.leader:
         _write_output(args, out, path, ckpt, outside, dims, source, result, calib_info, ranks,

@@ -33,7 +33,7 @@ from nmkit import faults
 from nmkit.errors import UserError
 from nmkit.jsonout import dumps
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
-from nmkit.oneshot.distributed import Ranks
+from nmkit.oneshot.distributed import Ranks, check_layout
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
@@ -194,8 +194,6 @@ def check_distributable(ranks: Ranks, per_block: list[list[Target]], samples: to
     """What a run over several ranks cannot do, refused before any work."""
     if ranks.size == 1:
         return
-    from nmkit.oneshot.distributed import check_layout
-
     if METHODS[method].histograms:
         raise UserError(f"--method {method} keeps per-rank value histograms that are not merged across ranks; "
                         "run it with --nproc 1")
