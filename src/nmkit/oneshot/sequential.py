@@ -349,7 +349,8 @@ def prune_sequential(
         first, prior_seconds = 0, 0.0
         hidden, kwargs = capture_block_inputs(model, blocks[0], samples, device)
 
-    bar = tqdm(range(len(blocks)), desc=f"prune {pattern} ({method})", unit="block",
+    label = "per-layer plan" if per_layer else str(pattern)
+    bar = tqdm(range(len(blocks)), desc=f"prune {label} ({method})", unit="block",
                disable=not progress or not ranks.leader, initial=first)
     try:  # the bar is closed before an error is printed, so the error stays the last line
         for i in range(first, len(blocks)):
