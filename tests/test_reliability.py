@@ -196,7 +196,7 @@ def test_item3_disk_full_during_save_keeps_checkpoint(tiny_model_dir, tiny_data_
     import nmkit.oneshot.sequential as sequential
 
     blocks_pruned = []
-    monkeypatch.setattr(sequential, "StatsCollector", lambda *a, **k: blocks_pruned.append(1))
+    monkeypatch.setattr(sequential, "collect_block_stats", lambda *a, **k: blocks_pruned.append(1))
     code, _, err = run(args + ["--resume"], capsys)
     assert code == 0, err
     assert blocks_pruned == []  # resumed with every block done: nothing pruned again

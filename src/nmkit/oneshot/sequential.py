@@ -37,7 +37,7 @@ from nmkit.oneshot.distributed import Ranks, check_layout
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
-from nmkit.oneshot.stats import StatsCollector
+from nmkit.oneshot.stats import collect_block_stats
 from nmkit.oneshot.targets import Target, check_prunable, find_targets
 from nmkit.outputs import write_failure
 from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse, summarize
@@ -221,19 +221,16 @@ def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Ten
     """
     per_layer = per_layer or {}
     bins = 64 if METHODS[method].histograms else 0
-    with StatsCollector(block_targets, histogram_bins=bins) as collector:
-        for s in range(0, hidden.shape[0], batch):
-            collector.new_batch()
-            block(hidden[s : s + batch], **kwargs)
-    ranks.all_reduce_stats(collector.stats)
+    block_stats = collect_block_stats(block, block_targets, hidden, kwargs, batch, histogram_bins=bins)
+    ranks.all_reduce_stats(block_stats)
     permutations = []
     if permute:
-        permutations = permute_block(block, block_targets, collector.stats, pattern, method, permute_budget_s,
+        permutations = permute_block(block, block_targets, block_stats, pattern, method, permute_budget_s,
                                      damp=options.get("damp", 0.01))
     owner = ranks.owners({t.name: _solve_cost(t, method) for t in block_targets})
     mine: dict[str, LayerResult] = {}
     for t in block_targets:
-        stats = collector.stats[t.name]
+        stats = block_stats[t.name]
         if not bool(torch.isfinite(stats.xtx).all()):
             raise UserError(f"layer {t.name}: its calibration inputs contain NaN or Inf (a layer before "
                             "it produces non-finite activations); check the model's weights, or prune "

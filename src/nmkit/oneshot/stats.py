@@ -85,6 +85,17 @@ class StatsCollector:
         return hook
 
 
+def collect_block_stats(block, targets: list[Target], hidden: torch.Tensor, kwargs: dict, batch: int,
+                        histogram_bins: int = 0) -> dict[str, InputStats]:
+    """Run ``block`` over ``hidden`` in batches of ``batch`` rows and return the input statistics of
+    ``targets`` (modules inside it)."""
+    with StatsCollector(targets, histogram_bins=histogram_bins) as collector:
+        for s in range(0, hidden.shape[0], batch):
+            collector.new_batch()
+            block(hidden[s : s + batch], **kwargs)
+    return collector.stats
+
+
 def _add_histogram(stats: InputStats, rows: torch.Tensor, bins: int) -> None:
     """Per-channel value histograms. Each channel's range is fixed from the first batch (4x its max
     |x|, so later batches rarely clip; clipped values land in the edge bins)."""

@@ -23,7 +23,7 @@ from nmkit.models import cache_dir
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import METHODS, reconstruction_error
 from nmkit.oneshot.sequential import weights_fingerprint
-from nmkit.oneshot.stats import StatsCollector
+from nmkit.oneshot.stats import collect_block_stats
 from nmkit.oneshot.targets import find_targets
 from nmkit.patterns import NM
 from nmkit.plan.cost import DENSE
@@ -56,14 +56,11 @@ def measure(model: nn.Module, samples: torch.Tensor, method: str, patterns: tupl
     for i, block in enumerate(blocks):
         mine = [t for t in targets if t.name.startswith(f"{head}{i}.")]
         if mine:
-            with StatsCollector(mine) as collector:
-                for s in range(0, hidden.shape[0], batch):
-                    collector.new_batch()
-                    block(hidden[s : s + batch], **kwargs)
+            block_stats = collect_block_stats(block, mine, hidden, kwargs, batch)
             for t in mine:
                 w = t.weight.detach()
                 w = (w.T if t.reduce_dim == 0 else w).float()
-                stats = collector.stats[t.name]
+                stats = block_stats[t.name]
                 errors[t.name] = {DENSE: 0.0}
                 for p in patterns:
                     if p == DENSE or w.shape[1] % NM.parse(p).group:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import inverse_hessian_factor, reconstruction_error, single_thread
-from nmkit.oneshot.stats import InputStats, StatsCollector
+from nmkit.oneshot.stats import InputStats, collect_block_stats
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import NM
 from nmkit.quant.nm_quant import QuantSpec, dequantize, fit_levels, quantize_kept
@@ -311,14 +311,11 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
     for block, block_targets in tqdm(list(zip(blocks, per_block, strict=True)), desc=f"quantize {spec}",
                                      unit="block", disable=not progress):
         if block_targets:
-            with StatsCollector(block_targets) as collector:
-                for s in range(0, hidden.shape[0], batch):
-                    collector.new_batch()
-                    block(hidden[s : s + batch], **kwargs)
+            block_stats = collect_block_stats(block, block_targets, hidden, kwargs, batch)
             for t in block_targets:
                 w = t.weight.detach().float().cpu()
                 pattern = patterns[t.name] if patterns is not None else _pattern_of(w)
-                stats: InputStats = collector.stats[t.name]
+                stats: InputStats = block_stats[t.name]
                 layer = quantize_layer(w, stats.xtx.cpu(), pattern, spec, damp, blocksize, act_order=act_order,
                                        refit_scales=refine > 0, refine=refine, fit_grid=fit_grid)
                 wq = layer.dequantized()
