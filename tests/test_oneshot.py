@@ -150,14 +150,14 @@ def test_admm_more_iterations_reconstruct_better():
     assert reconstruction_error(w, many, stats) < reconstruction_error(w, few, stats)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt-refit", "admm"])
+@pytest.mark.parametrize("method", ["sparsegpt-refit", "admm", "sparsegpt-block", "admm-block"])
 def test_improved_methods_prune_model_validly(tiny_model_dir, method):
     model = _model(tiny_model_dir)
     result = prune(model, "4:8", method, calibration=_calib(), progress=False)
     assert len(result.layers) == 14 and result.all_valid
 
 
-@pytest.mark.parametrize("method", ["sparsegpt"])
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsegpt-block"])
 def test_resume_after_interruption_is_bit_identical(tiny_model_dir, tmp_path, method):
     calib = _calib()
     full = _model(tiny_model_dir)
@@ -175,6 +175,33 @@ def test_resume_after_interruption_is_bit_identical(tiny_model_dir, tmp_path, me
         assert torch.equal(a, b), name
 
 
+def test_block_refit_fits_the_dense_block_output_and_keeps_the_mask(tiny_model_dir):
+    """Each block ends closer to the dense model's block output than its layer solves left it, with the
+    same zeros; the same seed gives the same weights."""
+    layer_only, fitted, again = (_model(tiny_model_dir) for _ in range(3))
+    prune(layer_only, "2:4", "sparsegpt-refit", calibration=_calib(), progress=False)
+    result = prune(fitted, "2:4", "sparsegpt-block", calibration=_calib(), progress=False, block_lr=1e-3)
+    prune(again, "2:4", "sparsegpt-block", calibration=_calib(), progress=False, block_lr=1e-3)
+    assert [b["block"] for b in result.blocks] == [0, 1]
+    assert all(b["output_mse_after"] < b["output_mse_before"] for b in result.blocks)
+    names = {x.name for x in result.layers}
+    before, after = dict(layer_only.named_parameters()), dict(fitted.named_parameters())
+    for name in (f"{n}.weight" for n in names):
+        if name.startswith("model.layers.0."):  # block 1's inputs differ once block 0 is refitted
+            assert torch.equal(before[name] != 0, after[name] != 0), name
+        assert not torch.equal(before[name], after[name]) or name.startswith("model.layers.1."), name
+    for (name, a), (_, b) in zip(fitted.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_block_methods_refuse_several_ranks(tiny_model_dir):
+    from nmkit.oneshot.distributed import Ranks
+    from nmkit.oneshot.sequential import check_distributable
+
+    with pytest.raises(UserError, match="--nproc 1"):
+        check_distributable(Ranks(0, 2), [[object(), object()]], torch.zeros(4, 8), "admm-block", False)
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
@@ -185,7 +212,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
               resume=True)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsegpt-block"])
 def test_pruned_zeros_are_positive_zero(tiny_model_dir, method):
     """Pruned negative weights must not be stored as -0.0 (compressed formats keep one zero)."""
     model = _model(tiny_model_dir)

@@ -290,9 +290,9 @@ def test_item6_calibration_beyond_the_text_is_refused(tiny_model_dir, tiny_data_
 
 def test_item6_calibration_beyond_memory_is_refused(monkeypatch):
     monkeypatch.setattr(preflight, "available_memory", lambda: 2**30)
-    preflight.check_calibration(64, 512, 10**6, 576)  # 75 MiB: fine
+    preflight.check_activation_memory(64, 512, 576)  # 75 MiB: fine
     with pytest.raises(UserError, match=r"needs about 2\.2 GiB .* 1\.0 GiB available"):
-        preflight.check_calibration(128, 1024, 10**6, 2304)
+        preflight.check_activation_memory(128, 1024, 2304)
 
 
 # ---- 7. JSON outputs are always valid ---------------------------------------------------------

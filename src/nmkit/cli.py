@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from nmkit import data, faults, model_card, models, preflight, recipe, resume, sidecar
+from nmkit import calibration, data, faults, model_card, models, preflight, recipe, resume, sidecar
 from nmkit.api import plan as sparsify_plan
 from nmkit.api import sparsify_
 from nmkit.commands import prune_stream
@@ -102,14 +102,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                                     "or 50%% (unstructured) (default 2:4)")
     p.add_argument("--method", default="magnitude",
                    help=method_help() + " (default magnitude)")
-    p.add_argument("--calib-samples", type=int, default=64, metavar="K",
-                   help="calibration sequences from the train split, for calibrated methods (default 64)")
-    p.add_argument("--calib-seqlen", type=int, default=512, metavar="L", help="tokens per calibration sequence "
-                   "(default 512)")
-    p.add_argument("--calib-seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    calibration.add_arguments(p)
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT Hessian dampening, fraction of mean "
                    "diagonal (default 0.01)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    p.add_argument("--block-epochs", type=int, default=4, metavar="E",
+                   help="*-block methods: epochs of fitting each block to the dense block's output (default 4)")
+    p.add_argument("--block-lr", type=float, default=1e-3, metavar="LR",
+                   help="*-block methods: Adam learning rate of that fit (default 1e-3)")
     p.add_argument("--permute", action="store_true",
                    help="before pruning, permute the input channels of down_proj/o_proj (absorbed by gate/up and "
                         "v_proj, so the model computes the same function) so that N:M keeps more of the method's "
@@ -160,6 +160,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "magnitude at run time, e.g. 2:4")
     p.add_argument("--baseline", action="store_true",
                    help="also evaluate without the run-time sparsity and report the ratio")
+    p.add_argument("--second-text", action="store_true",
+                   help="evaluate on the second text prune reports give beside WikiText (Python's language "
+                        "reference, pydoc_data.topics held-out split, 16 x 512 tokens) instead")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -186,6 +189,28 @@ def _log(msg: str) -> None:
     print(f"nmkit: {msg}", file=sys.stderr, flush=True)
 
 
+class _SecondText:
+    """Perplexity on the second text (:data:`nmkit.data.SECOND_TEXT`), dense from the cache when it can."""
+
+    def __init__(self, tokenizer, cache: DensePerplexityCache, model_path: str):
+        self.text = data.second_text()
+        self.ids = data.tokenize(tokenizer, self.text)
+        self.tokenizer = tokenizer
+        self.protocol = protocol_for(self.text, self.ids, data.SECOND_SEQLEN, data.SECOND_WINDOWS)
+        self.cache, self.key = cache, cache.key(model_path, self.protocol)
+
+    def perplexity(self, model) -> float:
+        return perplexity(model, self.tokenizer, self.text, data.SECOND_SEQLEN, data.SECOND_WINDOWS, ids=self.ids).ppl
+
+    def dense(self, model) -> float:
+        ppl = self.cache.get(self.key)
+        if ppl is None:
+            _log(f"evaluating dense model on {self.text.dataset} (second text)")
+            ppl = self.perplexity(model)
+            self.cache.put(self.key, ppl)
+        return ppl
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     if args.stream or args.nproc != 1:
         return prune_stream.run_streamed(args)
@@ -199,6 +224,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args.pattern, args.method, args.include, args.exclude = plan.pattern, plan.method, plan.include, plan.exclude
         args.calib_samples, args.calib_seqlen = plan.calibration["samples"], plan.calibration["seqlen"]
         args.calib_seed, args.tail = plan.calibration["seed"], plan.tail
+        args.calib_data = plan.calibration["data"]
         args.permute, args.permute_budget = plan.permute, plan.permute_budget_s
     pattern = parse(args.pattern)
     if args.method not in METHODS:
@@ -208,6 +234,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     preflight.finite_number("--permute-budget", args.permute_budget, 0)
     if not 0 <= preflight.finite_number("--damp", args.damp) < 10 or args.blocksize < 1:
         raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
+    if args.block_epochs < 0 or not 0 < preflight.finite_number("--block-lr", args.block_lr) < 1:
+        raise UserError("--block-epochs must be >= 0 and --block-lr in (0, 1)")
     spec = None
     if args.quant is not None:
         if type(pattern) is not NM:
@@ -244,14 +272,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _log(f"loading {source.name} ({source.description})")
     tokenizer = models.load_tokenizer(source)
-    calibration, calib_info = None, None
+    calib_samples, calib_info = None, None
     if method.calibrated or spec is not None:  # before the model loads: a request the data cannot meet fails fast
-        train = data.load_text("train", args.data_dir)
-        train_ids = data.tokenize(tokenizer, train)
-        preflight.check_calibration(args.calib_samples, args.calib_seqlen, train_ids.numel(), hidden)
-        calibration = data.calibration_windows(train_ids, args.calib_samples, args.calib_seqlen, args.calib_seed)
-        calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                      "seed": args.calib_seed}
+        calib = calibration.from_args(tokenizer, args, hidden)
+        calib_samples, calib_info = calib.samples, calib.info
     model = models.load(source).to(device)
     if layer_plan is not None and set(layer_plan) - {t.name for t in find_targets(model)}:
         missing = sorted(set(layer_plan) - {t.name for t in find_targets(model)})
@@ -266,7 +290,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     "pattern": str(pattern), "method": args.method, "ppl_dense": None, "ppl_sparse": None, "eval": None,
                     "calibration": calib_info}
     eval_s = 0.0
-    text = ids = dense_embeddings = None
+    text = ids = dense_embeddings = second = None
     if not args.no_eval:
         t = time.perf_counter()
         text = data.load_text("test", args.data_dir)
@@ -283,13 +307,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 cache.put(key, report["ppl_dense"])
             else:
                 _log("dense perplexity from cache (same weights and protocol; NMKIT_NO_PPL_CACHE=1 disables)")
+            if text.dataset != data.SECOND_TEXT:  # offline without WikiText the main text already is it
+                second = _SecondText(tokenizer, cache, models.materialised_path(source))
+                report["second_text"] = {"eval": second.protocol, "ppl_dense": second.dense(model), "ppl_sparse": None}
         else:
             dense_embeddings = embedding_fidelity(model, tokenizer, text)
         eval_s += time.perf_counter() - t
 
     options = {"permute": True, "permute_budget_s": args.permute_budget} if args.permute else {}
     if method.calibrated:
-        options |= {"calibration": calibration, "checkpoint_dir": resume.checkpoint_dir(args.out),
+        options |= {"calibration": calib_samples, "checkpoint_dir": resume.checkpoint_dir(args.out),
                     "resume": args.resume, "keep_checkpoint": True,
                     "run_config": {"model": source.path, "calibration": calib_info, **resume.run_arguments(vars(args))}}
         options |= {name: getattr(args, name) for name in method.options}
@@ -301,7 +328,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = prune(model, pattern, args.method, args.include, args.exclude, tail=args.tail, **options)
     else:
         options = {k: v for k, v in options.items() if k not in ("permute", "permute_budget_s", "calibration")}
-        result = sparsify_(model, plan, calibration=calibration, **options)
+        result = sparsify_(model, plan, calibration=calib_samples, **options)
     prune_cpu_s = time.process_time() - cpu0
 
     if not args.no_eval:
@@ -310,6 +337,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             _log("evaluating sparse model")
             report["ppl_sparse"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows,
                                               ids=ids).ppl
+            if second is not None:
+                report["second_text"]["ppl_sparse"] = second.perplexity(model)
         else:
             fid = embedding_fidelity(model, tokenizer, text, reference=dense_embeddings)
             report["eval"] = fid.protocol
@@ -321,6 +350,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "sparsity": result.sparsity,
         "all_valid": result.all_valid,
         "layers": [vars(x) for x in result.layers],
+        **({"blocks": result.blocks} if result.blocks else {}),
         "permutations": _permutation_summary(result.permutations, args.permute_budget) if args.permute else None,
         "timings": {"load_s": round(load_s, 3), "prune_s": round(result.seconds, 3),
                     "prune_cpu_s": round(prune_cpu_s, 3), "eval_s": round(eval_s, 3)},
@@ -334,7 +364,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         meta = {"model": source.name, "method": args.method, "pattern": str(pattern), "tail": args.tail,
                 "eval": report["eval"], "calibration": calib_info, "layers": layers}
         _log(f"quantizing the kept weights to {spec}")
-        mats, quant = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp, **quant_opts)
+        mats, quant = quantize_pruned(model, meta, spec, calib_samples, calib_info, args.damp, **quant_opts)
         if not args.no_eval and source.kind == "causal-lm":
             _log("evaluating the quantized model (dequantized weights, fp32 activations)")
             quant["ppl"] = perplexity(model, tokenizer, text, args.eval_seqlen, args.eval_windows, ids=ids).ppl
@@ -469,6 +499,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data.check_data_dir(data.data_dir(args.data_dir))
     model, tokenizer = models.load(source), models.load_tokenizer(source)
     text = data.load_text("test", args.data_dir)
+    if args.second_text:
+        text, seqlen, windows = data.second_text(), data.SECOND_SEQLEN, data.SECOND_WINDOWS
 
     out: dict = {"model": source.name, "attention": None if attention is None else str(attention),
                  "attention_layers": layers, "activations": None if activations is None else str(activations)}

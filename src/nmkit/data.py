@@ -109,6 +109,18 @@ def _from_pydoc(split: str) -> Text:
     return Text("pydoc_data.topics", "python-stdlib", split, text, hashlib.sha256(text.encode()).hexdigest())
 
 
+# The second evaluation text, reported beside every WikiText figure: does a pruned model generalise
+# beyond the kind of text it was calibrated on? Python's language reference (ships with CPython; no
+# calibration source uses it), its held-out topic split, 16 windows of 512 tokens.
+SECOND_TEXT = "pydoc_data.topics"
+SECOND_SEQLEN, SECOND_WINDOWS = 512, 16
+
+
+def second_text() -> Text:
+    """The held-out split of ``pydoc_data.topics``: the second text every prune report evaluates."""
+    return _from_pydoc("test")
+
+
 def load_text(split: str = "test", data_dir_: str | os.PathLike | None = None) -> Text:
     """Load a text split (``train``, ``valid`` or ``test``) by the resolution order in the module docs."""
     if split not in SPLITS:

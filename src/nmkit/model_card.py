@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from nmkit import sidecar
+from nmkit.calibration import describe as describe_calibration
 
 CARD = "README.md"
 
@@ -109,8 +110,7 @@ def render(directory: str | Path) -> str:
         lines.append(f"- recipe: `{json.dumps(meta['recipe'], sort_keys=True)}`")
     cal = meta.get("calibration") or report.get("calibration")
     if cal:
-        lines.append(f"- calibration: {cal.get('samples')} x {cal.get('seqlen')} tokens of {cal.get('dataset')} "
-                     f"{cal.get('split')} ({cal.get('source')}), seed {cal.get('seed')}")
+        lines.append(f"- calibration: {describe_calibration(cal)}")
     else:
         lines.append("- calibration: none (the method needs none)")
     if finetune:

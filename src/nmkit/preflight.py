@@ -152,17 +152,10 @@ def available_memory() -> int | None:
     return None
 
 
-def check_calibration(samples: int, seqlen: int, text_tokens: int, hidden_size: int | None) -> None:
-    """Refuse a calibration request the text cannot supply or whose activations cannot fit in memory.
-
-    More tokens than the whole text means the windows can only repeat it. The pipeline holds each
-    block's inputs and outputs, ``2 * samples * seqlen * hidden * 4`` bytes.
-    """
+def check_activation_memory(samples: int, seqlen: int, hidden_size: int | None) -> None:
+    """Refuse calibration activations that cannot fit in memory: the pipeline holds each block's inputs and
+    outputs, ``2 * samples * seqlen * hidden * 4`` bytes."""
     requested = samples * seqlen
-    if requested > text_tokens:
-        raise UserError(f"--calib-samples {samples} x --calib-seqlen {seqlen} = {requested} tokens, but the "
-                        f"calibration text has {text_tokens}; use at most --calib-samples "
-                        f"{max(1, text_tokens // seqlen)} at this length")
     memory = available_memory()
     if hidden_size and memory:
         needed = 2 * requested * hidden_size * 4

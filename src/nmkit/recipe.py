@@ -11,7 +11,7 @@ One record, :class:`Recipe`, read from a dict (``nmkit.sparsify_(model, config)`
     method: wanda             # see `nmkit prune --help`
     include: ["*"]            # optional; default: the Linear layers inside the transformer blocks
     exclude: ["*lm_head*"]
-    calibration: {samples: 64, seqlen: 512, seed: 0}
+    calibration: {samples: 64, seqlen: 512, seed: 0, data: mix}   # data: mix | wikitext
     permute: false            # or {budget_s: 5}
     tail: error               # error | pad | dense
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nmkit.calibration import CHOICES as CALIBRATION_DATA
 from nmkit.errors import UserError
 from nmkit.oneshot.methods import METHODS
 from nmkit.patterns import PatternError, parse
 from nmkit.selection import matches
 
 KEYS = ("pattern", "layers", "method", "include", "exclude", "calibration", "permute", "tail")
-CALIBRATION_KEYS = ("samples", "seqlen", "seed")
+CALIBRATION_KEYS = ("samples", "seqlen", "seed", "data")
 TAILS = ("error", "pad", "dense")
 
 
@@ -40,7 +41,7 @@ class Recipe:
     method: str = "magnitude"
     include: list[str] | None = None
     exclude: list[str] | None = None
-    calibration: dict = field(default_factory=lambda: {"samples": 64, "seqlen": 512, "seed": 0})
+    calibration: dict = field(default_factory=lambda: {"samples": 64, "seqlen": 512, "seed": 0, "data": "mix"})
     permute: bool = False
     permute_budget_s: float = 5.0
     tail: str = "error"
@@ -103,7 +104,10 @@ def from_dict(config: dict) -> Recipe:
     cal = config.get("calibration") or {}
     if not isinstance(cal, dict) or set(cal) - set(CALIBRATION_KEYS):
         raise UserError(f"recipe: calibration takes {', '.join(CALIBRATION_KEYS)}, got {cal!r}")
-    r.calibration = {**r.calibration, **{k: int(v) for k, v in cal.items()}}
+    r.calibration = {**r.calibration, **{k: v if k == "data" else int(v) for k, v in cal.items()}}
+    if r.calibration["data"] not in CALIBRATION_DATA:
+        raise UserError(f"recipe: calibration data must be one of {', '.join(CALIBRATION_DATA)}, "
+                        f"got {r.calibration['data']!r}")
     if r.calibration["samples"] < 1 or r.calibration["seqlen"] < 2:
         raise UserError("recipe: calibration samples must be >= 1 and seqlen >= 2")
     permute = config.get("permute", False)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from nmkit.calibration import describe as describe_calibration
+
 
 def machine() -> dict:
     return {
@@ -55,6 +57,12 @@ def prune_markdown(report: dict) -> str:
     if report.get("ppl_dense") and report.get("ppl_sparse"):
         lines.append(f"| increase | {report['ppl_sparse'] - report['ppl_dense']:+.3f} "
                      f"({report['ppl_sparse'] / report['ppl_dense']:.3f}x) |")
+    second = report.get("second_text")
+    if second and second.get("ppl_sparse"):
+        e = second["eval"]
+        lines.append(f"| second text ({e['dataset']}, {e['windows']} x {e['seqlen']}): dense / sparse | "
+                     f"{_fmt(second['ppl_dense'])} / {_fmt(second['ppl_sparse'])} "
+                     f"({second['ppl_sparse'] / second['ppl_dense']:.3f}x) |")
     lines += [
         f"| layers pruned | {len(report['layers'])} (all valid: {report['all_valid']}) |",
         f"| time: load / prune / eval (s) | {t['load_s']:.1f} / {t['prune_s']:.1f} / {t['eval_s']:.1f} |",
@@ -72,8 +80,13 @@ def prune_markdown(report: dict) -> str:
                       f"tokens each."]
     cal = report.get("calibration")
     if cal:
-        lines += ["", f"Calibration: {cal['samples']} x {cal['seqlen']} tokens from {cal['dataset']} {cal['split']} "
-                      f"({cal['source']}), seed {cal['seed']}."]
+        lines += ["", f"Calibration: {describe_calibration(cal)}."]
+    fits = report.get("blocks")
+    if fits:
+        kept = [b["output_mse_after"] / b["output_mse_before"] for b in fits if b["output_mse_before"] > 0]
+        lines += ["", f"Block fit to the dense model's block outputs ({len(fits)} blocks): the output error left after "
+                      f"the layer solves fell to {sum(kept) / max(len(kept), 1):.1%} of it on average "
+                      f"(calibration data)."]
     perm = report.get("permutations")
     if perm:
         lines += ["", f"Channel permutations (--permute, {perm['budget_s']:g} s per layer): {perm['layers']} layers, "

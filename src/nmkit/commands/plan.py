@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from nmkit import data, models, preflight
+from nmkit import calibration as calibration_set
+from nmkit import models, preflight
 from nmkit.errors import UserError
 from nmkit.jsonout import dumps
 from nmkit.oneshot.methods import METHODS
@@ -37,9 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"candidate patterns, N:M keeps N of every M (default {','.join(CANDIDATES)})")
     p.add_argument("--method", default="wanda", help="pruning method the sensitivities use, and the plan "
                    "records for `nmkit prune --plan` (default wanda)")
-    p.add_argument("--calib-samples", type=int, default=64, metavar="K")
-    p.add_argument("--calib-seqlen", type=int, default=512, metavar="L")
-    p.add_argument("--calib-seed", type=int, default=0)
+    calibration_set.add_arguments(p, "the sensitivities")
     p.add_argument("--data-dir", default=None, metavar="D", help="WikiText-2 folder (default $NMKIT_DATA)")
     p.add_argument("--profile", action="store_true",
                    help="measure this CPU again (otherwise a cached profile is used); alone, only profiles")
@@ -122,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"target {args.target_speedup:g}x is out of reach: the fastest plan on {best} is predicted "
                         f"at {reach[best]:.2f}x; ask for at most that")
     tokenizer = models.load_tokenizer(source)
-    ids = data.tokenize(tokenizer, data.load_text("train", args.data_dir))
-    samples = data.calibration_windows(ids, args.calib_samples, args.calib_seqlen, args.calib_seed)
+    samples = calibration_set.from_args(tokenizer, args).samples
     errors = sensitivity.cached(model, samples, args.method, patterns, log=_log)
 
     results = {}
@@ -140,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     won = results[winner]
     body = {"model": source.name, "device": winner, "batch": args.batch, "method": args.method,
             "target_speedup": args.target_speedup,
-            "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.calib_seed},
+            "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.calib_seed,
+                            "data": args.calib_data},
             "predicted": {"speedup": won["plan"].speedup, "step_s": won["plan"].step_s,
                           "dense_step_s": won["plan"].dense_step_s, "loss": won["plan"].loss},
             "uniform": {p: {"speedup": u.speedup, "loss": u.loss} for p, u in won["uniform"].items()},

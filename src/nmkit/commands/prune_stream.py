@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from nmkit import data, faults, models, preflight, resume, sidecar
+from nmkit import calibration as calibration_set
+from nmkit import faults, models, preflight, resume, sidecar
 from nmkit.errors import UserError
 from nmkit.jsonout import dumps
 from nmkit.oneshot.distributed import Ranks, from_environment
@@ -52,6 +53,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --method {args.method!r}; available: {', '.join(sorted(METHODS))}")
     if args.calib_samples < 1 or args.calib_seqlen < 2:
         raise UserError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    if METHODS[args.method].block_refit:
+        raise UserError(f"--method {args.method} is not supported with --stream or --nproc (it keeps the dense "
+                        "model's activations beside the pruned ones); prune without them")
 
 
 def run_streamed(args: argparse.Namespace) -> int:
@@ -84,12 +88,8 @@ def run_streamed(args: argparse.Namespace) -> int:
     calibration = calib_info = None
     if method.calibrated:
         tokenizer = models.load_tokenizer(source)
-        train_ids = data.tokenize(tokenizer, train := data.load_text("train", args.data_dir))
-        preflight.check_calibration(args.calib_samples, args.calib_seqlen, train_ids.numel(),
-                                    preflight.hidden_size(path))
-        calibration = data.calibration_windows(train_ids, args.calib_samples, args.calib_seqlen, args.calib_seed)
-        calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                      "seed": args.calib_seed}
+        calib = calibration_set.from_args(tokenizer, args, preflight.hidden_size(path))
+        calibration, calib_info = calib.samples, calib.info
     load_s = time.perf_counter() - t0
     options = {name: getattr(args, name) for name in method.options}
     cpu0 = time.process_time()

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from nmkit import calibration as calibration_set
 from nmkit import data, models, sidecar
 from nmkit.errors import UserError
 from nmkit.outputs import check_output_dir
@@ -120,11 +121,7 @@ def write_output(out: str | Path, model, tokenizer, meta: dict, mats: dict[str, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a pruned model directory (written by `nmkit prune`, with nmkit.json)")
     add_quant_arguments(parser, required=True)
-    parser.add_argument("--calib-samples", type=int, default=64, metavar="K",
-                        help="calibration sequences from the train split (default 64)")
-    parser.add_argument("--calib-seqlen", type=int, default=512, metavar="L",
-                        help="tokens per calibration sequence (default 512)")
-    parser.add_argument("--calib-seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    calibration_set.add_arguments(parser, "the quantization sweep")
     parser.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     parser.add_argument("--data-dir", default=None, metavar="D",
                         help="folder holding wikitext-2-raw (default: $NMKIT_DATA, else HF datasets)")
@@ -149,10 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"nmkit: loading {args.dir}", file=sys.stderr, flush=True)
     model, tokenizer = models.load(args.dir), models.load_tokenizer(args.dir)
-    train = data.load_text("train", args.data_dir)
-    calibration = data.calibration_windows(data.tokenize(tokenizer, train), args.calib_samples, args.calib_seqlen,
-                                           args.calib_seed)
-    calib_info = {**train.info, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.calib_seed}
+    calib = calibration_set.from_args(tokenizer, args)
+    calibration, calib_info = calib.samples, calib.info
     mats, summary = quantize_pruned(model, meta, spec, calibration, calib_info, args.damp, **options)
     write_output(args.out, model, tokenizer, meta, mats, summary, {"source": str(args.dir), "model": meta.get("model")})
     if args.json:

@@ -240,9 +240,11 @@ class Method:
     solve: LayerFn
     histograms: bool = False  # needs per-channel value histograms of the inputs
     options: tuple[str, ...] = ()  # method options the CLI passes through (--damp, --blocksize)
+    block_refit: bool = False  # after the layer solves, fit each block to the dense block's output (block_refit.py)
 
 
 _SPARSEGPT_OPTIONS = ("damp", "blocksize")
+_BLOCK_OPTIONS = (*_SPARSEGPT_OPTIONS, "block_epochs", "block_lr")
 _METHODS = (
     Method("magnitude", "no data", False, False, lambda w, stats, damp: scores.magnitude(w), magnitude),
     Method("wanda", "|W| x input norm", True, False, lambda w, stats, damp: scores.wanda(w, stats.sq_norms), wanda),
@@ -251,8 +253,12 @@ _METHODS = (
     Method("sparsegpt", "OBS with weight update", True, True, _obs_score, sparsegpt, options=_SPARSEGPT_OPTIONS),
     Method("sparsegpt-refit", "SparseGPT + joint least-squares refit", True, True, _obs_score, sparsegpt_refit,
            options=_SPARSEGPT_OPTIONS),
-    Method("admm", "ADMM mask search + refit: best measured, ~3.5x SparseGPT's time", True, True, _obs_score, admm,
+    Method("admm", "ADMM mask search + refit: ~3.5x SparseGPT's time", True, True, _obs_score, admm,
            options=_SPARSEGPT_OPTIONS),
+    Method("sparsegpt-block", "sparsegpt-refit, then each block fitted to the dense block's output", True, True,
+           _obs_score, sparsegpt_refit, options=_BLOCK_OPTIONS, block_refit=True),
+    Method("admm-block", "admm, then each block fitted to the dense block's output", True, True, _obs_score, admm,
+           options=_BLOCK_OPTIONS, block_refit=True),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 

@@ -24,6 +24,7 @@ class PruneResult:
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
     permutations: list = field(default_factory=list)  # PermutationChange per permuted layer (--permute)
+    blocks: list[dict] = field(default_factory=list)  # block-output error before/after a block refit
 
     @property
     def sparsity(self) -> float:
@@ -37,4 +38,5 @@ class PruneResult:
         return all(layer.valid for layer in self.layers)
 
     def to_dict(self) -> dict:
-        return {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
+        out = {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
+        return out | ({"blocks": self.blocks} if self.blocks else {})

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from nmkit import faults
 from nmkit.errors import UserError
 from nmkit.jsonout import dumps
+from nmkit.oneshot.block_refit import refit_block
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.distributed import Ranks, check_layout
 from nmkit.oneshot.methods import METHODS, reconstruction_error
@@ -199,6 +200,9 @@ def check_distributable(ranks: Ranks, per_block: list[list[Target]], samples: to
                         "run it with --nproc 1")
     if permute:
         raise UserError("--permute searches within a time budget, so ranks would disagree; run it with --nproc 1")
+    if METHODS[method].block_refit:
+        raise UserError(f"--method {method} trains each block on all calibration windows, which ranks do not share; "
+                        "run it with --nproc 1")
     check_layout(ranks, max((len(b) for b in per_block), default=1), samples.shape[0])
 
 
@@ -334,17 +338,20 @@ def prune_sequential(
         first = state["next_block"]
         result.layers = [LayerResult(**x) for x in state["layers"]]
         result.permutations = [PermutationChange(**x) for x in state.get("permutations", [])]
+        result.blocks = list(state.get("blocks", []))
         for i in range(first):
             if per_block[i]:
                 # the whole block: a permutation also changed layers that are not targets
                 blocks[i].load_state_dict(ckpt.load_block(i), strict=False)
         streams = ckpt.load_streams(state)
         hidden = streams["hidden"].to(device)
+        dense = streams["dense"].to(device) if "dense" in streams else None
         _, kwargs = capture_block_inputs(model, blocks[0], samples[:1], device)
         prior_seconds = state["seconds"]
     else:
         first, prior_seconds = 0, 0.0
         hidden, kwargs = capture_block_inputs(model, blocks[0], samples, device)
+        dense = hidden.clone() if METHODS[method].block_refit else None  # the dense model's stream: the target
 
     label = "per-layer plan" if per_layer else str(pattern)
     bar = tqdm(range(len(blocks)), desc=f"prune {label} ({method})", unit="block",
@@ -352,18 +359,26 @@ def prune_sequential(
     try:  # the bar is closed before an error is printed, so the error stays the last line
         for i in range(first, len(blocks)):
             block, block_targets = blocks[i], per_block[i]
+            dense_out = run_block(block, dense, kwargs, batch) if dense is not None else None
             if block_targets:
                 layers, permutations = prune_block(block, block_targets, hidden, kwargs, pattern, method, tail,
                                                    options, batch, ranks, i, permute, permute_budget_s,
                                                    per_layer)
+                if dense_out is not None:
+                    fit = refit_block(block, block_targets, hidden, dense_out, kwargs,
+                                      epochs=options.get("block_epochs", 4), lr=options.get("block_lr", 1e-3),
+                                      seed=i)
+                    result.blocks.append({"block": i, "output_mse_before": fit.loss_before,
+                                          "output_mse_after": fit.loss_after})
                 result.layers += layers
                 result.permutations += permutations
-            hidden = run_block(block, hidden, kwargs, batch)
+            hidden, dense = run_block(block, hidden, kwargs, batch), dense_out
             if ckpt:
                 weights = {k: v.detach().cpu() for k, v in block.state_dict().items()} if block_targets else {}
-                streams = {"hidden": hidden.cpu()}
+                streams = {"hidden": hidden.cpu(), **({"dense": dense.cpu()} if dense is not None else {})}
                 ckpt.save(i, weights, streams, {"next_block": i + 1, "layers": [asdict(x) for x in result.layers],
                                                 "permutations": [asdict(x) for x in result.permutations],
+                                                "blocks": result.blocks,
                                                 "seconds": prior_seconds + time.perf_counter() - start})
                 faults.point(f"after-commit-{i}")
             bar.update(1)
