@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from nmkit.dynamic import nm_attention
-from nmkit.dynamic.block_attention import block_attention
 from nmkit.dynamic.block_mask import causal_mask, select_blocks
+from nmkit.dynamic.block_sparse import block_attention
 
 
 def _seconds(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:

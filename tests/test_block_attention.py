@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmkit.dynamic.block_attention import block_attention
 from nmkit.dynamic.block_mask import BlockMask, causal_mask, document_mask, select_blocks
+from nmkit.dynamic.block_sparse import BlockAttention, block_attention
 from nmkit.errors import UserError
 from nmkit.solvers.nm import nm_mask
 
@@ -172,3 +172,101 @@ def test_bad_inputs_are_named():
         document_mask(torch.zeros(20), 8)
     with pytest.raises(UserError, match="block keep"):
         BlockMask.from_block_keep(torch.ones(1, 1, 2, 2, dtype=torch.bool), 8, 20, 20)
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral():
+    """A 2-layer Mistral (a Llama with a sliding window of 13 keys)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=13)
+    return MistralForCausalLM(config).eval()
+
+
+def _logits(model, implementation, ids, mask=None):
+    model.set_attn_implementation(implementation)
+    return model(ids, attention_mask=mask).logits
+
+
+def test_hf_sliding_window_model_gives_the_sdpa_and_eager_logits(tiny_mistral):
+    ids = torch.randint(0, 100, (2, 70), generator=torch.Generator().manual_seed(1))
+    padded = torch.ones_like(ids)
+    padded[1, :9] = 0  # left padding
+    with torch.no_grad():
+        for mask in (None, padded):
+            sdpa, eager = _logits(tiny_mistral, "sdpa", ids, mask), _logits(tiny_mistral, "eager", ids, mask)
+            with BlockAttention(tiny_mistral, block=8) as handle:
+                assert tiny_mistral.config._attn_implementation == handle.name
+                out = tiny_mistral(ids, attention_mask=mask).logits
+            assert tiny_mistral.config._attn_implementation == "eager"
+            torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
+            real = slice(None) if mask is None else (slice(0, 1),)  # eager gives padded rows no zeros
+            torch.testing.assert_close(out[real], eager[real], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_sliding_window_reads_only_the_window(tiny_mistral, monkeypatch):
+    import nmkit.dynamic.block_sparse as module
+
+    seen = []
+    real = module.block_attention
+
+    def spy(q, k, v, mask, **kwargs):
+        seen.append(mask)
+        return real(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(module, "block_attention", spy)
+    with torch.no_grad(), BlockAttention(tiny_mistral, block=8):
+        tiny_mistral(torch.zeros(1, 64, dtype=torch.long))
+    assert len(seen) == 2 and all(mask.kv_blocks.shape[-1] == 3 for mask in seen)  # 13 keys span at most 3 blocks
+
+
+def test_hf_cached_generation_equals_sdpa(tiny_mistral):
+    prompt = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tiny_mistral.set_attn_implementation("sdpa")
+        expected = tiny_mistral.generate(prompt, max_new_tokens=10, do_sample=False)
+        with BlockAttention(tiny_mistral, block=8):
+            got = tiny_mistral.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_hf_causal_llama_gives_the_sdpa_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 300, (2, 45), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sdpa = _logits(model, "sdpa", ids)
+        with BlockAttention(model, block=16):
+            out = model(ids).logits
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_block_selection(tiny_mistral):
+    ids = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sdpa = _logits(tiny_mistral, "sdpa", ids)
+        # a 13-key window reaches at most 5 blocks of 4, so 7 of every 8 keeps them all: nothing changes
+        with BlockAttention(tiny_mistral, block=4, select="7:8"):
+            torch.testing.assert_close(tiny_mistral(ids).logits, sdpa, atol=1e-5, rtol=1e-5)
+        with BlockAttention(tiny_mistral, block=4, select="1:4"):
+            sparse = tiny_mistral(ids).logits
+    assert sparse.isfinite().all() and not torch.allclose(sparse, sdpa, atol=1e-3)
+
+
+def test_hf_encoder_runs_sdpa_unchanged():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        sdpa = model(ids, attention_mask=mask).last_hidden_state
+        with BlockAttention(model, block=4):
+            out = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, sdpa)

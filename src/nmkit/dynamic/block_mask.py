@@ -120,6 +120,29 @@ def _block_bounds(length: int, block: int, offset: int = 0) -> tuple[torch.Tenso
     return first, torch.clamp(first + block - 1, max=offset + length - 1)
 
 
+def causal_block_tables(length: int, kv_length: int, block: int, offset: int,
+                        window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_blocks, kv_blocks) tables of the block pairs a causal (windowed) mask reads at all, and reads whole.
+
+    Query row ``r`` is at position ``offset + r``; query ``p`` sees keys ``p - window < k <= p``.
+    """
+    q_first, q_last = _block_bounds(length, block, offset)
+    k_first, k_last = _block_bounds(kv_length, block)
+    keep = k_first[None, :] <= q_last[:, None]
+    full = k_last[None, :] <= q_first[:, None]
+    if window is not None:
+        keep &= q_first[:, None] - k_last[None, :] < window
+        full &= q_last[:, None] - k_first[None, :] < window
+    return keep, full
+
+
+def own_blocks(length: int, kv_length: int, block: int, offset: int) -> torch.Tensor:
+    """(q_blocks, kv_blocks): the key blocks holding a query block's own positions (the causal diagonal)."""
+    q_first, q_last = _block_bounds(length, block, offset)
+    k_first, k_last = _block_bounds(kv_length, block)
+    return (k_first[None, :] <= q_last[:, None]) & (k_last[None, :] >= q_first[:, None])
+
+
 def causal_mask(length: int, block: int = 128, *, window: int | None = None,
                 kv_length: int | None = None) -> BlockMask:
     """Causal attention, optionally limited to a sliding ``window``: query ``p`` sees keys ``p - window < k <= p``.
@@ -134,13 +157,7 @@ def causal_mask(length: int, block: int = 128, *, window: int | None = None,
     if window is not None and window < 1:
         raise UserError(f"window must be a positive number of keys, got {window}")
     offset = kv_length - length
-    q_first, q_last = _block_bounds(length, block, offset)
-    k_first, k_last = _block_bounds(kv_length, block)
-    keep = k_first[None, :] <= q_last[:, None]
-    full = k_last[None, :] <= q_first[:, None]
-    if window is not None:
-        keep &= q_first[:, None] - k_last[None, :] < window
-        full &= q_last[:, None] - k_first[None, :] < window
+    keep, full = causal_block_tables(length, kv_length, block, offset, window)
 
     def mask_mod(b, h, q, kv):
         allowed = kv <= q
@@ -209,28 +226,37 @@ def select_blocks(query: torch.Tensor, key: torch.Tensor, pattern: NM | str, blo
     _check(length, block)
     if q_heads % kv_heads:
         raise UserError(f"{q_heads} query heads cannot share {kv_heads} key/value heads evenly")
-    with torch.no_grad():
-        q_mean = _block_means(query.float(), block).unflatten(1, (kv_heads, -1)).mean(2)
-        k_mean = _block_means(key.float(), block)
-        if shared_heads:
-            q_mean, k_mean = q_mean.mean(1, keepdim=True), k_mean.mean(1, keepdim=True)
-        estimate = q_mean @ k_mean.transpose(-2, -1)
-        candidate = torch.ones(estimate.shape[-2:], dtype=torch.bool)
-        full, offset = candidate, 0
-        if causal:
-            if kv_length < length:
-                raise UserError(f"causal selection needs at least as many keys ({kv_length}) as queries ({length})")
-            offset = kv_length - length
-            q_first, q_last = _block_bounds(length, block, offset)
-            k_first, k_last = _block_bounds(kv_length, block)
-            candidate = k_first[None, :] <= q_last[:, None]
-            own = candidate & (k_last[None, :] >= q_first[:, None])
-            full = k_last[None, :] <= q_first[:, None]
-            estimate = estimate.masked_fill(~candidate, -math.inf).masked_fill(own, math.inf)
-        keep = nm_mask(estimate, pattern, dim=-1, tail="pad") & candidate
+    if causal and kv_length < length:
+        raise UserError(f"causal selection needs at least as many keys ({kv_length}) as queries ({length})")
+    offset = kv_length - length if causal else 0
+    if causal:
+        candidate, full = causal_block_tables(length, kv_length, block, offset)
+        own = own_blocks(length, kv_length, block, offset)
+    else:
+        candidate = full = torch.ones(_blocks(length, block), _blocks(kv_length, block), dtype=torch.bool)
+        own = None
+    keep = select_block_keep(query, key, pattern, block, candidate, own, shared_heads=shared_heads)
 
     def mask_mod(b, h, q, kv):
         return kv <= q
 
     return BlockMask.from_block_keep(keep, block, length, kv_length, mask_mod if causal else None, offset,
                                      full[None, None])
+
+
+def select_block_keep(query: torch.Tensor, key: torch.Tensor, pattern: NM | str, block: int,
+                      candidate: torch.Tensor, own: torch.Tensor | None = None, *,
+                      shared_heads: bool = False) -> torch.Tensor:
+    """The (batch, heads|1, q_blocks, kv_blocks) table of :func:`select_blocks`: N of every M key blocks among the
+    ``candidate`` ones (q_blocks, kv_blocks), by block-mean estimate; ``own`` blocks always win their group."""
+    pattern = NM.parse(pattern)
+    kv_heads = key.shape[1]
+    with torch.no_grad():
+        q_mean = _block_means(query.float(), block).unflatten(1, (kv_heads, -1)).mean(2)
+        k_mean = _block_means(key.float(), block)
+        if shared_heads:
+            q_mean, k_mean = q_mean.mean(1, keepdim=True), k_mean.mean(1, keepdim=True)
+        estimate = (q_mean @ k_mean.transpose(-2, -1)).masked_fill(~candidate, -math.inf)
+        if own is not None:
+            estimate = estimate.masked_fill(own, math.inf)
+        return nm_mask(estimate, pattern, dim=-1, tail="pad") & candidate

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from nmkit.dynamic.block_mask import BlockMask
+from nmkit.dynamic.block_mask import BlockMask, causal_block_tables, own_blocks, select_block_keep
 from nmkit.errors import UserError
+from nmkit.patterns import NM
 
 # Scores of one chunk of query blocks; about the L2-to-memory sweet spot measured on this CPU.
 _SCORE_BUDGET_BYTES = 32 << 20
@@ -125,3 +126,122 @@ def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     for dim, name in ((0, "batch"), (1, "key/value heads")):
         if mask.kv_blocks.shape[dim] not in (1, key.shape[dim]):
             raise UserError(f"the mask has {mask.kv_blocks.shape[dim]} {name}, the tensors {key.shape[dim]}")
+
+
+class _HFMask:
+    """What transformers asked its mask builder for, kept unbuilt: no (queries x keys) tensor is made.
+
+    One is shared by every layer of a forward pass, so the block tables are built once and cached.
+    """
+
+    def __init__(self, **request):
+        self.request = request
+        self._tables: dict[int, tuple] = {}
+
+    def dense(self) -> torch.Tensor | None:
+        """The mask transformers' SDPA would get (None where SDPA's own causal flag covers it)."""
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(**self.request)
+
+    def block_mask(self, query: torch.Tensor, key: torch.Tensor, block: int, select: NM | None) -> BlockMask:
+        from transformers.masking_utils import (
+            and_masks,
+            causal_mask_function,
+            padding_mask_function,
+            prepare_padding_mask,
+        )
+
+        req = self.request
+        q_length, kv_length = req["q_length"], req["kv_length"]
+        q_offset, kv_offset = req.get("q_offset", 0), req.get("kv_offset", 0)
+        if block not in self._tables:
+            rule = req.get("mask_function", causal_mask_function)
+            padding = prepare_padding_mask(req.get("attention_mask"), kv_length, kv_offset)
+            if padding is not None and not bool(padding.all()):
+                rule = and_masks(rule, padding_mask_function(padding))
+
+            def mask_mod(b, h, q, kv):  # our positions count from the first key; transformers' from kv_offset
+                return rule(b, h, q + kv_offset, kv + kv_offset)
+
+            offset = q_offset - kv_offset
+            # The model's rule is causal (windowed when it says local_size), so these blocks hold every allowed pair.
+            keep, full = causal_block_tables(q_length, kv_length, block, offset, req.get("local_size"))
+            own = own_blocks(q_length, kv_length, block, offset)
+            self._tables[block] = (keep, full, own, mask_mod, offset)
+        keep, full, own, mask_mod, offset = self._tables[block]
+        if select is not None:
+            keep = select_block_keep(query, key, select, block, keep, own)
+        else:
+            keep = keep[None, None]
+        return BlockMask.from_block_keep(keep, block, q_length, kv_length, mask_mod, offset, full[None, None])
+
+
+def _hf_attention(block: int, select: NM | None):
+    """A function with the signature of transformers' ``AttentionInterface`` entries."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        request = attention_mask if isinstance(attention_mask, _HFMask) else None
+        fits = (request is not None and (query.shape[2], key.shape[2])
+                == (request.request["q_length"], request.request["kv_length"]))
+        if not fits or not getattr(module, "is_causal", True) or (module.training and dropout > 0):
+            # Encoders, cross-attention and dropout: exactly what the SDPA path does.
+            mask = request.dense() if request is not None else attention_mask
+            return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = block_attention(query, key, value, request.block_mask(query, key, block, select), scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+class BlockAttention:
+    """Block-skipping attention on a Hugging Face decoder, through transformers' ``AttentionInterface``.
+
+    The model's own mask (causal, sliding window, padding, packed sequences) is kept exactly; attention
+    reads only the key blocks of ``block`` positions that the mask can reach, so a sliding-window
+    model skips everything outside its window. With ``select="N:M"`` each query block also reads only N
+    of every M of those key blocks, chosen per key/value head by the block-mean score estimate (this
+    changes the model's function, like :class:`NMAttention`). No (queries x keys) mask is built.
+    Switches back on :meth:`remove` or at the end of a ``with`` block.
+
+        with BlockAttention(model, block=128):
+            out = model(ids)          # same logits as SDPA, less work for windowed attention
+
+    For decoders whose masks are causal (optionally windowed/chunked); encoders and cross-attention
+    run transformers' SDPA unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, block: int = 128, select: NM | str | None = None):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        if block < 1:
+            raise UserError(f"block must be a positive number of positions, got {block}")
+        if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+            raise UserError(f"{type(model).__name__} is not a transformers PreTrainedModel; for other models "
+                            "call nmkit.dynamic.block_attention inside your own attention module")
+        if not model._can_set_attn_implementation():
+            raise UserError(f"{type(model).__name__} does not route attention through transformers' "
+                            "AttentionInterface, so its attention cannot be replaced without patching it")
+        self.select = None if select is None else NM.parse(select)
+        self.name = f"nmkit_block_{block}" + ("" if self.select is None
+                                              else f"_select_{self.select.keep}of{self.select.group}")
+        AttentionInterface.register(self.name, _hf_attention(block, self.select))
+        AttentionMaskInterface.register(self.name, _HFMask)
+        self.model = model
+        self.previous = model.config._attn_implementation
+        model.set_attn_implementation(self.name)
+
+    def remove(self) -> None:
+        """Switch the model back to the attention it used before."""
+        if self.model is not None:
+            self.model.set_attn_implementation(self.previous)
+            self.model = None
+
+    def __enter__(self) -> BlockAttention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
