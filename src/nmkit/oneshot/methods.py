@@ -146,6 +146,7 @@ def refit(w: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, target: torch.
     SparseGPT freezes each column once the sweep passes it; this lets every kept weight move
     jointly. Starts from ``w``, so it never ends worse than it began (CG descends monotonically).
     """
+    xtx = xtx.to(w.dtype)
     h = xtx + damp * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     mask = keep.to(w.dtype)
     w = w * mask
@@ -209,7 +210,7 @@ def admm(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy 
 
 def reconstruction_error(w_old: torch.Tensor, w_new: torch.Tensor, stats: InputStats) -> float:
     """||(W - W') X||^2 / ||W X||^2 over the calibration tokens, from X^T X alone."""
-    h = stats.xtx
+    h = stats.xtx.float()
     delta = (w_old.float() - w_new.float())
     num = ((delta @ h) * delta).sum()
     den = ((w_old.float() @ h) * w_old.float()).sum().clamp(min=1e-30)
