@@ -88,9 +88,12 @@ def sparsegpt(
     dead = xtx.diagonal() == 0  # inputs that were always zero: their weights cannot matter
     xtx[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = inverse_hessian_factor(xtx, damp)
     rows, cols = w.shape
-    with single_thread():  # the sweep is many small ops: threads only add barrier waits (40x slower on a busy box)
+    # One thread for the sweep (many small ops: threads only add barrier waits, 40x slower on a busy box) and
+    # for the factor too: LAPACK's threaded factorisation rounds a few entries differently by thread count,
+    # and one flipped near-tie then changes every later block (a distributed rank runs with fewer threads).
+    with single_thread():
+        u = inverse_hessian_factor(xtx, damp)
         return _obs_sweep(w, u, pattern, tail, blocksize)
 
 
