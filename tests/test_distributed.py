@@ -1,8 +1,8 @@
 """Streamed pruning (one block in memory) and torch.distributed pruning (2 gloo ranks) on the tiny Llama.
 
 - a streamed prune writes the same tensors, bit for bit, as the in-memory prune;
-- 2 ranks give the same magnitude and wanda masks as one, and >= 99.9% of sparsegpt's mask entries
-  (the summed statistics differ in float summation order);
+- 2 ranks give the same masks as one for magnitude, wanda and sparsegpt, and the same weights (sparsegpt's
+  to float32 rounding: X^T X is summed per sample in float64, so the ranks' split barely changes it);
 - bad input: a missing shard, more ranks than a block has layers, a rank killed mid-run: one line,
   nothing half-written, and ``--resume`` finishes the run.
 """
@@ -127,11 +127,11 @@ def _compare_with_one_rank(sharded_model: Path, tmp_path: Path) -> None:
         pruned = [k for k in one if k.endswith("proj.weight")]
         same = sum(int(((one[k] != 0) == (two[k] != 0)).sum()) for k in pruned)
         total = sum(one[k].numel() for k in pruned)
-        if method == "sparsegpt":
-            assert same / total >= 0.999, (method, same / total)
-        else:
-            assert same == total, method
-            for k in one:  # no weight update: the kept weights are the originals, so everything matches
+        assert same == total, (method, same / total)  # summed in float32, sparsegpt's differed (99.995%)
+        for k in one:  # magnitude and wanda keep the original weights; sparsegpt's updates agree to rounding
+            if method == "sparsegpt":
+                torch.testing.assert_close(one[k], two[k], msg=k)
+            else:
                 assert one[k].equal(two[k]), k
         # every rank wrote its own activations, the leader committed them all
         assert len(list((tmp_path / "two" / method).glob("streams-*-r*.pt"))) == 2

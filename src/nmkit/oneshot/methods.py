@@ -88,9 +88,12 @@ def sparsegpt(
     dead = xtx.diagonal() == 0  # inputs that were always zero: their weights cannot matter
     xtx[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = inverse_hessian_factor(xtx, damp)
     rows, cols = w.shape
-    with single_thread():  # the sweep is many small ops: threads only add barrier waits (40x slower on a busy box)
+    # One thread for the sweep (many small ops: threads only add barrier waits, 40x slower on a busy box) and
+    # for the factor too: LAPACK's threaded factorisation rounds a few entries differently by thread count,
+    # and one flipped near-tie then changes every later block (a distributed rank runs with fewer threads).
+    with single_thread():
+        u = inverse_hessian_factor(xtx, damp)
         return _obs_sweep(w, u, pattern, tail, blocksize)
 
 
@@ -146,6 +149,7 @@ def refit(w: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, target: torch.
     SparseGPT freezes each column once the sweep passes it; this lets every kept weight move
     jointly. Starts from ``w``, so it never ends worse than it began (CG descends monotonically).
     """
+    xtx = xtx.to(w.dtype)
     h = xtx + damp * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     mask = keep.to(w.dtype)
     w = w * mask
@@ -209,7 +213,7 @@ def admm(w: torch.Tensor, stats: InputStats, pattern: Pattern, tail: TailPolicy 
 
 def reconstruction_error(w_old: torch.Tensor, w_new: torch.Tensor, stats: InputStats) -> float:
     """||(W - W') X||^2 / ||W X||^2 over the calibration tokens, from X^T X alone."""
-    h = stats.xtx
+    h = stats.xtx.float()
     delta = (w_old.float() - w_new.float())
     num = ((delta @ h) * delta).sum()
     den = ((w_old.float() @ h) * w_old.float()).sum().clamp(min=1e-30)

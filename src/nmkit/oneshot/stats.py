@@ -1,7 +1,12 @@
 """Calibration statistics of each layer's input: X^T X (sum over tokens) and the token count.
 
 Layers that read the same tensor (q/k/v, gate/up) share one accumulator, so each distinct input
-costs one GEMM per batch.
+costs one GEMM per calibration sample. Each sample's X^T X is a float32 GEMM; the sum over samples
+(and over ranks, :mod:`nmkit.oneshot.distributed`) is kept in float64, where it is all but exact:
+summed in another order (one process, or each rank's share then an all-reduce; batches of any size)
+it rounds the same, so a distributed run solves with the statistics of one process. Summed in float32
+the two differ by ~1e-7, enough to flip a few of SparseGPT's near-tied N:M choices, which then change
+every later block's inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from nmkit.oneshot.targets import Target
 
 @dataclass
 class InputStats:
-    xtx: torch.Tensor  # (in, in) sum over calibration tokens of x x^T, float32
+    xtx: torch.Tensor  # (in, in) sum over calibration tokens of x x^T, float64 when collected here
     tokens: int = 0
     # (in, bins) histogram of each input channel's values over [-range, range] (E-Sparse's entropy).
     histogram: torch.Tensor | None = None
@@ -37,6 +42,15 @@ class InputStats:
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     # Rows are tokens, columns are the layer's input features.
     return x.reshape(-1, x.shape[-1]).float()
+
+
+def _per_sample(rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``rows`` split by calibration sample (the first dimension of a batched ``x``; a 2-D ``x`` is one).
+
+    X^T X is summed one sample at a time so that its float32 GEMMs are the same however the samples
+    are batched or shared out across ranks; only the float64 sum's order changes.
+    """
+    return rows.chunk(x.shape[0]) if x.dim() > 2 else (rows,)
 
 
 class StatsCollector:
@@ -74,9 +88,10 @@ class StatsCollector:
             rows = _as_rows(x.detach())
             stats = self.stats.get(target.name)
             if stats is None:
-                stats = InputStats(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=x.device))
+                stats = InputStats(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device))
                 self.stats[target.name] = stats
-            stats.xtx.addmm_(rows.T, rows)
+            for sample in _per_sample(rows, x):  # a float32 GEMM per sample, summed in float64
+                stats.xtx.add_(sample.T @ sample)
             stats.tokens += rows.shape[0]
             if self.histogram_bins:
                 _add_histogram(stats, rows, self.histogram_bins)
