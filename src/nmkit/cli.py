@@ -265,6 +265,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserError("--eval-seqlen must be >= 2 and --eval-windows >= 1")
     hidden = preflight.hidden_size(source.path)
     streams_bytes = 2 * args.calib_samples * args.calib_seqlen * (hidden or 0) * 4 if method.calibrated else 0
+    streams_bytes *= 2 if method.block_refit else 1  # the dense model's stream is checkpointed beside the pruned one
     # the output (fp32 weights) and, for calibrated methods, the checkpoint beside it
     preflight.check_free_space(out_parent, fp32_bytes * (2 if method.calibrated else 1) + streams_bytes,
                                f"the pruned model{' and its checkpoint' if method.calibrated else ''}")
