@@ -6,7 +6,7 @@ documentation. The default calibration is therefore a **mix** of kinds of text e
 
 - ``prose``: the train split of :func:`nmkit.data.load_text` (WikiText-2 train when available);
 - ``code``: Python source of a fixed list of standard-library modules;
-- ``docs``: the same modules' documentation as ``pydoc`` renders it (plain text from their docstrings);
+- ``docs``: the same modules' docstrings (module, classes, functions);
 - ``chat``: prose paragraphs as question/answer turns in the model's chat template (if it has one).
 
 The evaluation's second text, ``pydoc_data.topics`` (the language reference), is in none of them.
@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import pydoc
-import re
 from dataclasses import dataclass
 
 import torch
 
-from nmkit import data
+from nmkit import data, preflight
 from nmkit.errors import UserError
 
 # Modules whose source and documentation are calibration text: pure-Python, import without side effects.
@@ -54,8 +52,20 @@ def code_text() -> str:
 
 
 def docs_text() -> str:
-    text = "\n\n".join(pydoc.render_doc(_import(name), renderer=pydoc.plaintext) for name in STDLIB_MODULES)
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)  # default values' reprs hold addresses: same text every run
+    """The modules' docstrings (module, then each public class and function, by name). Docstrings only: a
+    rendered page would also show default values and module data, which depend on the process's state
+    (logging handlers, tempfile's directory), and a resumed run must draw the same windows."""
+    parts = []
+    for name in STDLIB_MODULES:
+        module = _import(name)
+        parts.append(f"{name}\n\n{inspect.getdoc(module) or ''}")
+        for attr in sorted(vars(module)):
+            obj = vars(module)[attr]
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and inspect.getdoc(obj):
+                parts.append(f"{name}.{attr}\n\n{inspect.getdoc(obj)}")
+    return "\n\n".join(parts)
 
 
 def chat_text(tokenizer, prose: str) -> str | None:
@@ -88,8 +98,6 @@ def build(tokenizer, kind: str, count: int, seqlen: int, seed: int = 0, data_dir
     Refused before any window is drawn: a source too short for its share, activations (of ``hidden_size``)
     that cannot fit in memory.
     """
-    from nmkit import preflight
-
     if kind not in CHOICES:
         raise UserError(f"unknown --calib-data {kind!r}; choose one of {', '.join(CHOICES)}")
     train = data.load_text("train", data_dir)
