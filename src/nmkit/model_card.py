@@ -17,6 +17,15 @@ from nmkit.calibration import describe as describe_calibration
 CARD = "README.md"
 
 
+
+# How an nmkit-stored directory loads through transformers (compressed and quantized storage alike).
+_LOAD_WITH_NMKIT = ["```python", "import nmkit  # registers quant_method 'nmkit' with transformers",
+                    "from transformers import AutoModelForCausalLM", "",
+                    'model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", dtype="auto")',
+                    "# or: model = nmkit.load(\"path\")", "```", "",
+                    "Without nmkit, transformers stops with a size-mismatch error (it never loads these files as "
+                    "random weights): `pip install nmkit`."]
+
 def _front_matter(base: dict, meta: dict, pipeline: str | None) -> str:
     pattern = meta.get("pattern") or next(iter(meta.get("layers", {}).values()), {}).get("pattern")
     tags = ["nmkit", "sparse", "n:m-sparsity", "pruned"]
@@ -40,24 +49,14 @@ def _load_section(directory: Path, meta: dict) -> list[str]:
         return ["## How to load", "",
                 "The pruned layers are stored compressed (kept values + 1-bit mask). With nmkit installed and "
                 "imported, transformers builds them as nmkit `SparseLinear` layers straight from the file:", "",
-                "```python", "import nmkit  # registers quant_method 'nmkit' with transformers",
-                "from transformers import AutoModelForCausalLM", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", dtype="auto")',
-                "# or: model = nmkit.load(\"path\")", "```", "",
-                "Without nmkit, transformers stops with a size-mismatch error (it never loads these files as "
-                "random weights): `pip install nmkit`."]
+                *_LOAD_WITH_NMKIT]
     if storage == "nmkit-quantized":
         quant = meta.get("quant") or {}
         return ["## How to load", "",
                 f"The pruned layers are stored quantized (INT{quant.get('bits', '?')} kept values with fp16 group "
                 "scales, 1-bit mask). With nmkit installed and imported, transformers loads them dequantized "
                 "(the same weights as `nmkit.load`); `nmkit generate DIR` runs the stored codes:", "",
-                "```python", "import nmkit  # registers quant_method 'nmkit' with transformers",
-                "from transformers import AutoModelForCausalLM", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/or/hub-id", dtype="auto")',
-                "# or: model = nmkit.load(\"path\")", "```", "",
-                "Without nmkit, transformers stops with a size-mismatch error (it never loads these files as "
-                "random weights): `pip install nmkit`."]
+                *_LOAD_WITH_NMKIT]
     if storage == "compressed-tensors-24":
         return ["## How to load", "",
                 "Stored as compressed-tensors `sparse-24-bitmask`, which only compressed-tensors 0.14.0.1 with "
