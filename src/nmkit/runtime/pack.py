@@ -47,6 +47,11 @@ class PackedMat:
         return self.pattern.group if self.pattern else 1
 
     @property
+    def tiled(self) -> bool:
+        """fp32 1:4 and 2:4 store values in tiles of 16 rows (see :func:`tile_values`)."""
+        return self.kind == "fp32" and self.pattern is not None and self.pattern.group == 4 and self.keep in (1, 2)
+
+    @property
     def k64(self) -> int:
         return 64 * self.keep // self.group
 
@@ -64,6 +69,8 @@ class PackedMat:
         if self._tables is None:
             wsum = index = None
             group4 = self.pattern is not None and self.pattern.group == 4
+            if self.tiled:
+                index = tile_positions(self.kept_mask(), self.keep)
             if self.kind in ("int8", "int4"):
                 wsum = self.codes().sum(-1, dtype=torch.int32).to(torch.int16).contiguous()
                 if group4 and self.pattern.keep in (1, 2):
@@ -88,6 +95,8 @@ class PackedMat:
 
     def kept_values(self) -> torch.Tensor:
         """float32 (rows, kept per row), dequantized for the integer kinds."""
+        if self.tiled:
+            return untile_values(self.values, self.rows, self.cols * self.keep // 4)
         if self.kind == "fp32":
             return self.values
         if self.kind == "bf16":
@@ -111,6 +120,31 @@ class PackedMat:
         w = torch.zeros(self.rows, self.cols)
         w[self.kept_mask()] = self.kept_values().reshape(-1)
         return w
+
+
+def tile_values(kept: torch.Tensor) -> torch.Tensor:
+    """Kept values (rows, kept per row) in tiles of 16 rows, zero-padded to whole tiles, flat: value k of
+    row r at (r // 16 * kept_per_row + k) * 16 + r % 16, so one vector holds 16 rows' value k."""
+    rows, kr = kept.shape
+    padded = torch.cat([kept, kept.new_zeros(-rows % 16, kr)])
+    return padded.reshape(-1, 16, kr).transpose(1, 2).contiguous().reshape(-1)
+
+
+def untile_values(values: torch.Tensor, rows: int, kept_per_row: int) -> torch.Tensor:
+    """The inverse of :func:`tile_values`."""
+    return values.reshape(-1, kept_per_row, 16).transpose(1, 2).reshape(-1, kept_per_row)[:rows].contiguous()
+
+
+def tile_positions(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """The 2-bit positions of an n:4 mask (n = 1, 2) in tile order, as the tiled fp32 kernel reads them:
+    int32 word ((r // 16 * cols/64 + c) * n + s) * 16 + r % 16 holds slot s of groups 16c..16c+15 of row r,
+    group 16c + j at bits 2j (a flat int32 tensor; the words are unsigned bit fields)."""
+    rows, cols = keep.shape
+    pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, cols // 64, 16, n)  # row, chunk, group, slot
+    pos = torch.cat([pos, pos.new_zeros(-rows % 16, *pos.shape[1:])])
+    words = (pos << (2 * torch.arange(16)).reshape(1, 1, 16, 1)).sum(2)  # row, chunk, slot
+    words = words.reshape(-1, 16, cols // 64, n).permute(0, 2, 3, 1).reshape(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:
@@ -159,7 +193,9 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     mask = None if pattern is None else pack_bits(keep)
     b = None if bias is None else bias.detach().float().contiguous()
     p = PackedMat(kind, rows, cols, pattern, kept, mask, bias=b, group_blocks=group_blocks)
-    if kind == "bf16":
+    if p.tiled:
+        p.values = tile_values(kept)
+    elif kind == "bf16":
         p.values = kept.to(torch.bfloat16).contiguous()
     elif kind in ("int8", "int4"):
         nb = cols // 64

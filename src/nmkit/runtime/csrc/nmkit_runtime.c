@@ -11,6 +11,12 @@
  *                     int8 per value. Q4: 32 bytes per unit, byte j holding value j (low nibble) and
  *                     value j + 32 (high nibble) as q + 8, or as the index of q in the matrix's
  *                     optional 16-level table. One fp16 scale per row and scale group.
+ *   kind F32, 1:4 and 2:4 ("tiled", index != NULL): tiles of 16 rows (the last one zero-padded), so a
+ *                     decode step fills one vector with 16 rows' kept values of one group of 4 inputs:
+ *                     value (row r, group g, slot s) at ((r/16 * cols/4 + g) * keep + s) * 16 + r%16.
+ *                     index: the values' positions in their groups, 2 bits each: uint32 word
+ *                     ((r/16 * cols/64 + c) * keep + s) * 16 + r%16 holds slot s of groups 16c..16c+15
+ *                     of row r, group 16c+j at bits 2j
  *   mask            : rows x cols/8 bytes, bit j of byte b <-> column 8b + j (little endian, so 8 bytes
  *                     are the uint64 mask of one 64-input block); NULL when keep == group (dense)
  * "N:M" keeps N (keep) of every M (group) consecutive inputs; group is 2, 4, 8 or 16.
@@ -66,8 +72,9 @@ typedef struct {
     const uint16_t *scales; /* fp16, rows x n_scales */
     const float *bias;
     const int16_t *wsum;    /* quantized kinds: rows x blocks, the sum of each 64-input block's kept codes */
-    const uint8_t *index;   /* quantized 1:4 and 2:4: the kept values' positions in their group of 4, 2 bits
-                             * each, 16 bytes per unit (order: see q_unit_x_index); else NULL */
+    const uint8_t *index;   /* 1:4 and 2:4: the kept values' positions in their group of 4, 2 bits each;
+                             * quantized kinds: 16 bytes per unit (order: see q_unit_x_index); fp32: the
+                             * tiled layout above; else NULL */
     const int8_t *levels;   /* Q4 only, optional: 16 int8 levels, nibble n stands for levels[n] (else n - 8) */
 } nmr_mat;
 
@@ -137,6 +144,11 @@ static inline int64_t kept_per_row(const nmr_mat *W) { return (int64_t)W->cols /
 static inline int n_scales(const nmr_mat *W) { return (W->cols / 64 + W->group_blocks - 1) / W->group_blocks; }
 static inline int dense(const nmr_mat *W) { return W->keep == W->group; }
 static inline int k64_of(const nmr_mat *W) { return 64 / W->group * W->keep; }
+static inline int f32_tiled(const nmr_mat *W) { return W->kind == K_F32 && W->index != NULL; }
+/* Offset of row r's slot-0 value of group 0 in a tiled fp32 matrix; group g slot s adds (g*keep+s)*16. */
+static inline int64_t tiled_row(const nmr_mat *W, int r) {
+    return (int64_t)(r / 16) * (W->cols / 4) * W->keep * 16 + r % 16;
+}
 static inline int units_per_row(const nmr_mat *W) { /* 64-value units, see the layout above */
     const int per = 64 / k64_of(W);
     return (W->cols / 64 + per - 1) / per;
@@ -149,7 +161,11 @@ static inline __attribute__((always_inline)) float dot_float_row(const nmr_mat *
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (W->cols / 8) : NULL;
     float acc = 0.f;
     int64_t k = 0;
-    if (W->kind == K_F32) {
+    if (f32_tiled(W)) { /* every group of 4 holds exactly keep values, in column order */
+        const float *v = (const float *)W->values + tiled_row(W, r);
+        for (int c = 0; c < W->cols; c++)
+            if (mk[c >> 3] >> (c & 7) & 1) acc += v[k++ * 16] * x->f[c];
+    } else if (W->kind == K_F32) {
         const float *v = (const float *)W->values + (int64_t)r * kr;
         if (dense(W)) {
             for (int c = 0; c < W->cols; c++) acc += v[c] * x->f[c];
@@ -437,6 +453,46 @@ static T512 void rows_f32_512(const nmr_mat *W, const xrep *x, float *y, int r0,
     }
 }
 
+/* Tiled fp32 1:4 and 2:4: one vector is 16 rows' slot-s values of one group of 4 inputs; the group's 4
+ * inputs are broadcast to every 128-bit lane and each lane picks its row's input with vpermilps, which
+ * reads only the low 2 bits of its control, so a shift moves on to the next group's positions. No
+ * gather, no horizontal sum: the accumulators are the tile's 16 outputs. */
+static T512 void rows_f32_tiled_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    const int G = W->cols / 4, C = W->cols / 64, keep = W->keep;
+    for (int t = r0 / 16; t * 16 < r1; t++) {
+        const float *v = (const float *)W->values + (int64_t)t * G * keep * 16;
+        const __m512i *ix = (const __m512i *)W->index + (int64_t)t * C * keep;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++) {
+            const float *xc = x->f + c * 64;
+            if (keep == 1) {
+                __m512i p = _mm512_loadu_si512(ix++);
+                for (int j = 0; j < 16; j += 2, v += 32, p = _mm512_srli_epi32(p, 4)) {
+                    const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j));
+                    const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j + 4));
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v), _mm512_permutevar_ps(xa, p), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + 16), _mm512_permutevar_ps(xb, _mm512_srli_epi32(p, 2)), a1);
+                }
+            } else {
+                __m512i p0 = _mm512_loadu_si512(ix), p1 = _mm512_loadu_si512(ix + 1);
+                ix += 2;
+                for (int j = 0; j < 16; j++, v += 32) {
+                    const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j));
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v), _mm512_permutevar_ps(xa, p0), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + 16), _mm512_permutevar_ps(xa, p1), a1);
+                    p0 = _mm512_srli_epi32(p0, 2);
+                    p1 = _mm512_srli_epi32(p1, 2);
+                }
+            }
+        }
+        const int n = r1 - t * 16 < 16 ? r1 - t * 16 : 16;
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        __m512 out = _mm512_add_ps(a0, a1);
+        if (W->bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(live, W->bias + t * 16));
+        _mm512_mask_storeu_ps(y + t * 16, live, out);
+    }
+}
+
 /* bf16 rows without BF16 dot products: widen both operands to fp32 (exact) and FMA. */
 static inline __attribute__((always_inline)) T512 __m512 bf16x16_to_ps(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -509,6 +565,7 @@ static void mat_rows(const nmr_mat *W, const xrep *x, float *y, int r0, int r1, 
 #ifdef NMR_X86
     if (isa >= ISA_AVX512) {
         if (W->kind >= K_Q8) rows_quant_512(W, x, y, r0, r1);
+        else if (f32_tiled(W)) rows_f32_tiled_512(W, x, y, r0, r1);
         else if (W->kind == K_F32) rows_f32_512(W, x, y, r0, r1);
         else if (isa >= ISA_AVX512BF16) rows_bf16_512bf(W, x, y, r0, r1);
         else rows_bf16_512(W, x, y, r0, r1);
@@ -603,6 +660,12 @@ static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
 static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, int8_t *wq, int32_t *wsum, float *sw) {
     const int cols = W->cols, nb = cols / 64;
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
+    if (f32_tiled(W)) {
+        const float *v = (const float *)W->values + tiled_row(W, r);
+        int64_t k = 0;
+        for (int c = 0; c < cols; c++) wf[c] = mk[c >> 3] >> (c & 7) & 1 ? v[k++ * 16] : 0.f;
+        return;
+    }
     if (W->kind == K_F32) {
         const int p16 = dense(W) ? 16 : 16 / W->group * W->keep;
         const float *v = (const float *)W->values + (int64_t)r * kept_per_row(W);
@@ -908,7 +971,7 @@ static int mat_ok(const nmr_mat *W) {
     if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
     if (W->levels && W->kind != K_Q4) return 0;
-    return !W->index || (W->kind >= K_Q8 && W->group == 4 && (W->keep == 1 || W->keep == 2));
+    return !W->index || ((W->kind >= K_Q8 || W->kind == K_F32) && W->group == 4 && (W->keep == 1 || W->keep == 2));
 }
 
 
