@@ -214,7 +214,7 @@ def test_struct_layout_matches_c():
     # the C side reads these offsets; a reordered field would silently misread pointers
     out = (ctypes.c_int64 * 4)()
     native.lib().nmr_layout(out)
-    assert list(out) == [ctypes.sizeof(native.MatStruct), native.MatStruct.index.offset,
+    assert list(out) == [ctypes.sizeof(native.MatStruct), native.MatStruct.tiles.offset,
                          ctypes.sizeof(native.ModelStruct), native.ModelStruct.vcache.offset]
 
 

@@ -21,7 +21,7 @@ class MatStruct(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
                 ("keep", ctypes.c_int32), ("group", ctypes.c_int32), ("group_blocks", ctypes.c_int32),
                 ("values", _p), ("mask", _p), ("scales", _p), ("bias", _p), ("wsum", _p), ("index", _p),
-                ("levels", _p)]
+                ("levels", _p), ("tiles", _p)]
 
 
 class ModelStruct(ctypes.Structure):

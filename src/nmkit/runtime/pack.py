@@ -37,6 +37,7 @@ class PackedMat:
     group_blocks: int = 1
     _tables: tuple[torch.Tensor | None, torch.Tensor | None] | None = field(default=None, init=False, repr=False)
     levels: torch.Tensor | None = None  # int4 only: int8 (16,) table, nibble n stands for levels[n] (else n - 8)
+    _tiles: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def keep(self) -> int:
@@ -58,8 +59,12 @@ class PackedMat:
     def nbytes(self) -> int:
         """Bytes the decode kernel reads for one token (values, mask or positions, scales, code sums, bias,
         level table)."""
-        wsum, index = self.decode_tables()
-        parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias, self.levels)
+        tiles = self.decode_tiles()
+        if tiles is not None:
+            parts = (tiles, self.bias, self.levels)
+        else:
+            wsum, index = self.decode_tables()
+            parts = (self.values, self.mask if index is None else index, self.scales, wsum, self.bias, self.levels)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def decode_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -79,6 +84,17 @@ class PackedMat:
             self._tables = (wsum, index)
         return self._tables
 
+    @property
+    def quant_tiled(self) -> bool:
+        """Integer kinds that decode from tiles of 16 rows (see :func:`quant_tiles`): dense, 1:4 and 2:4."""
+        return self.kind in ("int8", "int4") and (self.pattern is None or (self.group == 4 and self.keep in (1, 2)))
+
+    def decode_tiles(self) -> torch.Tensor | None:
+        """The integer kinds' decode stream (:func:`quant_tiles`), derived once; None for other kinds."""
+        if self._tiles is None and self.quant_tiled:
+            self._tiles = quant_tiles(self)
+        return self._tiles
+
     def struct(self) -> MatStruct:
         def ptr(t):
             return None if t is None else t.data_ptr()
@@ -86,7 +102,7 @@ class PackedMat:
         wsum, index = self.decode_tables()
         return MatStruct(KINDS[self.kind], self.rows, self.cols, self.keep, self.group, self.group_blocks,
                          ptr(self.values), ptr(self.mask), ptr(self.scales), ptr(self.bias), ptr(wsum), ptr(index),
-                         ptr(self.levels))
+                         ptr(self.levels), ptr(self.decode_tiles()))
 
     def kept_mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -145,6 +161,52 @@ def tile_positions(keep: torch.Tensor, n: int) -> torch.Tensor:
     words = (pos << (2 * torch.arange(16)).reshape(1, 1, 16, 1)).sum(2)  # row, chunk, slot
     words = words.reshape(-1, 16, cols // 64, n).permute(0, 2, 3, 1).reshape(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def _fields(pos: torch.Tensor) -> torch.Tensor:
+    """2-bit fields (..., 64) -> (..., 16) bytes, field i in qword (i/8) % 2 at bit 2 * ((i/16) * 8 + i % 8):
+    the order in which one vpmultishiftqb over the broadcast 16 bytes lines field i up with byte i."""
+    i = torch.arange(64)
+    bit = 64 * ((i // 8) % 2) + 2 * ((i // 16) * 8 + i % 8)
+    packed = torch.zeros(*pos.shape[:-1], 16, dtype=torch.int64)
+    packed.scatter_add_(-1, (bit // 8).expand(pos.shape), pos.long() << (bit % 8))
+    return packed.to(torch.uint8)
+
+
+def quant_tiles(p: PackedMat) -> torch.Tensor:
+    """The integer kinds' decode stream, uint8: for each tile of 16 rows (the last zero-padded) and each
+    64-input block, 32 bytes of fp16 weight scales (one per row, repeated over group_blocks), 32 bytes of
+    int16 code sums, then for 1:4 and 2:4 the positions (16 bytes per vector, :func:`_fields`), then the
+    codes: k64/4 vectors of 64 bytes, vector j holding for each row (dword lane) its kept values 4j..4j+3
+    of the block, so window w (inputs 16w..16w+15) is vectors w*k64/64 .. (w+1)*k64/64 - 1. INT8: the codes;
+    INT4: vector pairs in one 64 bytes, the even one in the low nibbles (codes + 8, or level indices)."""
+    rows, nb, k64 = p.rows, p.cols // 64, p.k64
+    pad = -rows % 16
+    tiles = (rows + pad) // 16
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:  # (rows, nb, ...) -> (tiles, nb, 16, ...)
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+        return t.reshape(tiles, 16, *t.shape[1:]).transpose(1, 2)
+
+    scales = p.scales.repeat_interleave(p.group_blocks, 1)[:, :nb].contiguous()
+    wsum = p.decode_tables()[0]
+    parts = [tiled(scales).contiguous().view(torch.uint8).reshape(tiles, nb, 32),
+             tiled(wsum).contiguous().view(torch.uint8).reshape(tiles, nb, 32)]
+
+    def vectors(t: torch.Tensor) -> torch.Tensor:  # (rows, nb, k64) -> (tiles, nb, k64/4 vectors, 64)
+        return tiled(t.reshape(rows, nb, k64 // 4, 4)).permute(0, 1, 3, 2, 4).reshape(tiles, nb, k64 // 4, 64)
+
+    if p.pattern is not None:
+        pos = (torch.nonzero(p.kept_mask())[:, 1] % 4).reshape(rows, nb, k64)
+        parts.append(_fields(vectors(pos)).reshape(tiles, nb, -1))
+    codes = p.codes()
+    if p.kind == "int8":
+        parts.append(vectors(codes).view(torch.uint8).reshape(tiles, nb, -1))
+    else:
+        nib = codes.long() + 8 if p.levels is None else torch.searchsorted(p.levels.long(), codes.long().contiguous())
+        v = vectors(nib).reshape(tiles, nb, k64 // 8, 2, 64)
+        parts.append((v[:, :, :, 0] | (v[:, :, :, 1] << 4)).to(torch.uint8).reshape(tiles, nb, -1))
+    return torch.cat(parts, dim=-1).reshape(-1).contiguous()
 
 
 def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:

@@ -76,6 +76,8 @@ typedef struct {
                              * quantized kinds: 16 bytes per unit (order: see q_unit_x_index); fp32: the
                              * tiled layout above; else NULL */
     const int8_t *levels;   /* Q4 only, optional: 16 int8 levels, nibble n stands for levels[n] (else n - 8) */
+    const uint8_t *tiles;   /* quantized dense, 1:4 and 2:4, optional: the decode stream in tiles of 16 rows
+                             * (see q_tiles; built by nmkit/runtime/pack.py:quant_tiles) */
 } nmr_mat;
 
 typedef struct {
@@ -395,7 +397,79 @@ Q_ROWS(q_rows_p4, 4, 0)
 Q_ROWS(q_rows_p4_index, 4, 1)
 Q_ROWS(q_rows_p8, 8, 0)
 
+/* Quantized dense, 1:4 and 2:4 rows from W->tiles, 16 rows at a time: each dword lane is one row, so the
+ * int32 dot products of a 64-input block build up in the lanes (no gather across rows, no horizontal sums),
+ * and the block's scales, code sums and positions are one vector each for all 16 rows. Per tile and block
+ * the stream holds: 16 fp16 weight scales, 16 int16 code sums, for 1:4 and 2:4 the 2-bit positions (16
+ * bytes per code vector), then the codes (vector j: every row's kept values 4j..4j+3 of the block; INT4
+ * keeps two vectors per 64 bytes, the even one in the low nibbles). Activations of a 16-input window are
+ * broadcast to each 128-bit lane and vpshufb picks every row's inputs (index = 4 x group + position);
+ * dense rows take one broadcast dword of 4 inputs per vector. ZPW: code vectors per window (4 dense, 2
+ * for 2:4, 1 for 1:4), a constant in each instance so the loops unroll. */
+static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W, const xrep *x, float *y, int r0,
+                                                               int r1, const int ZPW) {
+    const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW;
+    const int block_bytes = 64 + (sparse ? nvec * 16 : 0) + nvec * (q4 ? 32 : 64);
+    const __m512i lut = level_lut(W), low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    uint8_t fa[64], b0[64], b1[64];
+    for (int i = 0; i < 64; i++) { /* byte i: row i/4, value 4z + i%4 of the window, in group (4z + i%4)/keep */
+        fa[i] = (uint8_t)(2 * ((i / 16) * 8 + i % 8));
+        b0[i] = (uint8_t)(4 * ((i % 4) / W->keep));
+        b1[i] = (uint8_t)(4 * ((4 + i % 4) / W->keep));
+    }
+    const __m512i fields_at = _mm512_loadu_si512(fa), base0 = _mm512_loadu_si512(b0), base1 = _mm512_loadu_si512(b1);
+    for (int t = r0 / 16; t * 16 < r1; t++) {
+        const uint8_t *p = W->tiles + (int64_t)t * nb * block_bytes;
+        __m512 acc = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++, p += block_bytes) {
+            const uint8_t *ip = p + 64, *vp = ip + (sparse ? nvec * 16 : 0), *xb = x->q + b * 64;
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            for (int j = 0; j < nvec; j++) {
+                __m512i wj;
+                if (q4) { /* a pair of code vectors per 64 bytes (the compiler loads each pair once) */
+                    const __m512i pair = _mm512_loadu_si512(vp + j / 2 * 64);
+                    const __m512i nib = _mm512_and_si512((j & 1) ? _mm512_srli_epi16(pair, 4) : pair, low4);
+                    wj = W->levels ? _mm512_shuffle_epi8(lut, nib) : _mm512_sub_epi8(nib, eight);
+                } else {
+                    wj = _mm512_loadu_si512(vp + j * 64);
+                }
+                __m512i xj;
+                if (sparse) {
+                    const __m512i xw = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + j / ZPW * 16)));
+                    const __m512i fields = _mm512_multishift_epi64_epi8(
+                        fields_at, _mm512_broadcast_i64x2(_mm_loadu_si128((const __m128i *)(ip + j * 16))));
+                    const __m512i idx = _mm512_ternarylogic_epi32(fields, _mm512_set1_epi8(3), (j % ZPW) ? base1 : base0, 0xEA);
+                    xj = _mm512_shuffle_epi8(xw, idx);
+                } else {
+                    xj = _mm512_set1_epi32(*(const int32_t *)(xb + j * 4));
+                }
+                if (j & 1) d1 = _mm512_dpbusd_epi32(d1, xj, wj);
+                else d0 = _mm512_dpbusd_epi32(d0, xj, wj);
+            }
+            /* activations are stored + 128: take 128 x (the block's code sum) off */
+            const __m512i sums = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32))), 7);
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), sums);
+            const __m512 sc = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)), _mm512_set1_ps(x->s[b]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc);
+        }
+        const int n = r1 - t * 16 < 16 ? r1 - t * 16 : 16;
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        if (W->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(live, W->bias + t * 16));
+        _mm512_mask_storeu_ps(y + t * 16, live, acc);
+    }
+}
+
+static T512 void q_tiles_dense(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 4); }
+static T512 void q_tiles_2of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2); }
+static T512 void q_tiles_1of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1); }
+
 static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    if (W->tiles) {
+        if (dense(W)) q_tiles_dense(W, x, y, r0, r1);
+        else if (W->keep == 2) q_tiles_2of4(W, x, y, r0, r1);
+        else q_tiles_1of4(W, x, y, r0, r1);
+        return;
+    }
     const int nb = W->cols / 64, padded = (nb + 15) / 16 * 16, P = 64 / k64_of(W);
     float xs[padded]; /* the activation scales, zero past the last block */
     for (int b = 0; b < padded; b++) xs[b] = b < nb ? x->s[b] : 0.f;
@@ -971,6 +1045,7 @@ static int mat_ok(const nmr_mat *W) {
     if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
     if (W->levels && W->kind != K_Q4) return 0;
+    if (W->tiles && !(W->kind >= K_Q8 && (dense(W) || (W->group == 4 && (W->keep == 1 || W->keep == 2))))) return 0;
     return !W->index || ((W->kind >= K_Q8 || W->kind == K_F32) && W->group == 4 && (W->keep == 1 || W->keep == 2));
 }
 
@@ -1161,7 +1236,7 @@ int nmr_matmul(const nmr_mat *W, const float *x, int T, float *y, int isa, int n
 /* The structs' sizes and last fields' offsets, so the ctypes mirrors can be checked against them. */
 void nmr_layout(int64_t *out) {
     out[0] = (int64_t)sizeof(nmr_mat);
-    out[1] = (int64_t)offsetof(nmr_mat, index);
+    out[1] = (int64_t)offsetof(nmr_mat, tiles);
     out[2] = (int64_t)sizeof(nmr_model);
     out[3] = (int64_t)offsetof(nmr_model, vcache);
 }
