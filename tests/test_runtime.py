@@ -82,6 +82,8 @@ def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
         assert pattern.is_valid(p.kept_mask())
     if kind == "fp32":
         assert torch.equal(dq, w)
+    if kind == "bf16":
+        assert torch.equal(dq, w.to(torch.bfloat16).float())
     if kind.startswith("int"):
         codes = p.codes()
         lo, hi = (-127, 127) if kind == "int8" else (-8, 7)

@@ -49,8 +49,9 @@ class PackedMat:
 
     @property
     def tiled(self) -> bool:
-        """fp32 1:4 and 2:4 store values in tiles of 16 rows (see :func:`tile_values`)."""
-        return self.kind == "fp32" and self.pattern is not None and self.pattern.group == 4 and self.keep in (1, 2)
+        """fp32 and bf16 1:4 and 2:4 store values in tiles of 16 rows (see :func:`tile_values`)."""
+        sparse4 = self.pattern is not None and self.pattern.group == 4 and self.keep in (1, 2)
+        return self.kind in ("fp32", "bf16") and sparse4
 
     @property
     def k64(self) -> int:
@@ -112,7 +113,7 @@ class PackedMat:
     def kept_values(self) -> torch.Tensor:
         """float32 (rows, kept per row), dequantized for the integer kinds."""
         if self.tiled:
-            return untile_values(self.values, self.rows, self.cols * self.keep // 4)
+            return untile_values(self.values, self.rows, self.cols * self.keep // 4).float()
         if self.kind == "fp32":
             return self.values
         if self.kind == "bf16":
@@ -140,14 +141,21 @@ class PackedMat:
 
 def tile_values(kept: torch.Tensor) -> torch.Tensor:
     """Kept values (rows, kept per row) in tiles of 16 rows, zero-padded to whole tiles, flat: value k of
-    row r at (r // 16 * kept_per_row + k) * 16 + r % 16, so one vector holds 16 rows' value k."""
+    row r at (r // 16 * kept_per_row + k) * 16 + r % 16, so one vector holds 16 rows' value k. bf16
+    interleaves each pair of vectors (k even, k + 1) for vpunpcklwd / vpunpckhwd: lane l of vector k at
+    word 8 * (l // 4) + 4 * (k % 2) + l % 4 of the pair's 32."""
     rows, kr = kept.shape
     padded = torch.cat([kept, kept.new_zeros(-rows % 16, kr)])
-    return padded.reshape(-1, 16, kr).transpose(1, 2).contiguous().reshape(-1)
+    tiled = padded.reshape(-1, 16, kr).transpose(1, 2)  # tile, k, lane
+    if kept.dtype == torch.bfloat16:
+        tiled = tiled.reshape(-1, kr // 2, 2, 4, 4).permute(0, 1, 3, 2, 4)  # tile, pair, l // 4, k % 2, l % 4
+    return tiled.contiguous().reshape(-1)
 
 
 def untile_values(values: torch.Tensor, rows: int, kept_per_row: int) -> torch.Tensor:
     """The inverse of :func:`tile_values`."""
+    if values.dtype == torch.bfloat16:
+        values = values.reshape(-1, kept_per_row // 2, 4, 2, 4).permute(0, 1, 3, 2, 4)
     return values.reshape(-1, kept_per_row, 16).transpose(1, 2).reshape(-1, kept_per_row)[:rows].contiguous()
 
 
@@ -256,7 +264,7 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     b = None if bias is None else bias.detach().float().contiguous()
     p = PackedMat(kind, rows, cols, pattern, kept, mask, bias=b, group_blocks=group_blocks)
     if p.tiled:
-        p.values = tile_values(kept)
+        p.values = tile_values(kept.to(torch.bfloat16) if kind == "bf16" else kept)
     elif kind == "bf16":
         p.values = kept.to(torch.bfloat16).contiguous()
     elif kind in ("int8", "int4"):

@@ -11,9 +11,12 @@
  *                     int8 per value. Q4: 32 bytes per unit, byte j holding value j (low nibble) and
  *                     value j + 32 (high nibble) as q + 8, or as the index of q in the matrix's
  *                     optional 16-level table. One fp16 scale per row and scale group.
- *   kind F32, 1:4 and 2:4 ("tiled", index != NULL): tiles of 16 rows (the last one zero-padded), so a
- *                     decode step fills one vector with 16 rows' kept values of one group of 4 inputs:
- *                     value (row r, group g, slot s) at ((r/16 * cols/4 + g) * keep + s) * 16 + r%16.
+ *   kind F32 / BF16, 1:4 and 2:4 ("tiled", index != NULL): tiles of 16 rows (the last one zero-padded),
+ *                     so a decode step fills one vector with 16 rows' kept values of one group of 4
+ *                     inputs: value (row r, group g, slot s), v = g * keep + s, at r/16 * V * 16 + v * 16 +
+ *                     r%16 (V = cols/4 * keep); BF16 interleaves each pair of vectors (v even, v + 1) so
+ *                     that vpunpcklwd / vpunpckhwd with zeros widen them: 64 bytes per pair, lane l of
+ *                     v at word 8 * (l/4) + 4 * (v%2) + l%4.
  *                     index: the values' positions in their groups, 2 bits each: uint32 word
  *                     ((r/16 * cols/64 + c) * keep + s) * 16 + r%16 holds slot s of groups 16c..16c+15
  *                     of row r, group 16c+j at bits 2j
@@ -146,10 +149,13 @@ static inline int64_t kept_per_row(const nmr_mat *W) { return (int64_t)W->cols /
 static inline int n_scales(const nmr_mat *W) { return (W->cols / 64 + W->group_blocks - 1) / W->group_blocks; }
 static inline int dense(const nmr_mat *W) { return W->keep == W->group; }
 static inline int k64_of(const nmr_mat *W) { return 64 / W->group * W->keep; }
-static inline int f32_tiled(const nmr_mat *W) { return W->kind == K_F32 && W->index != NULL; }
-/* Offset of row r's slot-0 value of group 0 in a tiled fp32 matrix; group g slot s adds (g*keep+s)*16. */
-static inline int64_t tiled_row(const nmr_mat *W, int r) {
-    return (int64_t)(r / 16) * (W->cols / 4) * W->keep * 16 + r % 16;
+static inline int float_tiled(const nmr_mat *W) { return W->kind <= K_BF16 && W->index != NULL; }
+/* Where row r's v-th kept value (v = group * keep + slot) sits in a tiled fp32 or bf16 matrix. */
+static inline int64_t tiled_at(const nmr_mat *W, int r, int64_t v) {
+    const int64_t tile = (int64_t)(r / 16) * (W->cols / 4) * W->keep * 16;
+    const int l = r % 16;
+    if (W->kind == K_F32) return tile + v * 16 + l;
+    return tile + v / 2 * 32 + 8 * (l / 4) + 4 * (v % 2) + l % 4;
 }
 static inline int units_per_row(const nmr_mat *W) { /* 64-value units, see the layout above */
     const int per = 64 / k64_of(W);
@@ -163,10 +169,13 @@ static inline __attribute__((always_inline)) float dot_float_row(const nmr_mat *
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (W->cols / 8) : NULL;
     float acc = 0.f;
     int64_t k = 0;
-    if (f32_tiled(W)) { /* every group of 4 holds exactly keep values, in column order */
-        const float *v = (const float *)W->values + tiled_row(W, r);
-        for (int c = 0; c < W->cols; c++)
-            if (mk[c >> 3] >> (c & 7) & 1) acc += v[k++ * 16] * x->f[c];
+    if (float_tiled(W)) { /* every group of 4 holds exactly keep values, in column order */
+        for (int c = 0; c < W->cols; c++) {
+            if (!(mk[c >> 3] >> (c & 7) & 1)) continue;
+            const int64_t at = tiled_at(W, r, k++);
+            acc += W->kind == K_F32 ? ((const float *)W->values)[at] * x->f[c]
+                                    : bf16_to_f32(((const uint16_t *)W->values)[at]) * bf16_to_f32(x->b[c]);
+        }
     } else if (W->kind == K_F32) {
         const float *v = (const float *)W->values + (int64_t)r * kr;
         if (dense(W)) {
@@ -531,29 +540,49 @@ static T512 void rows_f32_512(const nmr_mat *W, const xrep *x, float *y, int r0,
  * inputs are broadcast to every 128-bit lane and each lane picks its row's input with vpermilps, which
  * reads only the low 2 bits of its control, so a shift moves on to the next group's positions. No
  * gather, no horizontal sum: the accumulators are the tile's 16 outputs. */
-static T512 void rows_f32_tiled_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
-    const int G = W->cols / 4, C = W->cols / 64, keep = W->keep;
+static inline __attribute__((always_inline)) T512 __m512 bf16x16_to_ps(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The next two vectors of a tiled matrix as fp32: two loads, or (bf16) one load widened by interleaving
+ * zeros below each value. */
+#define TILED_PAIR(W0, W1, V, BF)                                                                         \
+    if (BF) {                                                                                            \
+        const __m512i pair = _mm512_loadu_si512((const uint16_t *)(V));                                  \
+        W0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), pair));                   \
+        W1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), pair));                   \
+    } else {                                                                                             \
+        W0 = _mm512_loadu_ps((const float *)(V));                                                        \
+        W1 = _mm512_loadu_ps((const float *)(V) + 16);                                                   \
+    }
+
+static inline __attribute__((always_inline)) T512 void rows_tiled(const nmr_mat *W, const float *xf, float *y, int r0,
+                                                                  int r1, const int bf) {
+    const int G = W->cols / 4, C = W->cols / 64, keep = W->keep, esize = bf ? 2 : 4;
     for (int t = r0 / 16; t * 16 < r1; t++) {
-        const float *v = (const float *)W->values + (int64_t)t * G * keep * 16;
+        const char *v = (const char *)W->values + (int64_t)t * G * keep * 16 * esize;
         const __m512i *ix = (const __m512i *)W->index + (int64_t)t * C * keep;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int c = 0; c < C; c++) {
-            const float *xc = x->f + c * 64;
+            const float *xc = xf + c * 64;
+            __m512 w0, w1;
             if (keep == 1) {
                 __m512i p = _mm512_loadu_si512(ix++);
-                for (int j = 0; j < 16; j += 2, v += 32, p = _mm512_srli_epi32(p, 4)) {
+                for (int j = 0; j < 16; j += 2, v += 32 * esize, p = _mm512_srli_epi32(p, 4)) {
                     const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j));
                     const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j + 4));
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v), _mm512_permutevar_ps(xa, p), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + 16), _mm512_permutevar_ps(xb, _mm512_srli_epi32(p, 2)), a1);
+                    TILED_PAIR(w0, w1, v, bf)
+                    a0 = _mm512_fmadd_ps(w0, _mm512_permutevar_ps(xa, p), a0);
+                    a1 = _mm512_fmadd_ps(w1, _mm512_permutevar_ps(xb, _mm512_srli_epi32(p, 2)), a1);
                 }
             } else {
                 __m512i p0 = _mm512_loadu_si512(ix), p1 = _mm512_loadu_si512(ix + 1);
                 ix += 2;
-                for (int j = 0; j < 16; j++, v += 32) {
+                for (int j = 0; j < 16; j++, v += 32 * esize) {
                     const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xc + 4 * j));
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v), _mm512_permutevar_ps(xa, p0), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + 16), _mm512_permutevar_ps(xa, p1), a1);
+                    TILED_PAIR(w0, w1, v, bf)
+                    a0 = _mm512_fmadd_ps(w0, _mm512_permutevar_ps(xa, p0), a0);
+                    a1 = _mm512_fmadd_ps(w1, _mm512_permutevar_ps(xa, p1), a1);
                     p0 = _mm512_srli_epi32(p0, 2);
                     p1 = _mm512_srli_epi32(p1, 2);
                 }
@@ -566,11 +595,23 @@ static T512 void rows_f32_tiled_512(const nmr_mat *W, const xrep *x, float *y, i
         _mm512_mask_storeu_ps(y + t * 16, live, out);
     }
 }
+#undef TILED_PAIR
+
+static T512 void rows_f32_tiled_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    rows_tiled(W, x->f, y, r0, r1, 0);
+}
+
+/* bf16: the activations rounded to bf16 (as the other bf16 kernels multiply them), widened once per call. */
+static T512 void rows_bf16_tiled_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    float *xf = alloc64(sizeof(float) * W->cols);
+    if (!xf) abort(); /* a few KB; the forward pass has no error path for this */
+    for (int c = 0; c < W->cols; c += 16)
+        _mm512_storeu_ps(xf + c, bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(x->b + c))));
+    rows_tiled(W, xf, y, r0, r1, 1);
+    free(xf);
+}
 
 /* bf16 rows without BF16 dot products: widen both operands to fp32 (exact) and FMA. */
-static inline __attribute__((always_inline)) T512 __m512 bf16x16_to_ps(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 static inline __attribute__((always_inline)) T512 __m512i bf16_weights32(const uint16_t *v, const uint32_t *mk, int c,
                                                                         int p32) {
@@ -639,7 +680,8 @@ static void mat_rows(const nmr_mat *W, const xrep *x, float *y, int r0, int r1, 
 #ifdef NMR_X86
     if (isa >= ISA_AVX512) {
         if (W->kind >= K_Q8) rows_quant_512(W, x, y, r0, r1);
-        else if (f32_tiled(W)) rows_f32_tiled_512(W, x, y, r0, r1);
+        else if (float_tiled(W) && W->kind == K_F32) rows_f32_tiled_512(W, x, y, r0, r1);
+        else if (float_tiled(W)) rows_bf16_tiled_512(W, x, y, r0, r1);
         else if (W->kind == K_F32) rows_f32_512(W, x, y, r0, r1);
         else if (isa >= ISA_AVX512BF16) rows_bf16_512bf(W, x, y, r0, r1);
         else rows_bf16_512(W, x, y, r0, r1);
@@ -734,10 +776,13 @@ static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
 static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, int8_t *wq, int32_t *wsum, float *sw) {
     const int cols = W->cols, nb = cols / 64;
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
-    if (f32_tiled(W)) {
-        const float *v = (const float *)W->values + tiled_row(W, r);
+    if (float_tiled(W)) {
         int64_t k = 0;
-        for (int c = 0; c < cols; c++) wf[c] = mk[c >> 3] >> (c & 7) & 1 ? v[k++ * 16] : 0.f;
+        for (int c = 0; c < cols; c++) {
+            const int kept = mk[c >> 3] >> (c & 7) & 1;
+            if (W->kind == K_F32) wf[c] = kept ? ((const float *)W->values)[tiled_at(W, r, k++)] : 0.f;
+            else wb[c] = kept ? ((const uint16_t *)W->values)[tiled_at(W, r, k++)] : 0;
+        }
         return;
     }
     if (W->kind == K_F32) {
@@ -1046,7 +1091,7 @@ static int mat_ok(const nmr_mat *W) {
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
     if (W->levels && W->kind != K_Q4) return 0;
     if (W->tiles && !(W->kind >= K_Q8 && (dense(W) || (W->group == 4 && (W->keep == 1 || W->keep == 2))))) return 0;
-    return !W->index || ((W->kind >= K_Q8 || W->kind == K_F32) && W->group == 4 && (W->keep == 1 || W->keep == 2));
+    return !W->index || (W->group == 4 && (W->keep == 1 || W->keep == 2));
 }
 
 
