@@ -776,12 +776,28 @@ static void thread_range(int n, int align, int nth, int tid, int *a, int *b) {
 static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, int8_t *wq, int32_t *wsum, float *sw) {
     const int cols = W->cols, nb = cols / 64;
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
-    if (float_tiled(W)) {
-        int64_t k = 0;
-        for (int c = 0; c < cols; c++) {
-            const int kept = mk[c >> 3] >> (c & 7) & 1;
-            if (W->kind == K_F32) wf[c] = kept ? ((const float *)W->values)[tiled_at(W, r, k++)] : 0.f;
-            else wb[c] = kept ? ((const uint16_t *)W->values)[tiled_at(W, r, k++)] : 0;
+    if (float_tiled(W)) { /* the row's kept values sit 16 lanes apart: gather them, then expand as below */
+        const int p16 = 4 * W->keep, l = r % 16;
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const char *tile = (const char *)W->values + (int64_t)(r / 16) * (cols / 4) * W->keep * 16 * (W->kind == K_F32 ? 4 : 2);
+        for (int c = 0, k = 0; c < cols; c += 16, k += p16) {
+            const __mmask16 live = (__mmask16)((1u << p16) - 1);
+            const __m512i v = _mm512_add_epi32(_mm512_set1_epi32(k), lane);
+            if (W->kind == K_F32) {
+                const __m512i at = _mm512_add_epi32(_mm512_slli_epi32(v, 4), _mm512_set1_epi32(l));
+                const __m512 kept = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, at, tile, 4);
+                _mm512_storeu_ps(wf + c, _mm512_maskz_expand_ps(((const uint16_t *)mk)[c / 16], kept));
+            } else { /* word (v/2)*32 + 4*(v%2) + 8*(l/4) + l%4; read its aligned dword, keep the right half */
+                const __m512i word = _mm512_add_epi32(
+                    _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(v, 1), 5), _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(1)), 2)),
+                    _mm512_set1_epi32(8 * (l / 4) + l % 4));
+                __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, _mm512_srli_epi32(word, 1), tile, 4);
+                d = l % 2 ? _mm512_srli_epi32(d, 16) : d;
+                const __m256i kept = _mm512_cvtepi32_epi16(d);
+                const __m256i dense16 = _mm512_castsi512_si256(_mm512_maskz_expand_epi16(((const uint16_t *)mk)[c / 16],
+                                                                                         _mm512_castsi256_si512(kept)));
+                _mm256_storeu_si256((__m256i *)(wb + c), dense16);
+            }
         }
         return;
     }
