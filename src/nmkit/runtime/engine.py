@@ -20,6 +20,7 @@ from torch import nn
 from nmkit.errors import UserError
 from nmkit.patterns import NM
 from nmkit.runtime import native
+from nmkit.runtime.arena import Arena, nbytes
 from nmkit.runtime.pack import SUPPORTED_GROUPS, PackedMat, pack
 
 WEIGHT_KINDS = ("fp32", "bf16", "int8", "int4")
@@ -52,6 +53,7 @@ class EngineInfo:
     weight_bytes: int = 0  # every packed matrix (what one decode step reads)
     isa: str = ""
     threads: int = 1
+    huge_pages: bool = False  # weights and KV cache advised onto 2 MiB pages
 
 
 def _check_config(cfg) -> None:
@@ -132,8 +134,14 @@ class Engine:
         # keys transposed (layer, kv head, head_dim, position); 16 floats of slack after the last row, which
         # the vector score loop may read (those positions are masked)
         cache = len(layers) * n_kv * max_seq * head_dim
-        self._kc = torch.zeros(cache + 16)
-        self._vc = torch.zeros(cache)
+        # what each decode step streams, in memory that asks for 2 MiB pages (see nmkit.runtime.arena)
+        sizes = [nbytes(t) for m in self._mats for t in m.tensors()] + [4 * (cache + 16), 4 * cache]
+        self._arena = Arena(sizes)
+        for m in self._mats:
+            m.relocate(self._arena.place)
+        self._kc = self._arena.zeros(cache + 16)
+        self._vc = self._arena.zeros(cache)
+        self.info.huge_pages = self._arena.huge_pages
         self._structs = (native.MatStruct * len(self._mats))(*[m.struct() for m in self._mats])
         self._model = native.ModelStruct(
             len(layers), dim, n_heads, n_kv, head_dim, cfg.intermediate_size, cfg.vocab_size, max_seq, eps,

@@ -96,6 +96,25 @@ class PackedMat:
             self._tiles = quant_tiles(self)
         return self._tiles
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the kernels may read, derived tables included."""
+        self.decode_tables()
+        self.decode_tiles()
+        parts = (self.values, self.mask, self.scales, self.bias, self.levels, *self._tables, self._tiles)
+        return [t for t in parts if t is not None]
+
+    def relocate(self, place) -> None:
+        """Replace every tensor of :meth:`tensors` by ``place(tensor)`` (a copy elsewhere, e.g. an arena)."""
+        self.tensors()
+
+        def moved(t):
+            return None if t is None else place(t)
+
+        self.values, self.mask, self.scales = moved(self.values), moved(self.mask), moved(self.scales)
+        self.bias, self.levels = moved(self.bias), moved(self.levels)
+        self._tables = tuple(moved(t) for t in self._tables)
+        self._tiles = moved(self._tiles)
+
     def struct(self) -> MatStruct:
         def ptr(t):
             return None if t is None else t.data_ptr()

@@ -419,7 +419,9 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
                                                                int r1, const int ZPW) {
     const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW;
     const int block_bytes = 64 + (sparse ? nvec * 16 : 0) + nvec * (q4 ? 32 : 64);
-    const __m512i lut = level_lut(W), low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    int8_t tab[64]; /* INT4 nibble n -> its code: levels[n] or n - 8, for any bits above the nibble */
+    for (int i = 0; i < 64; i++) tab[i] = (int8_t)(W->levels ? W->levels[i % 16] : i % 16 - 8);
+    const __m512i table = _mm512_loadu_si512(tab);
     uint8_t fa[64], b0[64], b1[64];
     for (int i = 0; i < 64; i++) { /* byte i: row i/4, value 4z + i%4 of the window, in group (4z + i%4)/keep */
         fa[i] = (uint8_t)(2 * ((i / 16) * 8 + i % 8));
@@ -435,10 +437,10 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
             __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
             for (int j = 0; j < nvec; j++) {
                 __m512i wj;
-                if (q4) { /* a pair of code vectors per 64 bytes (the compiler loads each pair once) */
+                if (q4) { /* a pair of code vectors per 64 bytes (the compiler loads each pair once); vpermb
+                           * reads 6 index bits, so the table repeats every 16 and no mask is needed */
                     const __m512i pair = _mm512_loadu_si512(vp + j / 2 * 64);
-                    const __m512i nib = _mm512_and_si512((j & 1) ? _mm512_srli_epi16(pair, 4) : pair, low4);
-                    wj = W->levels ? _mm512_shuffle_epi8(lut, nib) : _mm512_sub_epi8(nib, eight);
+                    wj = _mm512_permutexvar_epi8((j & 1) ? _mm512_srli_epi16(pair, 4) : pair, table);
                 } else {
                     wj = _mm512_loadu_si512(vp + j * 64);
                 }
