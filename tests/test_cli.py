@@ -129,6 +129,8 @@ def test_eval_bad_run_time_sparsity_exits_2(tiny_model_dir, tiny_data_dir, capsy
         (["--pattern", "abc"], "keep N of every M"),
         (["--method", "nope"], "unknown --method"),
         (["--include", "no.such.layer*"], "no layers selected"),
+        (["--method", "sparsegpt", "--model-epochs", "2"], "needs a *-block method"),
+        (["--method", "admm-block", "--model-epochs", "-1"], "--model-epochs must be >= 0"),
     ],
 )
 def test_bad_input_exits_2_without_output(tiny_model_dir, tiny_data_dir, tmp_path, capsys, extra, message):

@@ -194,6 +194,33 @@ def test_block_refit_fits_the_dense_block_output_and_keeps_the_mask(tiny_model_d
         assert torch.equal(a, b), name
 
 
+def test_model_refit_lowers_the_kl_to_the_dense_model_and_keeps_every_mask(tiny_model_dir, tmp_path):
+    """The whole-model stage ends with a lower KL to the dense logits than the block fits left, with the
+    same zeros in every pruned layer (exactly N:M), deterministically; resume after the last block redoes it."""
+    from nmkit.patterns import parse
+
+    blocks_only, fitted, again = (_model(tiny_model_dir) for _ in range(3))
+    calib = _calib()
+    prune(blocks_only, "2:4", "sparsegpt-block", calibration=calib, progress=False)
+    result = prune(fitted, "2:4", "sparsegpt-block", calibration=calib, progress=False, model_epochs=3)
+    fit = result.model_refit
+    assert fit["objective"] == "kl" and fit["steps"] == 3 * len(calib) // 2 and fit["after"] < fit["before"]
+    before, after = dict(blocks_only.named_parameters()), dict(fitted.named_parameters())
+    for name in (f"{x.name}.weight" for x in result.layers):
+        assert torch.equal(before[name] != 0, after[name] != 0), name
+        assert parse("2:4").is_valid(after[name] != 0), name
+    assert any(not torch.equal(before[n], after[n]) for n in (f"{x.name}.weight" for x in result.layers))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):  # after the last block's checkpoint, before the model stage
+        prune(again, "2:4", "sparsegpt-block", calibration=calib, progress=False, model_epochs=3,
+              checkpoint_dir=ckpt, stop_after_block=1)
+    again = _model(tiny_model_dir)
+    prune(again, "2:4", "sparsegpt-block", calibration=calib, progress=False, model_epochs=3,
+          checkpoint_dir=ckpt, resume=True)
+    for (name, a), (_, b) in zip(fitted.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_block_methods_refuse_several_ranks(tiny_model_dir):
     from nmkit.oneshot.distributed import Ranks
     from nmkit.oneshot.sequential import check_distributable

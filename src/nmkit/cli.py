@@ -110,6 +110,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="*-block methods: epochs of fitting each block to the dense block's output (default 4)")
     p.add_argument("--block-lr", type=float, default=1e-3, metavar="LR",
                    help="*-block methods: Adam learning rate of that fit (default 1e-3)")
+    p.add_argument("--model-epochs", type=int, default=0, metavar="E",
+                   help="*-block methods: then E epochs of fitting the whole pruned model to the dense model's "
+                        "outputs on the calibration windows (logits KL; masks fixed) (default 0: off)")
+    p.add_argument("--model-lr", type=float, default=1e-4, metavar="LR",
+                   help="peak learning rate of that fit, warm-up then cosine (default 1e-4)")
     p.add_argument("--permute", action="store_true",
                    help="before pruning, permute the input channels of down_proj/o_proj (absorbed by gate/up and "
                         "v_proj, so the model computes the same function) so that N:M keeps more of the method's "
@@ -236,6 +241,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserError("--damp must be in [0, 10) and --blocksize >= 1")
     if args.block_epochs < 0 or not 0 < preflight.finite_number("--block-lr", args.block_lr) < 1:
         raise UserError("--block-epochs must be >= 0 and --block-lr in (0, 1)")
+    if args.model_epochs < 0 or not 0 < preflight.finite_number("--model-lr", args.model_lr) < 1:
+        raise UserError("--model-epochs must be >= 0 and --model-lr in (0, 1)")
+    if args.model_epochs and not METHODS[args.method].block_refit:
+        raise UserError(f"--model-epochs needs a *-block method (sparsegpt-block, admm-block), not {args.method}")
     spec = None
     if args.quant is not None:
         if type(pattern) is not NM:
@@ -352,6 +361,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "all_valid": result.all_valid,
         "layers": [vars(x) for x in result.layers],
         **({"blocks": result.blocks} if result.blocks else {}),
+        **({"model_refit": result.model_refit} if result.model_refit else {}),
         "permutations": _permutation_summary(result.permutations, args.permute_budget) if args.permute else None,
         "timings": {"load_s": round(load_s, 3), "prune_s": round(result.seconds, 3),
                     "prune_cpu_s": round(prune_cpu_s, 3), "eval_s": round(eval_s, 3)},

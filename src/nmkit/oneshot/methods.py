@@ -248,7 +248,7 @@ class Method:
 
 
 _SPARSEGPT_OPTIONS = ("damp", "blocksize")
-_BLOCK_OPTIONS = (*_SPARSEGPT_OPTIONS, "block_epochs", "block_lr")
+_BLOCK_OPTIONS = (*_SPARSEGPT_OPTIONS, "block_epochs", "block_lr", "model_epochs", "model_lr")
 _METHODS = (
     Method("magnitude", "no data", False, False, lambda w, stats, damp: scores.magnitude(w), magnitude),
     Method("wanda", "|W| x input norm", True, False, lambda w, stats, damp: scores.wanda(w, stats.sq_norms), wanda),

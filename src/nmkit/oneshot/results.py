@@ -25,6 +25,7 @@ class PruneResult:
     seconds: float = 0.0
     permutations: list = field(default_factory=list)  # PermutationChange per permuted layer (--permute)
     blocks: list[dict] = field(default_factory=list)  # block-output error before/after a block refit
+    model_refit: dict | None = None  # the whole-model fit's objective before/after (model_epochs > 0)
 
     @property
     def sparsity(self) -> float:
@@ -39,4 +40,5 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         out = {"pattern": self.pattern, "method": self.method, "layers": [asdict(x) for x in self.layers]}
-        return out | ({"blocks": self.blocks} if self.blocks else {})
+        out |= {"blocks": self.blocks} if self.blocks else {}
+        return out | ({"model_refit": self.model_refit} if self.model_refit else {})

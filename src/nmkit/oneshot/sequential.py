@@ -36,6 +36,7 @@ from nmkit.oneshot.block_refit import refit_block
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.distributed import Ranks, check_layout
 from nmkit.oneshot.methods import METHODS, reconstruction_error
+from nmkit.oneshot.model_refit import refit_model
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.stats import collect_block_stats
@@ -258,6 +259,23 @@ def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Ten
 
 
 @torch.no_grad()
+def _fit_whole_model(model, blocks, per_block, samples, dense, kwargs, device, options, result, ranks,
+                     progress) -> None:
+    """The last stage of *-block methods with ``model_epochs``: every block fitted at once (model_refit.py).
+
+    Runs after the last block's checkpoint, so an interrupted fit is redone whole on ``--resume``.
+    """
+    if ranks.size > 1:
+        raise UserError("--model-epochs runs in one process; drop --nproc (or set --model-epochs 0)")
+    inputs, kwargs = capture_block_inputs(model, blocks[0], samples, device)  # embeddings: pruning kept them
+    targets = [t for block_targets in per_block for t in block_targets]
+    log = tqdm.write if progress and ranks.leader else None
+    fit = refit_model(model, blocks, targets, inputs, dense, kwargs, epochs=options["model_epochs"],
+                      lr=options.get("model_lr", 1e-4), log=log)
+    result.model_refit = {"objective": fit.objective, "before": fit.loss_before, "after": fit.loss_after,
+                          "steps": fit.steps}
+
+
 def prune_sequential(
     model: nn.Module,
     pattern: Pattern | str,
@@ -386,6 +404,8 @@ def prune_sequential(
                 raise KeyboardInterrupt(f"stopped after block {i} (simulated interruption)")
     finally:
         bar.close()
+    if dense is not None and options.get("model_epochs", 0) > 0:
+        _fit_whole_model(model, blocks, per_block, samples, dense, kwargs, device, options, result, ranks, progress)
     result.seconds = prior_seconds + time.perf_counter() - start
     if ckpt and not keep_checkpoint:
         ckpt.remove()
