@@ -82,7 +82,8 @@ def refit_model(model: nn.Module, blocks: list[nn.Module], targets: list[Target]
     pruned = {id(t.weight): t.weight.detach() == 0 for t in targets}
     start = [p.detach().clone() for p in params]
     before = _objective(blocks, inputs, target, kwargs, head, batch)
-    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
+    trained = {id(p) for p in params}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]
     for p in others:  # embeddings, final norm, head: frozen
         p.requires_grad_(False)
     order = torch.Generator().manual_seed(seed)
