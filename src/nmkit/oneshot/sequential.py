@@ -259,17 +259,15 @@ def prune_block(block: nn.Module, block_targets: list[Target], hidden: torch.Ten
 
 
 @torch.no_grad()
-def _fit_whole_model(model, blocks, per_block, samples, dense, kwargs, device, options, result, ranks,
-                     progress) -> None:
+def _fit_whole_model(model, blocks, per_block, samples, dense, device, options, result, progress) -> None:
     """The last stage of *-block methods with ``model_epochs``: every block fitted at once (model_refit.py).
 
-    Runs after the last block's checkpoint, so an interrupted fit is redone whole on ``--resume``.
+    Runs after the last block's checkpoint, so an interrupted fit is redone whole on ``--resume``. Single
+    process, like the block fits (``check_distributable`` refuses several ranks for *-block methods).
     """
-    if ranks.size > 1:
-        raise UserError("--model-epochs runs in one process; drop --nproc (or set --model-epochs 0)")
     inputs, kwargs = capture_block_inputs(model, blocks[0], samples, device)  # embeddings: pruning kept them
     targets = [t for block_targets in per_block for t in block_targets]
-    log = tqdm.write if progress and ranks.leader else None
+    log = tqdm.write if progress else None
     fit = refit_model(model, blocks, targets, inputs, dense, kwargs, epochs=options["model_epochs"],
                       lr=options.get("model_lr", 1e-4), log=log)
     result.model_refit = {"objective": fit.objective, "before": fit.loss_before, "after": fit.loss_after,
@@ -405,7 +403,7 @@ def prune_sequential(
     finally:
         bar.close()
     if dense is not None and options.get("model_epochs", 0) > 0:
-        _fit_whole_model(model, blocks, per_block, samples, dense, kwargs, device, options, result, ranks, progress)
+        _fit_whole_model(model, blocks, per_block, samples, dense, device, options, result, progress)
     result.seconds = prior_seconds + time.perf_counter() - start
     if ckpt and not keep_checkpoint:
         ckpt.remove()
