@@ -36,7 +36,7 @@ from nmkit.oneshot.block_refit import refit_block
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.distributed import Ranks, check_layout
 from nmkit.oneshot.methods import METHODS, reconstruction_error
-from nmkit.oneshot.model_refit import refit_model
+from nmkit.oneshot.model_refit import progress_line, refit_model
 from nmkit.oneshot.permute import PermutationChange, permutable, permute_block
 from nmkit.oneshot.results import LayerResult, PruneResult
 from nmkit.oneshot.stats import collect_block_stats
@@ -267,7 +267,7 @@ def _fit_whole_model(model, blocks, per_block, samples, dense, device, options, 
     """
     inputs, kwargs = capture_block_inputs(model, blocks[0], samples, device)  # embeddings: pruning kept them
     targets = [t for block_targets in per_block for t in block_targets]
-    log = tqdm.write if progress else None
+    log = progress_line if progress else None
     fit = refit_model(model, blocks, targets, inputs, dense, kwargs, epochs=options["model_epochs"],
                       lr=options.get("model_lr", 1e-4), log=log)
     result.model_refit = {"objective": fit.objective, "before": fit.loss_before, "after": fit.loss_after,
