@@ -45,17 +45,25 @@ def add_quant_arguments(parser: argparse.ArgumentParser, required: bool) -> None
                              "(layer output error; 0 = plain GPTQ) (default 0)")
     parser.add_argument("--quant-act-order", action="store_true",
                         help="GPTQ visits columns by decreasing input energy (scale groups stay contiguous)")
+    parser.add_argument("--quant-epochs", type=int, default=0, metavar="E",
+                        help="after GPTQ, E epochs over the calibration windows fitting the whole quantized model "
+                             "to the unquantized model's logits (codes stay on the grid, masks fixed) (default 0)")
+    parser.add_argument("--quant-lr", type=float, default=1e-4, metavar="LR",
+                        help="peak learning rate of that fit (default 1e-4)")
 
 
 def quant_options(args: argparse.Namespace) -> dict:
-    """--quant-grid/--quant-refine/--quant-act-order as keyword arguments of quantize_pruned (checked)."""
+    """--quant-grid/-refine/-act-order/-epochs/-lr as keyword arguments of quantize_pruned (checked)."""
     if args.quant_grid not in GRIDS:
         raise UserError(f"unknown --quant-grid {args.quant_grid!r}: choose uniform or fitted")
     if args.quant_refine < 0 or args.quant_refine > 16:
         raise UserError(f"--quant-refine must be in 0..16, got {args.quant_refine}")
     if args.quant_grid == "fitted" and args.quant != "w4":
         raise UserError("--quant-grid fitted needs --quant w4 (INT8 keeps its uniform grid)")
-    return {"fit_grid": args.quant_grid == "fitted", "refine": args.quant_refine, "act_order": args.quant_act_order}
+    if args.quant_epochs < 0 or not args.quant_lr > 0:
+        raise UserError(f"--quant-epochs must be >= 0 and --quant-lr > 0, got {args.quant_epochs} and {args.quant_lr}")
+    return {"fit_grid": args.quant_grid == "fitted", "refine": args.quant_refine, "act_order": args.quant_act_order,
+            "model_epochs": args.quant_epochs, "model_lr": args.quant_lr}
 
 
 def parse_spec(quant: str, group: int | None, pattern: NM | None) -> QuantSpec:
@@ -90,20 +98,23 @@ def layer_pattern(meta: dict) -> NM:
 
 def quantize_pruned(model, meta: dict, spec: QuantSpec, calibration, calib_info: dict | None,
                     damp: float = 0.01, fit_grid: bool = False, refine: int = 0,
-                    act_order: bool = False) -> tuple[dict[str, PackedMat], dict]:
+                    act_order: bool = False, model_epochs: int = 0, model_lr: float = 1e-4
+                    ) -> tuple[dict[str, PackedMat], dict]:
     """Quantize the pruned layers named in ``meta`` (nmkit.json) in place (dequantized weights written back);
     their packed codes and the quant record (bits per weight and error per layer) for nmkit.json/report."""
     pattern = layer_pattern(meta)
     start = time.perf_counter()
     result = quantize_model(model, calibration, spec, {name: pattern for name in meta["layers"]}, damp=damp,
-                            act_order=act_order, refine=refine, fit_grid=fit_grid)
+                            act_order=act_order, refine=refine, fit_grid=fit_grid, model_epochs=model_epochs,
+                            model_lr=model_lr)
     mats = {name: packed_layer(layer, model.get_submodule(name).bias) for name, layer in result.layers.items()}
     bpw = {name: bits_per_weight(m) for name, m in mats.items()}
     elements = {name: m.rows * m.cols for name, m in mats.items()}
     record = {"version": format_version(mats), "bits": spec.bits, "group_blocks": spec.group_blocks,
               "group_kept": spec.group_blocks * 64 * pattern.keep // pattern.group, "method": "gptq-fixed-mask",
               "grid": "fitted" if fit_grid and spec.bits == 4 else "uniform", "refine": refine, "act_order": act_order,
-              "damp": damp, "calibration": calib_info, "seconds": round(time.perf_counter() - start, 3),
+              "damp": damp, "model_fit": result.model_fit and {**result.model_fit, "lr": model_lr},
+              "calibration": calib_info, "seconds": round(time.perf_counter() - start, 3),
               "bits_per_weight": sum(bpw[n] * elements[n] for n in bpw) / sum(elements.values())}
     layers = [{"name": n, "bits_per_weight": bpw[n], "rel_error": result.rel_errors[n]} for n in bpw]
     return mats, {**record, "layers": layers}

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 from nmkit.errors import UserError
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.methods import inverse_hessian_factor, reconstruction_error, single_thread
+from nmkit.oneshot.model_refit import progress_line
 from nmkit.oneshot.stats import InputStats, collect_block_stats
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import NM
+from nmkit.quant.model_fit import fit_quantized, teacher_states
 from nmkit.quant.nm_quant import QuantSpec, dequantize, fit_levels, quantize_kept
 from nmkit.solvers.nm import nm_mask
 
@@ -265,6 +267,7 @@ class QuantizeResult:
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     rel_errors: dict[str, float] = field(default_factory=dict)  # ||(W - W_q) X||^2 / ||W X||^2
     seconds: float = 0.0
+    model_fit: dict | None = None  # {objective, before, after, steps} with model_epochs > 0
 
 
 def _pattern_of(w: torch.Tensor) -> NM | None:
@@ -282,7 +285,7 @@ def _pattern_of(w: torch.Tensor) -> NM | None:
 def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                    patterns: dict[str, NM | None] | None = None, damp: float = 0.01, blocksize: int = 128,
                    batch: int = 8, progress: bool = True, act_order: bool = False, refine: int = 0,
-                   fit_grid: bool = False) -> QuantizeResult:
+                   fit_grid: bool = False, model_epochs: int = 0, model_lr: float = 1e-4) -> QuantizeResult:
     """Quantize the Linear layers inside the transformer blocks of ``model`` in place, block by block.
 
     ``calibration``: token ids (samples, seqlen). ``patterns``: layer name -> the N:M it follows (e.g. from
@@ -290,7 +293,8 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
     Each layer's weight is replaced by its dequantized value, so later blocks calibrate on the
     quantized predecessors; the codes and scales are in the result. ``act_order`` and ``refine``: see
     :func:`quantize_layer` (``refine`` > 0 also re-solves the scales by least squares around each pass);
-    ``fit_grid``: each INT4 layer gets its own fitted 16-level table.
+    ``fit_grid``: each INT4 layer gets its own fitted 16-level table. ``model_epochs`` > 0: afterwards, fit
+    the whole quantized model to the unquantized one's logits on ``calibration`` (:mod:`nmkit.quant.model_fit`).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -307,6 +311,7 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
     for t in targets:
         _check_layer(t.weight, None)
     result = QuantizeResult(spec)
+    teacher = teacher_states(model, calibration, batch) if model_epochs > 0 else None  # before any rounding
     hidden, kwargs = capture_block_inputs(model, blocks[0], calibration, device)
     for block, block_targets in tqdm(list(zip(blocks, per_block, strict=True)), desc=f"quantize {spec}",
                                      unit="block", disable=not progress):
@@ -323,5 +328,10 @@ def quantize_model(model: nn.Module, calibration: torch.Tensor, spec: QuantSpec,
                 result.rel_errors[t.name] = reconstruction_error(w, wq, InputStats(stats.xtx.cpu()))
                 t.weight.data.copy_(wq.to(t.weight.dtype))
         hidden = run_block(block, hidden, kwargs, batch)
+    if model_epochs > 0:
+        fit = fit_quantized(model, result.layers, calibration, teacher, epochs=model_epochs, lr=model_lr,
+                            batch=batch, log=progress_line if progress else None)
+        result.model_fit = {"objective": fit.objective, "before": fit.loss_before, "after": fit.loss_after,
+                            "steps": fit.steps}
     result.seconds = time.perf_counter() - start
     return result
