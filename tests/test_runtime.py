@@ -188,7 +188,20 @@ def test_engine_greedy_tokens_equal_hf_generate():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
                             pad_token_id=0)[0, len(prompt):].tolist()
     eng = Engine(model, weights="fp32", head="fp32", max_seq=64, threads=2)
-    assert complete(eng, prompt, 24) == hf
+    assert complete(eng, prompt, 24) == hf  # greedy decode runs through next_token
+    eng.reset()  # next_token is forward + argmax, token for token
+    token = int(eng.forward(prompt).argmax())
+    by_forward = [token]
+    for _ in range(8):
+        token = int(eng.forward([token]).argmax())
+        by_forward.append(token)
+    eng.reset()
+    token = int(eng.forward(prompt).argmax())
+    by_step = [token]
+    for _ in range(8):
+        token = eng.next_token(token)
+        by_step.append(token)
+    assert by_step == by_forward == hf[:9]
 
 
 def test_engine_refuses_bad_input():
@@ -202,6 +215,12 @@ def test_engine_refuses_bad_input():
         Engine(model, weights="fp8")
     with pytest.raises(UserError, match="at least one token"):
         eng.forward([])
+    with pytest.raises(UserError, match="out of range"):
+        eng.next_token(-1)
+    eng.reset()
+    eng.forward(list(range(8)))
+    with pytest.raises(UserError, match="context full"):
+        eng.next_token(1)
 
 
 def test_engine_refuses_unsupported_models():

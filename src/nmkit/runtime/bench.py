@@ -41,10 +41,10 @@ def measure(engine: Engine, decode: int, prefill: int, reps: int, seed: int = 0)
         engine.forward(prompt)
         prefill_tps.append(prefill / (time.perf_counter() - t0))
         engine.reset()
-        token = int(engine.forward([prompt[0]]).argmax())
+        token = engine.next_token(prompt[0])
         t0 = time.perf_counter()
         for _ in range(decode):
-            token = int(engine.forward([token]).argmax())
+            token = engine.next_token(token)
         decode_tps.append(decode / (time.perf_counter() - t0))
     return {"decode_tps": statistics.median(decode_tps), "prefill_tps": statistics.median(prefill_tps),
             "decode_samples": decode_tps, "prefill_samples": prefill_tps}

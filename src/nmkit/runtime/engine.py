@@ -150,6 +150,10 @@ class Engine:
             ctypes.cast(self._structs, ctypes.c_void_p), self._kc.data_ptr(), self._vc.data_ptr())
         self.vocab = cfg.vocab_size
         self.pos = 0
+        # the greedy decode step's buffers, reused: a fresh 192 KB logits tensor per token costs page
+        # faults and allocator work comparable to a small layer's matmul (next_token)
+        self._step_logits = torch.empty(1, self.vocab)
+        self._step_id = ctypes.c_int32(0)
 
     @staticmethod
     def _rope_tables(inner: nn.Module, max_seq: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +168,27 @@ class Engine:
         """Forget the cached tokens (the cache is overwritten, not cleared)."""
         self.pos = 0
 
+    def next_token(self, token: int) -> int:
+        """Greedy decode step: run one ``token`` after the cached ones and return the most likely next id.
+        The same arithmetic as ``int(forward([token]).argmax())`` without its per-step allocations."""
+        if not 0 <= token < self.vocab:
+            raise UserError(f"token id out of range for a vocabulary of {self.vocab}")
+        if self.pos + 1 > self.max_seq:
+            raise UserError(f"context full: {self.pos} cached + 1 new token > max_seq {self.max_seq}; "
+                            f"start a new sequence or raise --max-seq")
+        self._step_id.value = token
+        self._call(ctypes.addressof(self._step_id), 1, self._step_logits.data_ptr(), 0)
+        return int(self._step_logits.argmax())
+
+    def _call(self, ids_ptr: int, n: int, out_ptr: int, all_logits: int) -> None:
+        rc = self.lib.nmr_forward(ctypes.byref(self._model), ids_ptr, n, self.pos, out_ptr, all_logits, self.isa,
+                                  self.threads)
+        if rc == -2:
+            raise MemoryError("nmkit runtime: out of memory for the forward pass")
+        if rc:
+            raise RuntimeError(f"nmr_forward failed with code {rc}")
+        self.pos += n
+
     def forward(self, tokens: list[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run ``tokens`` after the cached ones; logits of the last token (vocab,), or (T, vocab)."""
         ids = torch.as_tensor(tokens, dtype=torch.int32).reshape(-1).contiguous()
@@ -176,11 +201,5 @@ class Engine:
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
             raise UserError(f"token id out of range for a vocabulary of {self.vocab}")
         out = torch.empty((n if all_logits else 1), self.vocab)
-        rc = self.lib.nmr_forward(ctypes.byref(self._model), ids.data_ptr(), n, self.pos, out.data_ptr(),
-                                  int(all_logits), self.isa, self.threads)
-        if rc == -2:
-            raise MemoryError("nmkit runtime: out of memory for the forward pass")
-        if rc:
-            raise RuntimeError(f"nmr_forward failed with code {rc}")
-        self.pos += n
+        self._call(ids.data_ptr(), n, out.data_ptr(), int(all_logits))
         return out if all_logits else out[0]

@@ -61,13 +61,15 @@ def generate(engine: Engine, prompt: Sequence[int], max_new_tokens: int, *, samp
     engine.reset()
     if max_new_tokens == 0:
         return
-    logits = engine.forward(list(prompt))
+    token = _pick(engine.forward(list(prompt)), sampling, gen)
     for i in range(max_new_tokens):
-        token = _pick(logits, sampling, gen)
         yield token
         if token in stops or i == max_new_tokens - 1:
             return
-        logits = engine.forward([token])
+        if sampling.temperature == 0:
+            token = engine.next_token(token)  # greedy: no logits tensor per step
+        else:
+            token = _pick(engine.forward([token]), sampling, gen)
 
 
 def complete(engine: Engine, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> list[int]:
