@@ -190,11 +190,12 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
 
 
 class Gate:
-    """Holds the engine's next forward pass until opened, so a test can keep a request in flight."""
+    """Holds the engine's next forward pass until opened, so a test can keep a request in flight. It wraps
+    ``Engine._call``, the one way into the C forward for prompts (``forward``) and greedy steps (``next_token``)."""
 
     def __init__(self, engine, monkeypatch):
-        self.forward, self.entered, self.opened = engine.forward, threading.Event(), threading.Event()
-        monkeypatch.setattr(engine, "forward", self)
+        self.forward, self.entered, self.opened = engine._call, threading.Event(), threading.Event()
+        monkeypatch.setattr(engine, "_call", self)
 
     def __call__(self, *args, **kwargs):
         self.entered.set()

@@ -17,7 +17,7 @@ stage closes the gap to it and cannot learn anything the unquantized model does 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,16 +26,18 @@ from torch.nn.utils import parametrize
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.model_refit import ModelRefitResult, refit_model
 
-if TYPE_CHECKING:
-    from nmkit.quant.gptq import QuantizedLayer
-
 SCALE_LR_FACTOR = 1.0  # the scale factors (start 1) move at the weights' rate: at most a few % over a fit
+
+
+# The layers are nmkit.quant.gptq.QuantizedLayer (keep, codes, scales, spec): typed Any because gptq
+# calls this module, and an import back would make a cycle.
+Layer = Any
 
 
 class _FakeQuant(nn.Module):
     """latent (rows, cols) -> keep * s * nearest(latent / s), straight-through in the rounding."""
 
-    def __init__(self, layer: QuantizedLayer) -> None:
+    def __init__(self, layer: Layer) -> None:
         super().__init__()
         self.spec = layer.spec
         rows, cols = layer.shape
@@ -56,7 +58,7 @@ class _FakeQuant(nn.Module):
         return q * s * self.keep
 
     @torch.no_grad()
-    def to_layer(self, latent: torch.Tensor, old: QuantizedLayer) -> QuantizedLayer:
+    def to_layer(self, latent: torch.Tensor, old: Layer) -> Layer:
         scales = (self.s0 * self.factor).half()
         s = scales.float()[:, self.group_of_col]
         codes = self.spec.nearest(latent / torch.where(s > 0, s, torch.ones_like(s)))
@@ -75,7 +77,7 @@ def teacher_states(model: nn.Module, calibration: torch.Tensor, batch: int = 8) 
     return hidden
 
 
-def fit_quantized(model: nn.Module, layers: dict[str, QuantizedLayer], calibration: torch.Tensor,
+def fit_quantized(model: nn.Module, layers: dict[str, Layer], calibration: torch.Tensor,
                   teacher: torch.Tensor, epochs: int = 2, lr: float = 1e-4, batch: int = 8,
                   log=None) -> ModelRefitResult:
     """Train ``model``'s quantized layers (named in ``layers``), norms and biases so that on ``calibration``
