@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.model_refit import ModelRefitResult, refit_model
 
-SCALE_LR_FACTOR = 1.0  # the scale factors (start 1) move at the weights' rate: at most a few % over a fit
+SCALE_LR_FACTOR = 1.0  # scale factors (start 1) move at the weights' rate; at 10x the fit diverged (docs/quant.md)
 
 
 # The layers are nmkit.quant.gptq.QuantizedLayer (keep, codes, scales, spec): typed Any because gptq
