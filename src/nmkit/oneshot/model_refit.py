@@ -79,13 +79,11 @@ def _objective(blocks, inputs, target, kwargs, head, batch) -> float:
 
 def refit_model(model: nn.Module, blocks: list[nn.Module], targets: list[Target], inputs: torch.Tensor,
                 target: torch.Tensor, kwargs: dict, epochs: int = 2, lr: float = 1e-4, batch: int = 2,
-                warmup: int = 4, seed: int = 0, log=None, lr_scale: dict[int, float] | None = None,
-                check_windows: int = 16) -> ModelRefitResult:
+                warmup: int = 4, seed: int = 0, log=None, check_windows: int = 16) -> ModelRefitResult:
     """Adam on the block parameters (pruned weights masked) so ``blocks`` map ``inputs`` (the first block's
     input, K x L x H) to ``target`` (the dense last block's output). Deterministic for a fixed seed and thread
     count. Never hands back a model worse on the objective than it was given, measured on the first
-    ``check_windows`` windows (a forward pass over all of them costs a third of an epoch). ``lr_scale``:
-    id(parameter) -> a multiple of ``lr`` for it (e.g. quantization scales, :mod:`nmkit.quant.model_fit`).
+    ``check_windows`` windows (a forward pass over all of them costs a third of an epoch).
     """
     head = logit_head(model)
     params = [p for b in blocks for p in b.parameters() if p.requires_grad]
@@ -99,19 +97,14 @@ def refit_model(model: nn.Module, blocks: list[nn.Module], targets: list[Target]
         p.requires_grad_(False)
     order = torch.Generator().manual_seed(seed)
     batches = [idx for _ in range(epochs) for idx in torch.randperm(inputs.shape[0], generator=order).split(batch)]
-    scale = lr_scale or {}
-    groups: dict[float, list[nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(scale.get(id(p), 1.0), []).append(p)
-    optimizer = torch.optim.AdamW([{"params": ps, "scale": k} for k, ps in groups.items()], lr=lr,
-                                  betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     try:
         with torch.enable_grad():
             for step, idx in enumerate(batches):
                 frac = (step - warmup) / max(1, len(batches) - warmup)
                 rate = lr * (step + 1) / warmup if step < warmup else lr * 0.5 * (1 + math.cos(math.pi * frac))
                 for group in optimizer.param_groups:
-                    group["lr"] = rate * group["scale"]
+                    group["lr"] = rate
                 loss = _loss(_run(blocks, inputs[idx], kwargs), target[idx], head)
                 optimizer.zero_grad(set_to_none=False)
                 loss.backward()

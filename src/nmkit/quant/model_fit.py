@@ -26,9 +26,6 @@ from torch.nn.utils import parametrize
 from nmkit.oneshot.blocks import capture_block_inputs, find_blocks, run_block
 from nmkit.oneshot.model_refit import ModelRefitResult, refit_model
 
-SCALE_LR_FACTOR = 1.0  # scale factors (start 1) move at the weights' rate; at 10x the fit diverged (docs/quant.md)
-
-
 # The layers are nmkit.quant.gptq.QuantizedLayer (keep, codes, scales, spec): typed Any because gptq
 # calls this module, and an import back would make a cycle.
 Layer = Any
@@ -93,9 +90,8 @@ def fit_quantized(model: nn.Module, layers: dict[str, Layer], calibration: torch
         fakes[name] = _FakeQuant(layer).to(module.weight.device)
         parametrize.register_parametrization(module, "weight", fakes[name])
     try:
-        rates = {id(f.factor): SCALE_LR_FACTOR for f in fakes.values()}
-        fit = refit_model(model, blocks, [], inputs, teacher, kwargs, epochs=epochs, lr=lr, log=log,
-                          lr_scale=rates)
+        # the scale factors (start 1) move at the weights' rate; at 10x the fit diverged (docs/quant.md)
+        fit = refit_model(model, blocks, [], inputs, teacher, kwargs, epochs=epochs, lr=lr, log=log)
         for name, fake in fakes.items():
             module = model.get_submodule(name)
             layers[name] = fake.to_layer(module.parametrizations.weight.original, layers[name])
