@@ -153,7 +153,7 @@ def test_from_pretrained_reads_quantized_dirs_as_nmkit_load(tmp_path, spec, dtyp
     assert {m.kind for m in mats.values()} == {f"int{spec.bits}"} and any(m.mask is None for m in mats.values())
     assert all((m.levels is not None) == (spec.levels is not None) for m in mats.values())
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert {layer["format"] for layer in cfg["layers"].values()} == {"nm-quantized"}
+    assert {layer["format"] for layer in cfg["layers"].values()} == {"nm-quantized-rows"}
     card = (out / "README.md").read_text()  # the model card says what loads it
     assert "- nmkit-quantized" in card and "pip install nmkit" in card and "from_pretrained" in card
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from nmkit import models, sidecar
 from nmkit.cli import main
@@ -15,7 +16,14 @@ from nmkit.patterns import NM
 from nmkit.quant import QuantSpec
 from nmkit.quant.gptq import least_squares_scales, quantize_layer, quantize_model, refine_codes, round_to_nearest
 from nmkit.quant.nm_quant import fit_levels
-from nmkit.quant.storage import bits_per_weight, packed_layer, read_packed, write_quantized
+from nmkit.quant.storage import (
+    WEIGHTS,
+    bits_per_weight,
+    packed_layer,
+    read_packed,
+    stored_values,
+    write_quantized,
+)
 from nmkit.runtime import native
 from nmkit.runtime.bench import main as bench_main
 from nmkit.runtime.engine import Engine
@@ -304,6 +312,72 @@ def test_bits_per_weight_of_2_4_int4():
     assert bits_per_weight(pack(w, "int4", NM(2, 4), group_blocks=4)) == pytest.approx(2 + 1 + 16 / 256)
 
 
+@pytest.mark.parametrize("kind,levels", [("int8", None), ("int4", None), ("int4", tuple(range(-120, 120, 15)))])
+def test_stored_values_hold_no_unit_padding_and_unpack_to_the_runtime_layout(kind, levels):
+    from nmkit.quant.storage import packed_from_stored
+
+    # 576 inputs at 2:4: 288 kept values a row, which the runtime pads to 320 (5 units of 64)
+    w = torch.randn(24, 576, generator=torch.Generator().manual_seed(3))
+    w = w * nm_mask(w.abs(), NM(2, 4))
+    p = pack(w, kind, NM(2, 4), group_blocks=1)
+    if levels is not None:  # the same codes snapped to a table
+        table = torch.tensor(levels)
+        codes = table[(p.codes().long()[..., None] * 15 - table).abs().argmin(-1)]
+        p = from_codes(codes, p.scales, p.kept_mask(), NM(2, 4), 4, 1, levels=levels)
+    stored = stored_values(p)
+    per_byte = 1 if kind == "int8" else 2
+    assert p.values.shape == (24, 320 // per_byte) and stored.shape == (24, 288 // per_byte)
+    entry = {"pattern": "2:4", "shape": [24, 576], "kind": kind, "group_blocks": 1, "format": "nm-quantized-rows"}
+    parts = {"values": stored, "mask": p.mask, "scales": p.scales, "levels": p.levels}
+    back = packed_from_stored(entry, {k: v for k, v in parts.items() if v is not None})
+    assert back.values.dtype == p.values.dtype and torch.equal(back.values, p.values)
+    assert torch.equal(back.codes(), p.codes()) and torch.equal(back.dense_weight(), p.dense_weight())
+    # values 4 or 8 bits a kept weight, 1 mask bit and one fp16 scale per 32 kept values, over 2 weights each
+    table_bits = 0 if levels is None else 8 * 16 / (24 * 576)
+    assert bits_per_weight(p) == pytest.approx((8 if kind == "int8" else 4) / 2 + 1 + 16 / 64 + table_bits)
+    damaged = {**parts, "values": stored[:, :-1]}
+    with pytest.raises(UserError, match="damaged"):
+        packed_from_stored(entry, {k: v for k, v in damaged.items() if v is not None})
+
+
+def _as_version_2(directory) -> None:
+    """Rewrite a quantized directory the way versions 1-2 stored it: values in the runtime's padded units."""
+    mats, _, meta = read_packed(directory)
+    tensors = load_file(str(directory / WEIGHTS))
+    for name, mat in mats.items():
+        tensors[f"{name}.weight_values"] = mat.values
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    side = json.loads((directory / "nmkit.json").read_text())
+    side["quant"]["version"] = 2
+    for layer in side["layers"].values():
+        layer.pop("format", None)
+    (directory / "nmkit.json").write_text(json.dumps(side))
+    cfg = json.loads((directory / "config.json").read_text())
+    for layer in cfg["quantization_config"]["layers"].values():
+        layer["format"] = "nm-quantized"
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def test_version_2_directories_read_as_before(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_llama(NM(2, 4))
+    mats = {f"model.layers.{i}.mlp.{p}": pack(getattr(layer.mlp, p).weight, "int4", NM(2, 4))
+            for i, layer in enumerate(model.model.layers) for p in ("up_proj", "down_proj")}
+    meta = {"layers": {n: {"pattern": "2:4", "dim": 1, "shape": [m.rows, m.cols]} for n, m in mats.items()},
+            "quant": {"version": 3}}
+    new, old = tmp_path / "v3", tmp_path / "v2"
+    write_quantized(new, model, mats, meta)
+    write_quantized(old, model, mats, meta)
+    _as_version_2(old)
+    assert (old / WEIGHTS).stat().st_size > (new / WEIGHTS).stat().st_size  # down_proj (192 inputs) was padded
+    for directory in (new, old):
+        back, _, _ = read_packed(directory)
+        assert all(torch.equal(back[n].values, m.values) for n, m in mats.items())
+        hf = AutoModelForCausalLM.from_pretrained(directory)
+        assert all(torch.equal(hf.get_submodule(n).weight, m.dense_weight()) for n, m in mats.items())
+
+
 @pytest.fixture(scope="module")
 def pruned_24(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "pruned"
@@ -345,11 +419,11 @@ def test_quantize_command_fitted_grid_and_refine(pruned_24, tiny_data_dir, tmp_p
                  "--data-dir", str(tiny_data_dir), "--out", str(out), "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["version"], summary["grid"], summary["refine"], summary["act_order"]) == (2, "fitted", 1, True)
+    assert (summary["version"], summary["grid"], summary["refine"], summary["act_order"]) == (3, "fitted", 1, True)
     fit = summary["model_fit"]
     assert fit["steps"] == 2 and fit["after"] <= fit["before"] and fit["lr"] == 1e-4
     mats, _, meta = read_packed(out)
-    assert meta["quant"]["version"] == 2 and all(m.levels is not None and m.kind == "int4" for m in mats.values())
+    assert meta["quant"]["version"] == 3 and all(m.levels is not None and m.kind == "int4" for m in mats.values())
     assert all(m.pattern == NM(2, 4) for m in mats.values())
     assert bench_main([str(out), "--decode", "2", "--prefill", "4", "--reps", "1", "--json"]) == 0
 

@@ -10,8 +10,8 @@
    loader fills them with the compressed tensors as they are on disk (no dense copy);
 2. after loading, each placeholder becomes the module its stored layer format names
    (:data:`LAYER_FORMATS`): :class:`nmkit.nn.SparseLinear` for ``"nm-bitmask"`` (``nmkit export``),
-   an ``nn.Linear`` holding the dequantized weight for ``"nm-quantized"`` (``nmkit quantize``; the
-   same values as :func:`nmkit.quant.storage.load_quantized_model`).
+   an ``nn.Linear`` holding the dequantized weight for ``"nm-quantized-rows"`` (``nmkit quantize``; and
+   the older ``"nm-quantized"``; the same values as :func:`nmkit.quant.storage.load_quantized_model`).
 
 Coded files (``--codec zstd``) hold every tensor as a byte blob: the quantizer lets each blob in as it
 is (``param_needs_quantization``: shapes are not checked) and decodes them one by one afterwards.
@@ -45,12 +45,19 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nmkit.formats import codec as tensor_codec
-from nmkit.formats.hf_config import FORMAT_VERSION, INSTALL_HINT, NM_BITMASK, NM_QUANTIZED, QUANT_METHOD
+from nmkit.formats.hf_config import (
+    FORMAT_VERSION,
+    INSTALL_HINT,
+    NM_BITMASK,
+    NM_QUANTIZED,
+    NM_QUANTIZED_ROWS,
+    QUANT_METHOD,
+)
 from nmkit.formats.mapped import ReleaseQueue
 from nmkit.formats.nm import NMTensor
 from nmkit.nn import SparseLinear
 from nmkit.patterns import NM
-from nmkit.runtime.pack import PackedMat
+from nmkit.quant.storage import packed_from_stored
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,7 @@ def _build_nm_quantized(layer: dict, tensors: dict[str, torch.Tensor], bias: tor
                         dtype: torch.dtype) -> nn.Module:
     """A dense Linear holding the dequantized weight (zeros where pruned), as nmkit.load builds it."""
     rows, cols = layer["shape"]
-    pattern = None if layer["pattern"] == "dense" else NM.parse(layer["pattern"])
-    mat = PackedMat(layer["kind"], rows, cols, pattern, tensors["_values"], tensors.get("_mask"), tensors["_scales"],
-                    group_blocks=layer["group_blocks"], levels=tensors.get("_levels"))
+    mat = packed_from_stored(layer, {suffix[1:]: t for suffix, t in tensors.items()})
     with torch.device("meta"):
         mod = nn.Linear(cols, rows, bias=bias is not None, dtype=dtype)
     mod.weight = nn.Parameter(mat.dense_weight().to(dtype), requires_grad=False)
@@ -100,6 +105,7 @@ def _quantized_suffixes(layer: dict) -> tuple[str, ...]:
 LAYER_FORMATS: dict[str, LayerFormat] = {
     NM_BITMASK: LayerFormat(suffixes=lambda layer: ("_values", "_mask"), build=_build_nm_bitmask),
     NM_QUANTIZED: LayerFormat(suffixes=_quantized_suffixes, build=_build_nm_quantized),
+    NM_QUANTIZED_ROWS: LayerFormat(suffixes=_quantized_suffixes, build=_build_nm_quantized),
 }
 
 

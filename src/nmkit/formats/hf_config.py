@@ -2,14 +2,16 @@
 
 Transformers reads it to pick the loader: with nmkit imported, :mod:`nmkit.hf_quantizer` builds the
 stored layers straight from the file. Each layer names its stored format, so a new kind of layer is a
-new format name, and an older nmkit says plainly that it cannot read it. Two formats today:
+new format name, and an older nmkit says plainly that it cannot read it. The formats:
 
 - ``nm-bitmask`` (``nmkit export --format nmkit``): canonical kept values + 1-bit mask
   (:mod:`nmkit.formats.nm`), stored as ``P.weight_values`` and ``P.weight_mask``;
-- ``nm-quantized`` (``nmkit quantize``): INT8/INT4 codes in the runtime's packed layout, the mask
-  (absent for a dense layer) and fp16 group scales (:mod:`nmkit.quant.storage`), stored as
-  ``P.weight_values``, ``P.weight_mask`` and ``P.weight_scales`` (and ``P.weight_levels``, an INT4 level
-  table, when the entry's ``levels`` is true); the entry adds ``kind``, ``group_blocks`` and ``levels``.
+- ``nm-quantized-rows`` (``nmkit quantize``): INT8/INT4 codes row by row, the mask (absent for a dense
+  layer) and fp16 group scales (:mod:`nmkit.quant.storage`), stored as ``P.weight_values``,
+  ``P.weight_mask`` and ``P.weight_scales`` (and ``P.weight_levels``, an INT4 level table, when the
+  entry's ``levels`` is true); the entry adds ``kind``, ``group_blocks`` and ``levels``;
+- ``nm-quantized``: the same with the values in the runtime's padded 64-value units (quantized
+  versions 1-2, still read).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ QUANT_METHOD = "nmkit"
 FORMAT_VERSION = 1
 NM_BITMASK = "nm-bitmask"
 NM_QUANTIZED = "nm-quantized"
+NM_QUANTIZED_ROWS = "nm-quantized-rows"
+QUANTIZED_FORMATS = (NM_QUANTIZED, NM_QUANTIZED_ROWS)
 # A 0-element tensor stored under this name in every nmkit file. transformers without nmkit lists it as an
 # UNEXPECTED key in the load report it prints before failing, so the failure says what to install; with
 # nmkit the quantizer expects it. No dots: it is a key at the model's root.
@@ -35,7 +39,7 @@ def layer_format(layer: dict) -> str:
 def _entry(layer: dict) -> dict:
     fmt = layer_format(layer)
     entry = {"format": fmt, "pattern": layer["pattern"], "shape": [int(s) for s in layer["shape"]]}
-    if fmt == NM_QUANTIZED:
+    if fmt in QUANTIZED_FORMATS:
         entry.update(kind=layer["kind"], group_blocks=int(layer["group_blocks"]), levels=bool(layer.get("levels")))
     return entry
 
@@ -75,5 +79,5 @@ def write(config_json: Path, block: dict | None) -> None:
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["FORMAT_VERSION", "INSTALL_HINT", "NM_BITMASK", "NM_QUANTIZED", "QUANT_METHOD", "guard_name",
-           "guard_names", "layer_format", "quantization_config", "write"]
+__all__ = ["FORMAT_VERSION", "INSTALL_HINT", "NM_BITMASK", "NM_QUANTIZED", "NM_QUANTIZED_ROWS", "QUANTIZED_FORMATS",
+           "QUANT_METHOD", "guard_name", "guard_names", "layer_format", "quantization_config", "write"]

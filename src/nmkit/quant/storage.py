@@ -1,14 +1,21 @@
-"""The quantized N:M directory format (``storage: "nmkit-quantized"`` in nmkit.json, quant version 1).
+"""The quantized N:M directory format (``storage: "nmkit-quantized"`` in nmkit.json, quant version 3).
 
 A transformers directory (config, tokenizer) whose ``model.safetensors`` holds every tensor of the
-model as is, except the quantized layers, which are stored in the runtime's packed layouts
-(:mod:`nmkit.runtime.pack`) so the engine uses them without re-rounding:
+model as is, except the quantized layers, which hold the codes the runtime multiplies by
+(:mod:`nmkit.runtime.pack`), so the engine uses them without re-rounding:
 
-- ``{layer}.weight_values``: int8 codes (INT8) or uint8 nibble pairs (INT4), rows x 64-value units
+- ``{layer}.weight_values``: each row's kept codes in order: int8 (INT8), rows x kept per row, or uint8
+  nibble pairs (INT4), rows x kept per row / 2, code 2i in the low nibble of byte i (as code + 8, or as
+  its index in the level table)
 - ``{layer}.weight_mask``: uint8 N:M bitmask, rows x cols/8 (absent for a dense layer)
 - ``{layer}.weight_scales``: fp16, rows x scale groups
-- ``{layer}.weight_levels``: int8 (16,), only for INT4 with a level table (quant version 2): a code n
-  stands for levels[n] instead of n - 8
+- ``{layer}.weight_levels``: int8 (16,), only for INT4 with a level table: a code n stands for levels[n]
+  instead of n - 8
+
+Versions 1 and 2 (still read) stored the values in the runtime's own layout, whole 64-value units per
+row: a 576-input 2:4 row's 288 kept values took 320 slots, 0.17 bits per weight of padding on
+SmolLM2. Version 3 stores no padding; the reader lays the units out again (layer format
+``nm-quantized-rows`` in config.json, ``nm-quantized`` before).
 
 ``config.json`` carries the ``quantization_config`` block of :mod:`nmkit.formats.hf_config` (layer format
 ``nm-quantized``), so ``AutoModelForCausalLM.from_pretrained`` with nmkit imported loads the directory
@@ -34,17 +41,17 @@ from nmkit.formats import hf_config
 from nmkit.outputs import atomic_directory
 from nmkit.patterns import NM
 from nmkit.quant.gptq import QuantizedLayer
-from nmkit.runtime.pack import PackedMat, from_codes
+from nmkit.runtime.pack import PackedMat, from_codes, symbol_units, unit_symbols
 
-FORMAT_VERSION = 2  # 2 added the optional level tables; a directory without them is written as version 1
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added the optional level tables; 3 stores the values without the runtime's unit padding
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS = "model.safetensors"
 _PARTS = ("values", "mask", "scales", "levels")
 
 
 def format_version(layers: dict[str, PackedMat]) -> int:
-    """The oldest version that describes these layers (older readers keep reading what they can)."""
-    return 2 if any(m.levels is not None for m in layers.values()) else 1
+    """The version :func:`write_quantized` writes (every version since 3 stores values row by row)."""
+    return FORMAT_VERSION
 
 
 def packed_layer(layer: QuantizedLayer, bias: torch.Tensor | None = None) -> PackedMat:
@@ -52,9 +59,40 @@ def packed_layer(layer: QuantizedLayer, bias: torch.Tensor | None = None) -> Pac
                       bias, layer.spec.levels)
 
 
+def stored_values(mat: PackedMat) -> torch.Tensor:
+    """``weight_values`` as version 3 stores it: each row's kept codes in order, no unit padding."""
+    symbols = unit_symbols(mat.values, mat.kind, mat.kept_per_row)
+    if mat.kind == "int4":
+        symbols = symbols[:, 0::2] | (symbols[:, 1::2] << 4)
+    return symbols.contiguous()
+
+
+def runtime_values(stored: torch.Tensor, mat: PackedMat) -> torch.Tensor:
+    """The inverse of :func:`stored_values`: the runtime's units for ``mat`` (its shape, kind and levels)."""
+    symbols = stored
+    if mat.kind == "int4":
+        symbols = torch.stack([stored & 15, stored >> 4], dim=-1).reshape(stored.shape[0], -1)
+    if tuple(symbols.shape) != (mat.rows, mat.kept_per_row):
+        raise UserError(f"stored values of shape {tuple(stored.shape)} do not fit a {mat.rows}x{mat.cols} "
+                        f"{mat.pattern or 'dense'} {mat.kind} weight: the file is damaged; re-run `nmkit quantize`")
+    return symbol_units(symbols, mat.kind, mat.levels is not None)
+
+
+def packed_from_stored(layer: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> PackedMat:
+    """A quantized layer's PackedMat from its config/sidecar entry and stored tensors (``values``, ``mask``,
+    ``scales``, ``levels``), bit for bit as written; versions 1-2 stored the runtime layout itself."""
+    rows, cols = layer["shape"]
+    pattern = None if layer["pattern"] == "dense" else NM.parse(layer["pattern"])
+    mat = PackedMat(layer["kind"], rows, cols, pattern, parts["values"], parts.get("mask"), parts["scales"],
+                    None if bias is None else bias.float().contiguous(), layer["group_blocks"], parts.get("levels"))
+    if hf_config.layer_format(layer) == hf_config.NM_QUANTIZED_ROWS:
+        mat.values = runtime_values(parts["values"], mat)
+    return mat
+
+
 def bits_per_weight(mat: PackedMat) -> float:
-    """Stored bits (values, mask, scales; no bias) per weight of the rows x cols matrix."""
-    parts = (mat.values, mat.mask, mat.scales, mat.levels)
+    """Stored bits (values as version 3 stores them, mask, scales, level table; no bias) per weight."""
+    parts = (stored_values(mat), mat.mask, mat.scales, mat.levels)
     return 8 * sum(t.numel() * t.element_size() for t in parts if t is not None) / (mat.rows * mat.cols)
 
 
@@ -79,13 +117,13 @@ def write_quantized(out: str | Path, model: nn.Module, layers: dict[str, PackedM
     entries = dict(meta.get("layers") or {})
     for name, mat in layers.items():
         for part in _PARTS:
-            t = getattr(mat, part)
+            t = stored_values(mat) if part == "values" else getattr(mat, part)
             if t is not None:
                 tensors[f"{name}.weight_{part}"] = t.contiguous()
         entries[name] = {**entries.get(name, {"pattern": str(mat.pattern) if mat.pattern else "dense", "dim": 1,
                                               "shape": [mat.rows, mat.cols]}),
-                         "kind": mat.kind, "group_blocks": mat.group_blocks, "levels": mat.levels is not None,
-                         "bits_per_weight": round(bits_per_weight(mat), 4)}
+                         "format": hf_config.NM_QUANTIZED_ROWS, "kind": mat.kind, "group_blocks": mat.group_blocks,
+                         "levels": mat.levels is not None, "bits_per_weight": round(bits_per_weight(mat), 4)}
     for guard in hf_config.guard_names(layers):
         tensors[guard] = torch.empty(0, dtype=torch.uint8)
     with atomic_directory(out, overwrite=True) as tmp:  # the old directory stays whole until the new one is in
@@ -123,15 +161,8 @@ def read_packed(directory: str | Path) -> tuple[dict[str, PackedMat], dict[str, 
     for name, layer in meta["layers"].items():
         if "kind" not in layer:
             continue
-        rows, cols = layer["shape"]
-        pattern = None if layer["pattern"] == "dense" else NM.parse(layer["pattern"])
-        values = tensors.pop(f"{name}.weight_values")
-        mask = tensors.pop(f"{name}.weight_mask", None)
-        scales = tensors.pop(f"{name}.weight_scales")
-        levels = tensors.pop(f"{name}.weight_levels", None)
-        bias = tensors.get(f"{name}.bias")
-        mats[name] = PackedMat(layer["kind"], rows, cols, pattern, values, mask, scales,
-                               None if bias is None else bias.float().contiguous(), layer["group_blocks"], levels)
+        parts = {part: tensors.pop(f"{name}.weight_{part}") for part in _PARTS if f"{name}.weight_{part}" in tensors}
+        mats[name] = packed_from_stored(layer, parts, tensors.get(f"{name}.bias"))
     return mats, tensors, meta
 
 

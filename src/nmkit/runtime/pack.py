@@ -139,17 +139,16 @@ class PackedMat:
             return self.values.float()
         return dequantize(self.codes(), self.scales, self.group_blocks).reshape(self.rows, -1)
 
+    @property
+    def kept_per_row(self) -> int:
+        return self.cols // 64 * self.k64
+
     def codes(self) -> torch.Tensor:
         """int8 (rows, blocks, k64) integer codes of the integer kinds."""
-        nb = self.cols // 64
-        if self.kind == "int8":
-            flat = self.values
-        else:
-            packed = self.values.reshape(self.rows, -1, 32)
-            lo, hi = (packed & 15).long(), (packed >> 4).long()
-            nibbles = torch.cat([lo, hi], dim=-1).reshape(self.rows, -1)
-            flat = (nibbles - 8 if self.levels is None else self.levels.long()[nibbles]).to(torch.int8)
-        return flat[:, : nb * self.k64].reshape(self.rows, nb, self.k64)
+        symbols = unit_symbols(self.values, self.kind, self.kept_per_row)
+        if self.kind == "int4":
+            symbols = (symbols.long() - 8 if self.levels is None else self.levels.long()[symbols.long()]).to(torch.int8)
+        return symbols.reshape(self.rows, self.cols // 64, self.k64)
 
     def dense_weight(self) -> torch.Tensor:
         """float32 (rows, cols): the weight these kernels multiply by."""
@@ -301,18 +300,41 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
 def code_values(codes: torch.Tensor, kind: str, levels: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes (rows, blocks, k64) -> the values layout of ``kind`` (int8 or int4), whole 64-value units.
     With ``levels`` (int4), each code is stored as its index in the table (padding: index 0)."""
-    rows = codes.shape[0]
-    flat = codes.reshape(rows, -1)
-    pad = -flat.shape[1] % 64
+    flat = codes.reshape(codes.shape[0], -1)
     if kind == "int8":
-        return torch.cat([flat, flat.new_zeros(rows, pad)], dim=1).contiguous()
+        return symbol_units(flat, kind)
     if levels is None:
         nibbles = flat.long() + 8
     else:
         nibbles = torch.searchsorted(levels.long(), flat.long().contiguous())
-    nibbles = torch.cat([nibbles, nibbles.new_full((rows, pad), 0 if levels is not None else 8)], dim=1)
-    u = nibbles.to(torch.uint8).reshape(rows, -1, 64)
+    return symbol_units(nibbles.to(torch.uint8), kind, levels is not None)
+
+
+def pad_symbol(kind: str, has_levels: bool) -> int:
+    """What fills each row's last unit: code 0 (INT8), nibble 8 (INT4: code 0) or table index 0."""
+    return 8 if kind == "int4" and not has_levels else 0
+
+
+def symbol_units(symbols: torch.Tensor, kind: str, has_levels: bool = False) -> torch.Tensor:
+    """Stored symbols (rows, kept per row: int8 codes, or INT4 nibbles as uint8) -> the runtime's values
+    layout: whole 64-value units per row, the last one padded; INT4 packs symbol j of a unit in the low
+    nibble of byte j and symbol j + 32 in its high nibble."""
+    rows = symbols.shape[0]
+    pad = symbols.new_full((rows, -symbols.shape[1] % 64), pad_symbol(kind, has_levels))
+    units = torch.cat([symbols, pad], dim=1)
+    if kind == "int8":
+        return units.contiguous()
+    u = units.reshape(rows, -1, 64)
     return (u[..., :32] | (u[..., 32:] << 4)).reshape(rows, -1).contiguous()
+
+
+def unit_symbols(values: torch.Tensor, kind: str, kept_per_row: int) -> torch.Tensor:
+    """The inverse of :func:`symbol_units`: (rows, kept per row) int8 codes or INT4 nibbles (uint8)."""
+    rows = values.shape[0]
+    if kind == "int4":
+        u = values.reshape(rows, -1, 32)
+        values = torch.cat([u & 15, u >> 4], dim=-1).reshape(rows, -1)
+    return values[:, :kept_per_row]
 
 
 def from_codes(codes: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor, pattern: NM | None, bits: int,
