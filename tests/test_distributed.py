@@ -3,7 +3,9 @@
 - a streamed prune writes the same tensors, bit for bit, as the in-memory prune;
 - 2 ranks give the same masks as one for magnitude, wanda and sparsegpt, and the same weights (sparsegpt's
   to float32 rounding: X^T X is summed per sample in float64, so the ranks' split barely changes it);
-- bad input: a missing shard, more ranks than a block has layers, a rank killed mid-run: one line,
+- row blocks: a layer cut across 2 ranks gives the weights of one process bit for bit; the methods listed
+  as row-separable are (a row slice's solve is that slice of the whole solve), and no other is ever cut;
+- bad input: a missing shard, more ranks than a block has pieces to solve, a rank killed mid-run: one line,
   nothing half-written, and ``--resume`` finishes the run.
 """
 
@@ -22,9 +24,23 @@ from safetensors.torch import load_file
 
 from nmkit.cli import main
 from nmkit.oneshot.distributed import Ranks
+from nmkit.oneshot.methods import METHODS as ALL_METHODS
+from nmkit.oneshot.schedule import ROW_SEPARABLE_METHODS, plan_block
+from nmkit.oneshot.sequential import solve_jobs
+from nmkit.oneshot.stats import InputStats
 from nmkit.oneshot.streaming import prune_streaming
+from nmkit.oneshot.targets import find_targets
+from nmkit.patterns import parse
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# (method, --include): whole layers shared out, then blocks whose dominant layer the plan cuts into row blocks
+# (down_proj alone: 2 ranks, 1 layer; with o_proj: a cut layer beside a whole one)
+CASES = [(m, None) for m in METHODS] + [(m, ["*down_proj"]) for m in METHODS] + [
+    ("sparsegpt", ["*down_proj", "*o_proj"])]
+
+
+def _case_dir(method: str, include: list[str] | None) -> str:
+    return method + ("-" + "-".join(p.strip("*") for p in include) if include else "")
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -93,9 +109,10 @@ def _rank(rank: int, world: int, port: int, model: str, root: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ranks = Ranks(rank, world)
-        for method in METHODS:
+        for method, include in CASES:
             samples = _calibration() if method != "magnitude" else None
-            prune_streaming(model, "2:4", method, samples, Path(root) / method, progress=False, ranks=ranks)
+            prune_streaming(model, "2:4", method, samples, Path(root) / _case_dir(method, include), include=include,
+                            progress=False, ranks=ranks)
     finally:
         dist.destroy_process_group()
 
@@ -118,35 +135,82 @@ def test_two_gloo_ranks_give_the_masks_of_one(sharded_model, tmp_path):
 
 
 def _compare_with_one_rank(sharded_model: Path, tmp_path: Path) -> None:
-    for method in METHODS:
+    for method, include in CASES:
         samples = _calibration() if method != "magnitude" else None
-        result, _, _ = prune_streaming(sharded_model, "2:4", method, samples, tmp_path / "one" / method,
-                                       progress=False)
-        one, two = _blocks(tmp_path / "one" / method), _blocks(tmp_path / "two" / method)
-        assert one.keys() == two.keys() and len(result.layers) == 14
+        name = _case_dir(method, include)
+        result, _, _ = prune_streaming(sharded_model, "2:4", method, samples, tmp_path / "one" / name,
+                                       include=include, progress=False)
+        one, two = _blocks(tmp_path / "one" / name), _blocks(tmp_path / "two" / name)
+        assert one.keys() == two.keys() and len(result.layers) == 2 * (len(include) if include else 7)
         pruned = [k for k in one if k.endswith("proj.weight")]
         same = sum(int(((one[k] != 0) == (two[k] != 0)).sum()) for k in pruned)
         total = sum(one[k].numel() for k in pruned)
-        assert same == total, (method, same / total)  # summed in float32, sparsegpt's differed (99.995%)
+        assert same == total, (name, same / total)  # summed in float32, sparsegpt's differed (99.995%)
         for k in one:  # magnitude and wanda keep the original weights; sparsegpt's updates agree to rounding
-            if method == "sparsegpt":
+            if method == "sparsegpt" and not include:
                 torch.testing.assert_close(one[k], two[k], msg=k)
-            else:
-                assert one[k].equal(two[k]), k
+            else:  # a cut layer's rows are solved alone: the same floats, in the same order
+                assert one[k].equal(two[k]), (name, k)
         # every rank wrote its own activations, the leader committed them all
-        assert len(list((tmp_path / "two" / method).glob("streams-*-r*.pt"))) == 2
+        assert len(list((tmp_path / "two" / name).glob("streams-*-r*.pt"))) == 2
+
+
+def _tiny_targets(sharded_model: Path, include: list[str]):
+    from transformers import AutoModelForCausalLM
+
+    return find_targets(AutoModelForCausalLM.from_pretrained(sharded_model).model.layers[0], include)
+
+
+def test_the_row_block_cases_cut_down_proj_across_both_ranks(sharded_model):
+    """What the 2-rank test exercises: down_proj's rows are solved half by each rank."""
+    for method, include in CASES:
+        plan = plan_block(solve_jobs(_tiny_targets(sharded_model, include or ["*"]), method, parse("2:4")), 2)
+        down = plan["mlp.down_proj"]
+        if include:
+            assert [(p.rank, p.start, p.stop) for p in down] == [(0, 0, 32), (1, 32, 64)], (method, plan)
+        else:  # 7 layers on 2 ranks: whole layers already balance the block
+            assert all(len(pieces) == 1 for pieces in plan.values()), (method, plan)
+
+
+@pytest.mark.parametrize("method", sorted(ROW_SEPARABLE_METHODS))
+@pytest.mark.parametrize("pattern", ["2:4", "50%"])
+def test_a_row_slice_solves_as_in_the_whole_layer(method, pattern):
+    """The claim behind ROW_SEPARABLE_METHODS: rows [a, b) solved alone are rows [a, b) of the whole solve."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 48, generator=gen) * torch.rand(48, generator=gen)  # channels of unequal scale
+    stats = InputStats((x.T @ x).double(), 256)
+    w = torch.randn(40, 48, generator=gen)
+    solve = ALL_METHODS[method].solve
+    whole = solve(w.clone(), stats, parse(pattern))
+    parts = [solve(w[a:b].clone(), stats, parse(pattern)) for a, b in [(0, 13), (13, 40)]]
+    assert torch.cat(parts).equal(whole)
+    assert not whole.equal(w)  # something was pruned
+
+
+def test_methods_not_row_separable_are_never_cut(sharded_model):
+    targets = _tiny_targets(sharded_model, ["*down_proj"])
+    # the control: sparsegpt 2:4 on one layer over 4 ranks is cut
+    assert len(plan_block(solve_jobs(targets, "sparsegpt", parse("2:4")), 4)["mlp.down_proj"]) > 1
+    others = sorted(set(ALL_METHODS) - ROW_SEPARABLE_METHODS)
+    assert others and ROW_SEPARABLE_METHODS <= set(ALL_METHODS)
+    cases = [(m, "2:4") for m in others] + [(m, p) for m in ROW_SEPARABLE_METHODS for p in ("2:4T", "4:2:4")]
+    for method, pattern in cases:  # transposable and V:N:M groups span rows
+        plan = plan_block(solve_jobs(targets, method, parse(pattern)), 4)
+        assert [(p.start, p.stop) for p in plan["mlp.down_proj"]] == [(0, 64)], (method, pattern)
 
 
 def _torchrun_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
-def test_more_ranks_than_layers_is_refused(sharded_model, tiny_data_dir, tmp_path, capsys, monkeypatch):
+def test_more_ranks_than_pieces_is_refused(sharded_model, tiny_data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
     out = tmp_path / "out"
-    code = main(_argv(sharded_model, tiny_data_dir, out, "wanda", "--nproc", "2", "--include", "*down_proj"))
+    # one layer a block, and a transposable pattern couples rows: no row blocks, one rank would idle
+    code = main(_argv(sharded_model, tiny_data_dir, out, "wanda", "--nproc", "2", "--include", "*down_proj",
+                      "--pattern", "2:4T"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "more ranks than the layers a block shares out" in err[-1], err
+    assert code == 2 and "more ranks than the pieces a block's solve shares out (1" in err[-1], err
     assert len([line for line in err if "error" in line]) == 1  # both ranks refused; the launcher said it once
     assert list(tmp_path.iterdir()) == []
 

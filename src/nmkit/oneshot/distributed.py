@@ -4,10 +4,11 @@ Every rank runs the same block loop on its own share of the calibration samples.
 
 1. each rank collects X^T X (and token counts) of its samples; :meth:`Ranks.all_reduce_stats` sums them,
    so every rank then holds the statistics of all samples;
-2. :meth:`Ranks.owners` shares the block's target layers out (largest solve first, to the least loaded
-   rank); each rank solves its own;
-3. :meth:`Ranks.share_weights` broadcasts each solved weight from its owner, so every rank holds the
-   whole pruned block before it propagates its samples through it.
+2. :meth:`Ranks.plan` shares the block's target layers out (:mod:`nmkit.oneshot.schedule`: largest solve
+   first to the least loaded rank, a dominant layer of a row-separable method cut into row blocks);
+   each rank solves its pieces;
+3. :meth:`Ranks.share_rows` broadcasts each piece's rows from the rank that solved them, so every rank
+   holds the whole pruned block before it propagates its samples through it.
 
 gloo on CPU, NCCL on CUDA; no transport of our own. :class:`Ranks` with ``size == 1`` (the default) does
 nothing, so the one-process pipeline is the same code. ``seconds`` counts the time spent in collectives
@@ -24,6 +25,7 @@ from datetime import timedelta
 import torch
 
 from nmkit.errors import UserError
+from nmkit.oneshot.schedule import ROW_SEPARABLE_METHODS, Job, Plan, plan_block
 
 
 class Ranks:
@@ -69,29 +71,25 @@ class Ranks:
             for s, n in zip(unique, tokens.tolist(), strict=True):
                 s.tokens = n
 
-    def owners(self, costs: dict[str, float]) -> dict[str, int]:
-        """Which rank solves each layer: longest first to the least loaded rank (ties by name, then rank)."""
-        load = [0.0] * self.size
-        owner = {}
-        for name, cost in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0])):
-            r = min(range(self.size), key=lambda i: (load[i], i))
-            owner[name] = r
-            load[r] += cost
-        return owner
+    def plan(self, jobs: dict[str, Job]) -> Plan:
+        """Which rank solves which rows of each layer (:func:`nmkit.oneshot.schedule.plan_block`)."""
+        return plan_block(jobs, self.size)
 
-    def share_weights(self, weights: dict[str, torch.Tensor], owner: dict[str, int]) -> None:
-        """Broadcast each named weight (in place) from the rank that solved it."""
+    def share_rows(self, weights: dict[str, torch.Tensor], plan: Plan) -> None:
+        """Broadcast each piece of each named (out, in) weight (in place, a view of the parameter is
+        enough) from the rank that solved it: a whole layer is one piece, a row block one of several."""
         if self.size == 1:
             return
         import torch.distributed as dist
 
         with self._timed():
             for name in sorted(weights):
-                w = weights[name]
-                buf = w.data.to(self.device).contiguous()
-                dist.broadcast(buf, src=owner[name])
-                if buf.data_ptr() != w.data.data_ptr():
-                    w.data.copy_(buf)
+                for piece in plan[name]:
+                    rows = weights[name][piece.start:piece.stop]
+                    buf = rows.to(self.device).contiguous()  # a transposed weight's rows are strided
+                    dist.broadcast(buf, src=piece.rank)
+                    if buf.data_ptr() != rows.data_ptr():
+                        rows.copy_(buf)
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
@@ -130,11 +128,14 @@ def from_environment(device: torch.device) -> Ranks:
     return Ranks(rank, size, device)
 
 
-def check_layout(ranks: Ranks, layers_per_block: int, samples: int) -> None:
-    """Refuse a split that leaves ranks idle: more ranks than a block has layers to solve, or than samples."""
-    if ranks.size > layers_per_block:
-        raise UserError(f"--nproc {ranks.size} is more ranks than the layers a block shares out for the solve "
-                        f"({layers_per_block}); use --nproc {layers_per_block} or fewer")
+def check_layout(ranks: Ranks, busiest: int, samples: int) -> None:
+    """Refuse a split that leaves ranks idle: more ranks than the busiest block's plan gives work to
+    (``busiest``: its layers, or more where row blocks cut them), or than calibration samples."""
+    if ranks.size > busiest:
+        raise UserError(f"--nproc {ranks.size} is more ranks than the pieces a block's solve shares out ({busiest}: "
+                        f"its layers, cut into row blocks only for {', '.join(sorted(ROW_SEPARABLE_METHODS))} "
+                        f"with row-wise patterns, and only where that shortens the block); use --nproc {busiest} "
+                        "or fewer")
     if ranks.size > samples:
         raise UserError(f"--nproc {ranks.size} is more ranks than calibration samples ({samples}); "
                         f"raise --calib-samples to at least {ranks.size} or lower --nproc")

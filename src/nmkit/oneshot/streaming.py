@@ -42,12 +42,12 @@ from nmkit.oneshot.sequential import (
     _Checkpoint,
     _group_by_block,
     _out_in,
-    _write_back,
     check_distributable,
     prune_block,
+    solve_shared,
 )
-from nmkit.oneshot.targets import Target, find_targets
-from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse, summarize
+from nmkit.oneshot.targets import find_targets
+from nmkit.patterns import Pattern, PatternError, TailPolicy, check_tail, parse
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -154,25 +154,6 @@ def _load_block(block: nn.Module, key: str, store: SafetensorsDir, device: torch
     block.load_state_dict({n[len(key):]: t.to(device, torch.float32) for n, t in tensors.items()}, assign=True)
 
 
-def _data_free_block(targets: list[Target], pattern: Pattern, method: str, tail: TailPolicy,
-                     ranks: Ranks) -> list[LayerResult]:
-    """A data-free method on one block's targets, shared out across the ranks like the calibrated solve."""
-    owner = ranks.owners({t.name: float(t.weight.numel()) for t in targets})
-    mine = {}
-    for t in targets:
-        if owner[t.name] != ranks.rank:
-            continue
-        try:
-            _write_back(t, METHODS[method].solve(_out_in(t).float(), None, pattern, tail=tail))
-        except PatternError as exc:
-            raise UserError(f"layer {t.name}: {exc}") from None
-        info = summarize(t.weight, pattern, dim=t.reduce_dim, tail=tail)
-        mine[t.name] = LayerResult(t.name, info["shape"], str(pattern), info["sparsity"], info["valid"])
-    ranks.share_weights({t.name: t.weight for t in targets}, owner)
-    solved = {k: v for part in ranks.gather_objects(mine) for k, v in part.items()}
-    return [solved[t.name] for t in targets]
-
-
 @torch.no_grad()
 def prune_streaming(
     directory: str | Path,
@@ -217,7 +198,7 @@ def prune_streaming(
             raise UserError(f"layer {t.name} {list(t.weight.shape)}: {exc}") from None
     per_block = _group_by_block(targets, prefix, len(blocks))
     fake = samples if samples is not None else torch.zeros(ranks.size, 1, dtype=torch.long)
-    check_distributable(ranks, per_block, fake, method, False)
+    check_distributable(ranks, per_block, fake, method, False, pattern)
 
     config = {"pattern": str(pattern), "method": method, "options": options, "include": include,
               "exclude": exclude, "tail": tail, "streamed": True, "threads": torch.get_num_threads(),
@@ -261,8 +242,8 @@ def prune_streaming(
                 layers, _ = prune_block(block, block_targets, hidden, kwargs, pattern, method, tail, options, batch,
                                         ranks, i)
                 result.layers += layers
-            elif block_targets:
-                result.layers += _data_free_block(block_targets, pattern, method, tail, ranks)
+            elif block_targets:  # data-free: no statistics, the same plan across the ranks
+                result.layers += solve_shared(block_targets, None, pattern, method, tail, options, ranks, i)
             if calibrated:
                 hidden = run_block(block, hidden, kwargs, batch)
             weights = {key + k: v.detach().cpu() for k, v in block.state_dict().items()}
