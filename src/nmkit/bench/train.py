@@ -23,9 +23,11 @@ from nmkit.data import load_text
 from nmkit.errors import UserError
 from nmkit.training import Schedule, SparseTraining, plot_history
 from nmkit.training.core import History
+from nmkit.training.permutation import PermuteConfig
 from nmkit.training.tinygpt import CharVocab, TinyGPT
 
 ALL_METHODS = ("dense", "ste", "srste", "sste", "decay", "srste_df")
+PERMUTES = ("none", "oneshot", "learned", "dynamic")
 # Paired comparisons reported per pattern: (a, b) -> a - b.
 PAIRS = (
     ("ste", "dense"),
@@ -42,6 +44,21 @@ PAIRS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patterns", default="2:4,1:8", help="comma-separated N:M (keep N of M) (default 2:4,1:8)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
+    p.add_argument(
+        "--permute",
+        default="none",
+        help="comma-separated input permutations per sparse method: none, oneshot (searched once on the "
+        "initial |W|), learned (Sinkhorn-relaxed, hardened at --harden-at), dynamic (the search re-run every 50 "
+        "steps until --harden-at); labelled METHOD+PERMUTE",
+    )
+    p.add_argument("--harden-at", type=float, default=0.5, help="learned: fraction of steps to harden at (0.5)")
+    p.add_argument(
+        "--permute-lr-mult", type=float, default=10.0, help="learned: logits' lr / --lr (default 10; no decay)"
+    )
+    p.add_argument("--permute-block", type=int, default=128, help="learned: permutation window (default 128)")
+    p.add_argument(
+        "--permute-init-diag", type=float, default=0.9, help="learned: soft permutation's diagonal at start (0.9)"
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (default 300)")
     p.add_argument("--d", type=int, default=128, help="model width (default 128)")
@@ -76,8 +93,22 @@ def _lr(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _sparse_for(method: str, model: TinyGPT, pattern: str, steps: int, lam: float) -> SparseTraining:
+def _sparse_for(
+    method: str, model: TinyGPT, pattern: str, steps: int, lam: float, permute: str = "none", **permute_kw
+) -> SparseTraining:
     include = ["blocks.*"]
+    if permute != "none":
+        # fc -> GELU -> out: the out layer's input order is absorbed into fc's rows at finalize.
+        producers = {f"blocks.{i}.out": [f"blocks.{i}.fc"] for i in range(len(model.blocks))}
+        cfg = PermuteConfig(producers=producers, **permute_kw)
+        kw = {"permute": permute, "permute_config": cfg}
+        if method == "srste":
+            kw["masked_decay"] = lam
+        if method in ("ste", "srste", "sste"):
+            return SparseTraining(
+                model, pattern, method=method, include=include, schedule=Schedule(total_steps=steps), **kw
+            )
+        raise UserError(f"--permute is wired for ste, srste and sste, not {method!r}")
     if method == "dense":  # masks only tracked (virtual), forward dense: flip-rate reference
         return SparseTraining(model, pattern, method="dense", include=include)
     if method == "srste_df":
@@ -99,30 +130,56 @@ def _evaluate(model: TinyGPT, batches: list[torch.Tensor]) -> float:
 
 
 def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, vocab: int) -> dict:
+    label = method
+    method, _, permute = method.partition("+")
+    permute = permute or "none"
     torch.manual_seed(seed)
     model = TinyGPT(vocab, args.d, args.layers, args.heads, args.ctx)
-    sparse = _sparse_for(method, model, pattern, args.steps, args.srste_lambda)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    permute_kw = {
+        "harden_at": getattr(args, "harden_at", 0.5),
+        "block": getattr(args, "permute_block", 128),
+        "init_diag": getattr(args, "permute_init_diag", 0.9),
+    }
+    sparse = _sparse_for(method, model, pattern, args.steps, args.srste_lambda, permute, **permute_kw)
+    perm_params = sparse.permutation_parameters()
+    perm_ids = {id(p) for p in perm_params}
+    params = [p for p in model.parameters() if id(p) not in perm_ids]
+    groups = [{"params": params, "lr_mult": 1.0}]
+    if perm_params:  # logits: own rate, no weight decay (it would pull the soft permutation to uniform)
+        groups.append({"params": perm_params, "lr_mult": getattr(args, "permute_lr_mult", 10.0), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sparse.bind_optimizer(opt)  # permute=dynamic re-orders AdamW's moments with the weight columns
     gen = torch.Generator().manual_seed(1000 + seed)  # batch order depends on the seed only
     starts = torch.randint(0, len(train_ids) - args.ctx - 1, (args.steps, args.batch), generator=gen)
     offsets = torch.arange(args.ctx + 1)
     t0 = time.perf_counter()
     for step in range(args.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, args.steps, args.lr)
+            g["lr"] = _lr(step, args.steps, args.lr) * g["lr_mult"]
         loss = model.loss(train_ids[starts[step][:, None] + offsets])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # not the logits: their gradient scales with 1 / tau
         sparse.before_optimizer_step()  # masked decay after clipping, before AdamW (Hu et al.)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sparse.step(loss.item())
     wall = time.perf_counter() - t0
     history = sparse.history
-    result = {"method": method, "pattern": pattern, "seed": seed, "wall_s": round(wall, 2)}
+    result = {"method": label, "pattern": pattern, "seed": seed, "wall_s": round(wall, 2)}
+    if sparse.permuted:
+        moved = [float((w.perm != torch.arange(len(w.perm))).float().mean()) for w in sparse.permuted.values()]
+        result["perm_moved"] = statistics.fmean(moved)  # share of inputs not in their own place
     if method in ("dense", "srste_df"):
         result["val_loss_dense"] = _evaluate(model, val_batches)
+    if sparse.permuted:
+        with torch.no_grad():  # the exported model must compute what was trained
+            probe = val_batches[0][:4, :-1]
+            trained = model(probe)
     report = sparse.finalize()
+    if sparse.permuted:
+        with torch.no_grad():
+            result["export_max_abs_diff"] = float((model(probe) - trained).abs().max())
+        result["permute_layers"] = report["permute"]["layers"]
     result["nm_valid"] = report["valid"]
     result["val_loss_nm"] = _evaluate(model, val_batches)
     # Each method is scored the way it is meant to be deployed (see module docs).
@@ -162,8 +219,20 @@ def summarize(results: list[dict]) -> dict:
                 "wall_s_mean": _stats([r["wall_s"] for r in seeds.values()])[0],
                 "nm_valid": all(r["nm_valid"] for r in seeds.values()),
             }
+            if all("perm_moved" in r for r in seeds.values()):
+                table[method]["perm_moved_mean"] = _stats([r["perm_moved"] for r in seeds.values()])[0]
+                table[method]["export_max_abs_diff"] = max(r["export_max_abs_diff"] for r in seeds.values())
         pairs = {}
-        for a, b in PAIRS:
+        extra = []
+        for label in by:
+            base, _, permute = label.partition("+")
+            if permute == "learned":
+                extra += [(label, base), (label, f"{base}+oneshot")]
+            elif permute == "oneshot":
+                extra.append((label, base))
+            elif permute == "dynamic":
+                extra += [(label, base), (label, f"{base}+oneshot"), (label, f"{base}+learned")]
+        for a, b in (*PAIRS, *extra):
             if a in by and b in by:
                 common = sorted(set(by[a]) & set(by[b]))
                 diffs = [by[a][s]["val_loss"] - by[b][s]["val_loss"] for s in common]
@@ -233,6 +302,12 @@ def markdown(summary: dict, meta: dict) -> str:
                 f"| {label} | {t['val_loss_mean']:.4f} ± {t['val_loss_std']:.4f} | "
                 f"{t['val_loss_nm_mean']:.4f} | {t['flip_rate_mean']:.2e} | {t['wall_s_mean']:.1f} | {t['nm_valid']} |"
             )
+        for method, t in s["methods"].items():
+            if "perm_moved_mean" in t:
+                lines.append(
+                    f"- {method}: {t['perm_moved_mean']:.1%} of inputs moved; exported model vs trained "
+                    f"function, max |diff| {t['export_max_abs_diff']:.1e}"
+                )
         lines += ["", "| paired difference (a - b) | mean | SE | beyond 2 SE |", "|---|---|---|---|"]
         for name, d in s["paired"].items():
             lines.append(f"| {name} | {d['mean']:+.4f} | {d['se']:.4f} | {'yes' if d['beyond_2se'] else 'no'} |")
@@ -250,6 +325,11 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         raise UserError(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    permutes = [p.strip() for p in args.permute.split(",") if p.strip()]
+    if set(permutes) - set(PERMUTES) or not permutes:
+        raise UserError(f"--permute takes a comma-separated subset of {', '.join(PERMUTES)}, got {args.permute!r}")
+    # Every sparse method runs once per permutation; dense has no mask to permute.
+    methods = [m if p == "none" else f"{m}+{p}" for m in methods for p in permutes if p == "none" or m != "dense"]
     seeds = [int(s) for s in args.seeds.split(",")]
     train_text, valid_text, data_name = _load_text(args.data_dir)
     vocab = CharVocab(train_text)
@@ -273,6 +353,11 @@ def run(args: argparse.Namespace) -> int:
             "threads",
             "eval_batches",
             "srste_lambda",
+            "permute",
+            "harden_at",
+            "permute_lr_mult",
+            "permute_block",
+            "permute_init_diag",
         )
     }
     meta.update(data=data_name, seeds=seeds, vocab=len(vocab), torch=torch.__version__)

@@ -32,6 +32,7 @@ from nmkit.solvers.transposable import transposable_mask
 from nmkit.training.bidirectional import BidirectionalLinear
 from nmkit.training.masks import column_mask, flips, magnitude_mask, soft_threshold_scale
 from nmkit.training.parametrization import NMWeight
+from nmkit.training.permutation import PERMUTE, PermuteConfig, PermutedLinear, export, oneshot_perm, temperature, window
 from nmkit.training.schedule import Schedule
 
 METHODS = ("fixed", "ste", "srste", "sste", "decay", "dense")
@@ -93,6 +94,18 @@ class SparseTraining:
     ``mask_kind``: ``rows`` (standard), ``transposable`` (W and W.T both N:M), ``bidirectional``
     (row-wise mask in the forward, column-wise N:M mask in the input-gradient GEMM; swaps each layer
     for a :class:`BidirectionalLinear`, undone by :meth:`finalize`).
+    ``permute``: ``None``; ``"oneshot"`` (each layer's inputs reordered once, at the start, by nmkit's
+    permutation search on ``|W|``); ``"learned"`` (a Sinkhorn-relaxed input permutation per layer,
+    trained with the weights and hardened at ``permute_config.harden_at``; needs
+    ``Schedule(total_steps=...)``). Each layer is swapped for a
+    :class:`~nmkit.training.permutation.PermutedLinear` whose weight is N:M in the permuted order;
+    :meth:`finalize` leaves that weight plain N:M and the order absorbed into the producing layer, or a
+    :class:`~nmkit.permute_model.PermutedInput` gather. The learned logits are model parameters
+    (:meth:`permutation_parameters`): give them their own optimiser group (no weight decay, and
+    leave them out of gradient clipping: their gradient grows as the temperature falls).
+    ``"dynamic"``: like oneshot, but the search re-runs on the current weights every
+    ``permute_config.every`` steps until ``harden_at``; it moves weight columns and the optimiser
+    state with them, so it needs :meth:`wrap` or :meth:`bind_optimizer`.
     """
 
     def __init__(
@@ -108,6 +121,8 @@ class SparseTraining:
         within: Mapping[str, torch.Tensor] | None = None,
         mask_kind: str = "rows",
         backward_mask: str = "subset",
+        permute: str | None = None,
+        permute_config: PermuteConfig | None = None,
     ) -> None:
         if method not in METHODS:
             raise UserError(f"method must be one of {METHODS}, got {method!r}")
@@ -117,6 +132,28 @@ class SparseTraining:
             raise UserError(f"backward_mask must be 'subset' or 'dense', got {backward_mask!r}")
         if method == "sste" and mask_kind != "rows":
             raise UserError("sste uses a soft threshold along rows; use mask_kind='rows'")
+        if permute not in PERMUTE:
+            raise UserError(f"permute must be one of None, 'oneshot', 'learned', 'dynamic', got {permute!r}")
+        if permute and mask_kind != "rows":
+            raise UserError(
+                f"permute={permute!r} reorders inputs, which breaks {mask_kind} masks; use mask_kind='rows'"
+            )
+        if permute and method == "dense":
+            raise UserError(f"permute={permute!r} changes nothing for method='dense'; pick a sparse method")
+        if permute and within:
+            raise UserError(f"permute={permute!r} cannot keep masks inside parent masks (within=): orders differ")
+        if permute in ("oneshot", "dynamic") and isinstance(masks, Mapping):
+            raise UserError(
+                f"permute={permute!r} reorders the weights, so given masks would not match; use 'magnitude'"
+            )
+        if permute == "dynamic" and method == "fixed":
+            raise UserError("permute='dynamic' recomputes masks as it moves columns; method='fixed' keeps them")
+        if permute in ("learned", "dynamic") and not (schedule and schedule.total_steps):
+            raise UserError(f"permute={permute!r} needs Schedule(total_steps=...) to know when to harden")
+        self.permute = permute
+        self.permute_config = permute_config or PermuteConfig()
+        self.permuted: dict[str, PermutedLinear] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
         self.model = model
         self.target = NM.parse(pattern)
         self.method = method
@@ -166,6 +203,10 @@ class SparseTraining:
         if not chosen:
             raise UserError("no nn.Linear layer matched include/exclude with sizes divisible by M")
         for name, module in chosen:
+            if self.permute in ("oneshot", "dynamic"):
+                with torch.no_grad():  # the stored order becomes the searched one; the wrapper undoes it
+                    perm = oneshot_perm(module.weight, self.pattern, self.permute_config.oneshot_budget_s)
+                    module.weight.copy_(module.weight[:, perm.to(module.weight.device)])
             w = module.weight.detach()
             parent = within.get(name)
             if parent is not None:
@@ -180,8 +221,49 @@ class SparseTraining:
             layer = _Layer(name, module, param, parent)
             self._refresh_backward_mask(layer)
             self.layers.append(layer)
+            if self.permute:
+                self._wrap_permuted(name, module, None if self.permute == "learned" else perm)
         if self.mask_kind == "bidirectional":
             self._swap_bidirectional()
+
+    def _wrap_permuted(self, name: str, module: nn.Linear, perm: torch.Tensor | None) -> None:
+        if not name:
+            raise UserError("permute needs the Linear to be a child module")
+        cfg = self.permute_config
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        block = window(module.in_features, self.target.group, cfg.block)
+        wrapper = PermutedLinear(module, block, cfg.init_diag, cfg.tau_start, perm, cfg.iters)
+        setattr(parent, child, wrapper)
+        self.permuted[name] = wrapper
+
+    def permutation_parameters(self) -> list[nn.Parameter]:
+        """The learned permutation logits (empty unless ``permute='learned'``)."""
+        return [w.logits for w in self.permuted.values()] if self.permute == "learned" else []
+
+    def _harden_step(self) -> int:
+        return max(1, round(self.permute_config.harden_at * (self.schedule.total_steps or 1)))
+
+    @torch.no_grad()
+    def _step_permutations(self) -> None:
+        harden_step = self._harden_step()
+        if self.permute == "dynamic" and self.steps < harden_step and self.steps % self.permute_config.every == 0:
+            if self.optimizer is None:
+                raise UserError("permute='dynamic' moves weight columns: pass the optimizer (wrap or bind_optimizer)")
+            for layer in self.layers:
+                wrapper = self.permuted[layer.name]
+                master = layer.module.parametrizations.weight.original
+                dense = master[:, torch.argsort(wrapper.perm)]  # back to the input order
+                budget = self.permute_config.oneshot_budget_s
+                wrapper.reorder(oneshot_perm(dense, layer.param.pattern, budget), self.optimizer)
+            self.update_masks()
+        if self.permute != "learned":
+            return
+        tau = temperature(self.steps, harden_step, self.permute_config)
+        for wrapper in self.permuted.values():
+            wrapper.tau.fill_(tau)
+            if self.steps >= harden_step:
+                wrapper.harden()
 
     def _initial_mask(self, name: str, w: torch.Tensor, masks, parent: torch.Tensor | None) -> torch.Tensor:
         if isinstance(masks, Mapping):
@@ -229,7 +311,12 @@ class SparseTraining:
     # ---------------------------------------------------------------- training hooks
     def wrap(self, optimizer: torch.optim.Optimizer) -> SparseOptimizer:
         """An optimizer whose ``step()`` also applies the masked decay before and :meth:`step` after."""
+        self.bind_optimizer(optimizer)
         return SparseOptimizer(optimizer, self)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell this object the optimizer, whose per-weight state ``permute='dynamic'`` re-orders."""
+        self.optimizer = optimizer
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -253,6 +340,7 @@ class SparseTraining:
         if loss is not None:
             self.history.loss_steps.append(self.steps)
             self.history.loss.append(float(loss))
+        self._step_permutations()
         dense_from = self.schedule.dense_from()
         if dense_from is not None and self.steps >= dense_from and not self.in_dense_phase:
             self._enter_dense_phase()
@@ -312,10 +400,13 @@ class SparseTraining:
             "pattern": str(self.pattern),
             "in_dense_phase": self.in_dense_phase,
             "history": dataclasses.asdict(self.history),
+            "permute": self.permute,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Resume: restore the schedule position (load the model's state dict separately)."""
+        if state.get("permute") != self.permute:
+            raise UserError(f"this state was saved with permute={state.get('permute')!r}, not {self.permute!r}")
         self.steps = int(state["steps"])
         self.pattern = NM.parse(state["pattern"])
         for layer in self.layers:
@@ -365,6 +456,13 @@ class SparseTraining:
             if self.mask_kind == "transposable":
                 valid = valid and p.pattern.is_valid(w.T)
             report["layers"][layer.name] = {"valid": valid, "density": float((w != 0).float().mean())}
+        if self.permuted:
+            # Weights are plain N:M in the stored order now; the order goes to the producer or a gather.
+            late = [n for n, w in self.permuted.items() if not bool(w.hardened)]
+            for wrapper in self.permuted.values():
+                wrapper.harden()
+            kinds = export(self.model, self.permuted, self.permute_config)
+            report["permute"] = {"mode": self.permute, "layers": kinds, "hardened_at_finalize": late}
         report["valid"] = all(v["valid"] for v in report["layers"].values())
         report["dense"] = dense_kept
         self.finalized = True
