@@ -15,17 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
-
-def load_all(directory: Path) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise SystemExit(f"{directory}: no .safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return tensors
+from compare_weights import load_all  # a sibling script: python puts benchmarks/ on the path
 
 
 def pruned_names(directory: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
