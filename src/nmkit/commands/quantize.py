@@ -20,7 +20,7 @@ from nmkit.outputs import check_output_dir
 from nmkit.patterns import NM
 from nmkit.quant.gptq import quantize_model
 from nmkit.quant.nm_quant import QuantSpec
-from nmkit.quant.storage import bits_per_weight, format_version, packed_layer, write_quantized
+from nmkit.quant.storage import FORMAT_VERSION, bits_per_weight, packed_layer, write_quantized
 from nmkit.report import machine, now
 from nmkit.runtime.pack import PackedMat
 
@@ -110,7 +110,7 @@ def quantize_pruned(model, meta: dict, spec: QuantSpec, calibration, calib_info:
     mats = {name: packed_layer(layer, model.get_submodule(name).bias) for name, layer in result.layers.items()}
     bpw = {name: bits_per_weight(m) for name, m in mats.items()}
     elements = {name: m.rows * m.cols for name, m in mats.items()}
-    record = {"version": format_version(mats), "bits": spec.bits, "group_blocks": spec.group_blocks,
+    record = {"version": FORMAT_VERSION, "bits": spec.bits, "group_blocks": spec.group_blocks,
               "group_kept": spec.group_blocks * 64 * pattern.keep // pattern.group, "method": "gptq-fixed-mask",
               "grid": "fitted" if fit_grid and spec.bits == 4 else "uniform", "refine": refine, "act_order": act_order,
               "damp": damp, "model_fit": result.model_fit and {**result.model_fit, "lr": model_lr},

@@ -49,11 +49,6 @@ WEIGHTS = "model.safetensors"
 _PARTS = ("values", "mask", "scales", "levels")
 
 
-def format_version(layers: dict[str, PackedMat]) -> int:
-    """The version :func:`write_quantized` writes (every version since 3 stores values row by row)."""
-    return FORMAT_VERSION
-
-
 def packed_layer(layer: QuantizedLayer, bias: torch.Tensor | None = None) -> PackedMat:
     return from_codes(layer.codes, layer.scales, layer.keep, layer.pattern, layer.spec.bits, layer.spec.group_blocks,
                       bias, layer.spec.levels)
@@ -92,8 +87,9 @@ def packed_from_stored(layer: dict, parts: dict[str, torch.Tensor], bias: torch.
 
 def bits_per_weight(mat: PackedMat) -> float:
     """Stored bits (values as version 3 stores them, mask, scales, level table; no bias) per weight."""
-    parts = (stored_values(mat), mat.mask, mat.scales, mat.levels)
-    return 8 * sum(t.numel() * t.element_size() for t in parts if t is not None) / (mat.rows * mat.cols)
+    value_bits = mat.rows * mat.kept_per_row * (8 if mat.kind == "int8" else 4)  # stored_values' size
+    parts = (mat.mask, mat.scales, mat.levels)
+    return (value_bits + 8 * sum(t.numel() * t.element_size() for t in parts if t is not None)) / (mat.rows * mat.cols)
 
 
 def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
