@@ -24,6 +24,7 @@ from nmkit.errors import UserError
 from nmkit.training import Schedule, SparseTraining, plot_history
 from nmkit.training.core import History
 from nmkit.training.permutation import PermuteConfig
+from nmkit.training.sparse_ffn import VNMActivationTraining, as_vnm
 from nmkit.training.tinygpt import CharVocab, TinyGPT
 
 ALL_METHODS = ("dense", "ste", "srste", "sste", "decay", "srste_df")
@@ -58,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permute-block", type=int, default=128, help="learned: permutation window (default 128)")
     p.add_argument(
         "--permute-init-diag", type=float, default=0.9, help="learned: soft permutation's diagonal at start (0.9)"
+    )
+    p.add_argument(
+        "--ffn-activations",
+        default="none",
+        help="comma-separated V:N:M patterns (or none) for the FFN layers' inputs (fc, out), chosen every step "
+        "and kept at evaluation (nmkit.training.sparse_ffn); labelled METHOD/V:N:M",
     )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (default 300)")
@@ -131,6 +138,7 @@ def _evaluate(model: TinyGPT, batches: list[torch.Tensor]) -> float:
 
 def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, vocab: int) -> dict:
     label = method
+    method, _, activations = method.partition("/")
     method, _, permute = method.partition("+")
     permute = permute or "none"
     torch.manual_seed(seed)
@@ -141,6 +149,8 @@ def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, 
         "init_diag": getattr(args, "permute_init_diag", 0.9),
     }
     sparse = _sparse_for(method, model, pattern, args.steps, args.srste_lambda, permute, **permute_kw)
+    if activations:  # after the weight masks, so the wrappers read the parametrized weights
+        VNMActivationTraining(model, activations, targets=["blocks.*.fc", "blocks.*.out"])
     perm_params = sparse.permutation_parameters()
     perm_ids = {id(p) for p in perm_params}
     params = [p for p in model.parameters() if id(p) not in perm_ids]
@@ -225,6 +235,9 @@ def summarize(results: list[dict]) -> dict:
         pairs = {}
         extra = []
         for label in by:
+            if "/" in label:  # V:N:M FFN activations against the same method without them
+                extra.append((label, label.partition("/")[0]))
+                continue
             base, _, permute = label.partition("+")
             if permute == "learned":
                 extra += [(label, base), (label, f"{base}+oneshot")]
@@ -330,6 +343,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--permute takes a comma-separated subset of {', '.join(PERMUTES)}, got {args.permute!r}")
     # Every sparse method runs once per permutation; dense has no mask to permute.
     methods = [m if p == "none" else f"{m}+{p}" for m in methods for p in permutes if p == "none" or m != "dense"]
+    activations = [a.strip() for a in args.ffn_activations.split(",") if a.strip()]
+    for a in activations:
+        if a != "none":
+            as_vnm(a)  # one clear line for a bad pattern before any training
+    methods = [m if a == "none" else f"{m}/{a}" for m in methods for a in activations]
     seeds = [int(s) for s in args.seeds.split(",")]
     train_text, valid_text, data_name = _load_text(args.data_dir)
     vocab = CharVocab(train_text)
@@ -358,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
             "permute_lr_mult",
             "permute_block",
             "permute_init_diag",
+            "ffn_activations",
         )
     }
     meta.update(data=data_name, seeds=seeds, vocab=len(vocab), torch=torch.__version__)
