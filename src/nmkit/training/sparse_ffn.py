@@ -41,15 +41,17 @@ class _VNMLinearFunction(torch.autograd.Function):
         sel = select_vnm(x, pattern)
         blocks, v, _ = sel.values.shape
         y = x.new_empty(blocks, v, weight.shape[0])
-        kept_weight = None
+        kept_weight = kept_mask = None
         for b in range(blocks):
-            kept_weight = _kept_weight(sel, weight, weight_mask, b)
+            kept_weight, kept_mask = _kept_weight(sel, weight, weight_mask, b)
             torch.mm(sel.values[b], kept_weight.t(), out=y[b])
         y = y.reshape(blocks * v, -1)[: sel.tokens]
         if bias is not None:
             y += bias
-        # One block (V >= tokens, the fast case): keep its gathered weight instead of gathering again.
-        ctx.save_for_backward(sel.offsets, sel.values, sel.keep, weight if blocks > 1 else kept_weight, weight_mask)
+        # One block (V >= tokens, the fast case): keep its gathered weight and mask instead of gathering again.
+        if blocks == 1:
+            weight, weight_mask = kept_weight, kept_mask
+        ctx.save_for_backward(sel.offsets, sel.values, sel.keep, weight, weight_mask)
         ctx.tokens, ctx.group, ctx.has_bias = sel.tokens, sel.group, bias is not None
         return y
 
@@ -66,23 +68,27 @@ class _VNMLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w = [], None
         for b in range(blocks):
-            kept_weight = _kept_weight(sel, weight, weight_mask, b) if blocks > 1 else weight
+            kept_weight, kept_mask = _kept_weight(sel, weight, weight_mask, b) if blocks > 1 else (weight, weight_mask)
             if need_x:
                 grad_x.append(sel.scatter(torch.mm(grad_y[b], kept_weight).mul_(keep[b]), b))
             if need_w:
                 part = torch.mm(grad_y[b].t(), values[b])
-                if weight_mask is not None:
-                    part.mul_(sel.gather(weight_mask, b))
+                if kept_mask is not None:
+                    part.mul_(kept_mask)
                 grad_w = sel.scatter(part, b) if grad_w is None else sel.scatter(part, b, into=grad_w)
         grad_x = (grad_x[0] if blocks == 1 else torch.cat(grad_x))[:tokens] if need_x else None
         grad_b = grad_y.reshape(blocks * v, -1)[:tokens].sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None
 
 
-def _kept_weight(sel: VNMSelection, weight: torch.Tensor, mask: torch.Tensor | None, block: int) -> torch.Tensor:
-    """(out, in * 4 / M): the columns of W (masked) that ``block`` keeps."""
+def _kept_weight(sel: VNMSelection, weight: torch.Tensor, mask: torch.Tensor | None,
+                 block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in * 4 / M): the columns of W (masked) that ``block`` keeps, and those of the mask."""
     kept = sel.gather(weight, block)
-    return kept if mask is None else kept.mul_(sel.gather(mask, block))
+    if mask is None:
+        return kept, None
+    kept_mask = sel.gather(mask, block)
+    return kept.mul_(kept_mask), kept_mask
 
 
 def vnm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pattern: VNM | str,
