@@ -37,9 +37,10 @@ class OptionalBuildExt(build_ext):
 
 native = Extension(
     "nmkit.kernels._native",
-    sources=["src/nmkit/kernels/csrc/nmkit_kernels.c"],
+    sources=["src/nmkit/kernels/csrc/nmkit_kernels.c", "src/nmkit/kernels/csrc/nmkit_attention.c"],
     extra_compile_args=["-O3", "-fopenmp", "-std=gnu11"],
     extra_link_args=["-fopenmp"],
+    libraries=["m"],  # expf in the attention kernel
 )
 
 # Mask solvers (transposable N:M per tile), a separate ctypes library: nmkit/solvers/native.py.

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmkit.dynamic import NMActivations, NMAttention, ffn_down_projections, nm_attention, prune_activations, score_mask
+from nmkit.dynamic.attention import nm_attention_reference
 from nmkit.errors import UserError
 from nmkit.kernels import native as kernels_native
 from nmkit.patterns import NM
@@ -77,6 +78,74 @@ def test_fast_and_differentiable_paths_agree(keys):
         fast = nm_attention(q, k, v, "2:4", is_causal=keys == 16)
     slow = nm_attention(q.requires_grad_(), k, v, "2:4", is_causal=keys == 16)
     torch.testing.assert_close(fast, slow.detach())
+
+
+# (causal, query heads, key/value heads, queries, keys, head dim, value dim): tile edges (64 keys, 48
+# query rows per work unit), odd lengths, more queries than keys, one decoding query, GQA 1 and 3.
+FUSED_CASES = [(True, 3, 1, 70, 70, 64, 64), (True, 2, 2, 37, 37, 80, 80), (False, 6, 2, 45, 131, 32, 40),
+               (True, 3, 3, 150, 130, 64, 64), (False, 3, 1, 1, 77, 64, 64), (True, 1, 1, 113, 113, 64, 16)]
+
+
+def _integer_qkv(case, seed):
+    """Small integers: every score is exact in fp32 whatever the order of the additions (and ties are
+    common), so the fused kernel must keep exactly the reference's keys, ties to the lower index."""
+    _, hq, hkv, length, keys, dim, vdim = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (2, hq, length, dim), generator=g).float()
+    k = torch.randint(-2, 3, (2, hkv, keys, dim), generator=g).float()
+    return q, k, torch.randn(2, hkv, keys, vdim, generator=g)
+
+
+@pytest.mark.skipif(not kernels_native.available(), reason="native kernels not built")
+@pytest.mark.parametrize("isa", kernels_native.supported_isas())
+@pytest.mark.parametrize("pattern", [*PATTERNS, "3:16"])  # M = 16: AVX2 takes the per-row path
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_attention_equals_the_reference(isa, pattern, case):
+    nm, causal = NM.parse(pattern), case[0]
+    q, k, v = _integer_qkv(case, seed=len(pattern) + case[3])
+    fused = kernels_native.nm_attention(q, k, v, nm.keep, nm.group, causal=causal, scale=0.125, isa=isa)
+    expected = nm_attention_reference(q, k, v, nm, is_causal=causal, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels_native.available(), reason="native kernels not built")
+@pytest.mark.parametrize("isa", kernels_native.supported_isas())
+def test_fused_attention_on_real_valued_scores(isa):
+    """Random scores (no ties): same keys as the reference unless two scores lie within rounding."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(1, 6, 130, 64, generator=g), torch.randn(1, 2, 130, 64, generator=g), \
+        torch.randn(1, 2, 130, 64, generator=g)
+    for causal in (True, False):
+        fused = kernels_native.nm_attention(q, k, v, 2, 4, causal=causal, scale=0.125, isa=isa)
+        expected = nm_attention_reference(q, k, v, "2:4", is_causal=causal, enable_gqa=True)
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels_native.attention_is_fast(4), reason="fused attention needs the kernels and AVX2")
+def test_nm_attention_dispatches_inference_to_the_fused_kernel(monkeypatch):
+    calls = []
+    fused = kernels_native.nm_attention
+    monkeypatch.setattr(kernels_native, "nm_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    g = torch.Generator().manual_seed(12)
+    # transformers' layout: (batch, length, heads, dim) viewed as (batch, heads, length, dim)
+    q = torch.randn(2, 19, 6, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 19, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    with torch.no_grad():
+        out = nm_attention(q, k, v, "2:4", is_causal=True, enable_gqa=True)
+        half = nm_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "2:4", is_causal=True, enable_gqa=True)
+        flat = nm_attention(q[0, 0], k[0, 0], v[0, 0], "2:4")  # (L, E): no batch or head dims
+    assert len(calls) == 3 and half.dtype == torch.bfloat16
+    torch.testing.assert_close(out, nm_attention_reference(q, k, v, "2:4", is_causal=True, enable_gqa=True))
+    torch.testing.assert_close(flat, nm_attention_reference(q[0, 0], k[0, 0], v[0, 0], "2:4"))
+    # Gradients, dropout, an explicit mask, a group M that does not divide 16: the torch path.
+    nm_attention(q.clone().requires_grad_(), k, v, "2:4", is_causal=True, enable_gqa=True)
+    with torch.no_grad():
+        nm_attention(q, k, v, "2:4", dropout_p=0.1, enable_gqa=True)
+        nm_attention(q, k, v, "2:4", attn_mask=torch.ones(19, 19, dtype=torch.bool), enable_gqa=True)
+        nm_attention(q, k, v, "2:6", is_causal=True, enable_gqa=True)
+    assert len(calls) == 3
+    with pytest.raises(UserError, match="enable_gqa"):
+        nm_attention(q, k[:, :1].expand(2, 4, 19, 16), v, enable_gqa=True)
 
 
 def test_bf16_attention_follows_the_fp32_reference():

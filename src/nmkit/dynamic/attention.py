@@ -4,10 +4,13 @@ In every group of M consecutive keys, each query keeps the N largest *scores* (b
 monotone, so these are the N largest probabilities) and the rest get probability zero. Groups start
 at key 0; a key length that is not a multiple of M leaves a last, partial group that keeps at most N.
 
-This is the accuracy reference. DFSS's speed comes from a fused GPU kernel that prunes in the QK^T
-GEMM's epilogue and runs ``P V`` as a 2:4 SpMM; here scores are computed densely, so it costs a
-little *more* than dense attention. Use it to measure what N:M attention does to a model, and to
-fine-tune a model with it (the mask is recomputed every call; gradients flow through kept scores).
+DFSS's speed comes from a fused GPU kernel that prunes in the QK^T GEMM's epilogue and runs ``P V``
+as a 2:4 SpMM. On CPU, inference (no autograd, no explicit mask) runs the same idea in nmkit's C
+kernels: scores of a query tile against a key tile stay in registers, are pruned there, go through
+an online softmax, and only the kept keys' values are read (at 8k tokens faster than torch's dense
+SDPA). Everything else runs :func:`nm_attention_reference` in torch: use it to measure what N:M
+attention does to a model, and to fine-tune a model with it (the mask is recomputed every call;
+gradients flow through kept scores).
 """
 
 from __future__ import annotations
@@ -69,24 +72,58 @@ def nm_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     block: int = 256,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention with N:M pruned scores; shapes as ``F.scaled_dot_product_attention``.
 
     ``query`` (..., L, E), ``key`` (..., S, E), ``value`` (..., S, Ev) -> (..., L, Ev).
     ``attn_mask`` is boolean (True = may attend) or additive float, broadcastable to (..., L, S).
     ``is_causal`` masks keys after each query (top-left aligned, as torch's SDPA does).
+    ``enable_gqa``: grouped-query attention as in SDPA, query head h reads key/value head
+    ``h // (query heads / key heads)`` (dim -3), without a repeated copy of key and value.
+
+    Without autograd, dropout or ``attn_mask``, on CPU with AVX-512 (M dividing 16) or AVX2 (M
+    dividing 8), the fused kernel (:func:`nmkit.kernels.native.nm_attention`, flash style: N:M
+    selection, online softmax and the kept keys' P V per query tile, never the whole score matrix)
+    computes it in fp32 (half-precision inputs are converted; the result has the query's dtype).
+    Otherwise :func:`nm_attention_reference` runs, which processes ``block`` query rows at a time.
+    Both keep the same keys up to the order of the dot products' additions: only scores within
+    rounding of each other can be ranked apart.
+    """
+    pattern = NM.parse(pattern)
+    _check_inputs(query, key, value, attn_mask, is_causal, block, enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if attn_mask is None and dropout_p == 0.0:
+        fused = _fused_attention(query, key, value, pattern, is_causal, scale, enable_gqa)
+        if fused is not None:
+            return fused
+    return nm_attention_reference(query, key, value, pattern, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                  dropout_p=dropout_p, block=block, enable_gqa=enable_gqa)
+
+
+def nm_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pattern: NM | str = "2:4",
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    block: int = 256,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The torch path of :func:`nm_attention` (the reference; differentiable, any device and mask).
+
     Queries are processed ``block`` rows at a time, so scores take (..., block, S) memory; with
     ``is_causal`` a block reads only the keys its last query may see (about half the work).
     """
     pattern = NM.parse(pattern)
-    if query.shape[-1] != key.shape[-1]:
-        raise UserError(f"query and key feature sizes differ: {query.shape[-1]} vs {key.shape[-1]}")
-    if key.shape[-2] != value.shape[-2]:
-        raise UserError(f"key and value lengths differ: {key.shape[-2]} vs {value.shape[-2]}")
-    if is_causal and attn_mask is not None:
-        raise UserError("pass either attn_mask or is_causal=True, not both (as torch's SDPA requires)")
-    if block < 1:
-        raise UserError(f"block must be a positive number of query rows, got {block}")
+    _check_inputs(query, key, value, attn_mask, is_causal, block, enable_gqa)
+    if enable_gqa:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     query = query * scale  # cheaper than scaling (L, S) scores
     length, keys = query.shape[-2], key.shape[-2]
@@ -111,6 +148,48 @@ def nm_attention(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
+def _check_inputs(query, key, value, attn_mask, is_causal, block, enable_gqa) -> None:
+    if query.shape[-1] != key.shape[-1]:
+        raise UserError(f"query and key feature sizes differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise UserError(f"key and value lengths differ: {key.shape[-2]} vs {value.shape[-2]}")
+    if is_causal and attn_mask is not None:
+        raise UserError("pass either attn_mask or is_causal=True, not both (as torch's SDPA requires)")
+    if block < 1:
+        raise UserError(f"block must be a positive number of query rows, got {block}")
+    if enable_gqa and (query.dim() < 3 or key.dim() < 3 or key.shape[-3] != value.shape[-3]
+                       or key.shape[-3] == 0 or query.shape[-3] % key.shape[-3]):
+        raise UserError(f"enable_gqa needs query heads (dim -3) divisible by key/value heads, got query "
+                        f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length, features) view of t: leading dims flattened into batch, or added."""
+    if t.dim() >= 4:
+        return t if t.dim() == 4 else t.reshape(-1, *t.shape[-3:])
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def _fused_attention(query, key, value, pattern: NM, is_causal: bool, scale: float, enable_gqa: bool):
+    """The fused native kernel's result, or None where it does not apply (the torch path runs)."""
+    tensors = (query, key, value)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if not kernels_native.attention_is_fast(pattern.group):
+        return None
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
+        return None
+    lead = query.shape[:-3] if enable_gqa else query.shape[:-2]
+    if key.shape[:len(lead)] != lead or value.shape[:len(lead)] != lead or key.dim() != query.dim() \
+            or value.dim() != query.dim() or key.shape[-2] == 0:
+        return None  # broadcast leading dims (or no keys): the torch path
+    q4, k4, v4 = (_as_4d(t.float()) for t in tensors)
+    if not kernels_native.supports_attention(q4, k4, v4, pattern.group):
+        return None
+    out = kernels_native.nm_attention(q4, k4, v4, pattern.keep, pattern.group, causal=is_causal, scale=scale)
+    return out.reshape(*query.shape[:-1], value.shape[-1]).to(query.dtype)
+
+
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     """Grouped-query attention: repeat each key/value head for the query heads that share it."""
     if groups == 1:
@@ -123,8 +202,7 @@ def _hf_attention(pattern: NM, layers: frozenset[int] | None):
     """A function with the signature of transformers' ``AttentionInterface`` entries."""
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        groups = getattr(module, "num_key_value_groups", 1)
-        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+        gqa = getattr(module, "num_key_value_groups", 1) > 1  # heads share key/value: read, never repeated
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
             attention_mask = attention_mask[..., : key.shape[-2]]
         # transformers' SDPA mask is None when a causal (or, for encoders, full) mask needs no
@@ -134,10 +212,10 @@ def _hf_attention(pattern: NM, layers: frozenset[int] | None):
         layer = getattr(module, "layer_idx", None)
         if layers is not None and layer not in layers:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=p,
-                                                 scale=scaling, is_causal=causal)
+                                                 scale=scaling, is_causal=causal, enable_gqa=gqa)
         else:
             out = nm_attention(query, key, value, pattern, attn_mask=attention_mask, is_causal=causal,
-                               scale=scaling, dropout_p=p)
+                               scale=scaling, dropout_p=p, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
 
     return forward

@@ -4,11 +4,13 @@ ISA levels: ``portable`` < ``avx2`` < ``avx512`` < ``avx512bf16`` (AVX-512 plus 
 The best level the CPU has is used unless lowered by the ``isa=`` argument or the ``NMKIT_ISA``
 environment variable (read once by :mod:`nmkit.clib`, the one loader of nmkit's compiled libraries).
 If the library is missing or fails to load, :func:`available` is False and callers use
-:mod:`nmkit.kernels.reference`. Also here: :func:`topn_fill_`, the run-time N:M of attention scores.
+:mod:`nmkit.kernels.reference`. Also here: :func:`topn_fill_`, the run-time N:M of attention scores,
+and :func:`nm_attention`, fused DFSS N:M attention (``csrc/nmkit_attention.c``).
 """
 
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
 
 import torch
@@ -34,6 +36,8 @@ LIBRARY = clib.Library(
         ("nmk_decompress", clib.INT, (clib.INT, clib.INT, clib.PTR, clib.PTR, clib.INT, clib.INT, clib.INT, clib.PTR,
                                       clib.I64, clib.INT)),
         ("nmk_topn_fill", clib.INT, (clib.PTR, clib.I64, clib.INT, clib.INT, clib.F32, clib.INT)),
+        ("nmk_nm_attention", clib.INT, (clib.INT, clib.PTR, clib.PTR, clib.PTR, clib.PTR, clib.PTR, clib.PTR,
+                                        clib.F32, clib.INT)),
     ),
 )
 TOPN_MAX_GROUP = 64  # nmk_topn_fill ranks a group in registers of this size
@@ -170,3 +174,66 @@ def topn_fill_(x: torch.Tensor, n: int, m: int, fill: float, threads: int | None
     if rc != 0:
         raise NativeError(f"nmk_topn_fill failed with code {rc}")
     return x
+
+
+ATTENTION_GROUPS = (1, 2, 4, 8, 16)  # nmk_nm_attention selects within 16-lane registers: M must divide 16
+
+
+def attention_is_fast(group: int, isa: str | None = None) -> bool:
+    """Whether :func:`nm_attention` beats the torch path here for groups of ``group`` keys: its tiled
+    kernel needs AVX-512, or AVX2 with ``group`` dividing 8; otherwise it runs a per-query-row loop
+    (the portable code, kept and tested as the C reference), slower than torch's batched matmuls."""
+    if not available():
+        return False
+    level = _resolve_isa(isa)
+    return level >= ISAS.index("avx512") or (level == ISAS.index("avx2") and 8 % group == 0)
+
+
+def supports_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: int) -> bool:
+    """Whether :func:`nm_attention` handles these (batch, heads, length, features) CPU fp32 tensors."""
+    return (
+        available()
+        and group in ATTENTION_GROUPS
+        and query.dim() == key.dim() == value.dim() == 4
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value))
+        and query.shape[0] == key.shape[0] == value.shape[0]
+        and key.shape[1] == value.shape[1] and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
+        and key.shape[2] == value.shape[2] > 0
+        and query.shape[3] == key.shape[3] > 0 and value.shape[3] > 0
+    )
+
+
+def nm_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    causal: bool,
+    scale: float,
+    isa: str | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Fused DFSS attention: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev), fp32 on CPU.
+
+    In every group of ``m`` keys each query keeps the ``n`` largest scores ``(query * scale) @ key.T``
+    (ties to the lower key index; keys after the query when ``causal``, top-left aligned, count as
+    -inf before the selection), softmax over the kept ones, times ``value``. Query head h reads
+    key/value head ``h // (Hq // Hkv)`` (grouped-query attention without repeating key/value).
+    Returns (B, Hq, L, Ev). The reference is ``nmkit.dynamic.attention.nm_attention_reference``.
+    """
+    lib = _lib()
+    if lib is None or not supports_attention(query, key, value, m):
+        raise NativeError("native attention unavailable for this input; use the torch path")
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    batch, heads, length, _ = query.shape
+    out = torch.empty(batch, heads, length, value.shape[-1], dtype=torch.float32)
+    dims = (ctypes.c_int * 10)(n, m, batch, heads, key.shape[1], length, key.shape[2], key.shape[3],
+                               value.shape[3], int(causal))
+    strides = (ctypes.c_int64 * 12)(*(s for t in (query, key, value, out) for s in t.stride()[:3]))
+    rc = lib.nmk_nm_attention(_resolve_isa(isa), dims, strides, query.data_ptr(), key.data_ptr(), value.data_ptr(),
+                              out.data_ptr(), scale, threads or torch.get_num_threads())
+    if rc != 0:
+        raise NativeError(f"nmk_nm_attention failed with code {rc}")
+    return out
