@@ -13,6 +13,7 @@ sidecar and a report; it does not evaluate (the model may not fit in memory): ru
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -98,6 +99,9 @@ def run_streamed(args: argparse.Namespace) -> int:
         resume=args.resume, ranks=ranks, device=device,
         run_config={"model": source.path, "calibration": calib_info, **resume.run_arguments(vars(args))})
     prune_cpu_s = time.process_time() - cpu0
+    # The skeleton model (embeddings and LM head) sits in reference cycles: collect it now, or it is
+    # still held while the output step reads those same tensors again (one more copy at the peak).
+    gc.collect()
     if ranks.leader:
         _write_output(args, out, path, ckpt, outside, dims, source, result, calib_info, ranks,
                       {"load_s": round(load_s, 3), "prune_s": round(result.seconds, 3),
