@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nmkit.cli import main
 from nmkit.dynamic.vnm_activations import select_vnm
 from nmkit.errors import UserError
 from nmkit.patterns import VNM
@@ -124,3 +125,9 @@ def test_composes_with_sparse_training_weight_masks():
     masked = linear.weight
     assert ((masked != 0).reshape(-1, 4).sum(-1) <= 2).all()  # the forward saw a 2:4 weight
     assert sparse.finalize()["valid"]
+
+
+def test_bench_train_refuses_a_non_vnm_activation_pattern_before_training(capsys):
+    assert main(["bench", "train", "--ffn-activations", "none,2:4", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'2:4' is not V:N:M" in err[0]
