@@ -152,8 +152,9 @@ class VNMActivationTraining:
             check_vnm_width(model.get_submodule(name).in_features, self.pattern)
         self.swapped: dict[str, nn.Linear] = {}
         for name in names:
-            self._set(name, VNMActivationLinear(model.get_submodule(name), self.pattern))
-            self.swapped[name] = self.model.get_submodule(name).linear
+            linear = model.get_submodule(name)
+            self._set(name, VNMActivationLinear(linear, self.pattern))
+            self.swapped[name] = linear
 
     def _set(self, name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
