@@ -459,3 +459,12 @@ def test_bad_quant_input_exits_2_with_one_line_and_writes_nothing(pruned_24, tin
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("pattern", [NM(3, 8), NM(1, 16), NM(3, 4)], ids=str)
+def test_gptq_refuses_patterns_the_64_value_units_cannot_hold(pattern):
+    from nmkit.quant.gptq import quantize_layer
+
+    w = torch.randn(8, 64)
+    with pytest.raises(UserError, match="64-value units"):
+        quantize_layer(w, torch.eye(64), pattern, QuantSpec(4, 1))

@@ -17,7 +17,7 @@ from nmkit.solvers.nm import nm_mask
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="runtime library not built")
 
-PATTERNS = [None, NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(8, 16), NM(1, 2)]
+PATTERNS = [None, NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(8, 16), NM(1, 2), NM(3, 8), NM(1, 16), NM(3, 4)]
 KINDS = ["fp32", "bf16", "int8", "int4"]
 
 
@@ -78,8 +78,9 @@ def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
     p = pack(w, kind, pattern)
     dq = p.dense_weight()
     assert torch.equal(dq != 0, (w != 0) & (dq != 0))  # nothing appears where the weight was pruned
-    if pattern is not None:
-        assert pattern.is_valid(p.kept_mask())
+    if p.pattern is not None:  # the integer kinds may run a denser pattern the weight also follows
+        assert p.pattern.is_valid(p.kept_mask())
+        assert p.pattern.group == pattern.group and p.pattern.keep >= pattern.keep
     if kind == "fp32":
         assert torch.equal(dq, w)
     if kind == "bf16":
@@ -94,6 +95,17 @@ def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
         err = (dq[p.kept_mask()].reshape(24, 2, -1) - kept).abs()
         clip = (kept.abs() - step.unsqueeze(-1) * hi).clamp(min=0)
         assert bool((err <= step.unsqueeze(-1) / 2 + clip + 1e-6).all())
+
+
+def test_integer_kinds_run_patterns_their_units_cannot_hold_as_denser_ones():
+    from nmkit.runtime.pack import unit_pattern
+
+    assert unit_pattern(NM(2, 4)) == NM(2, 4) and unit_pattern(NM(1, 8)) == NM(1, 8)
+    assert unit_pattern(NM(3, 8)) == NM(4, 8) and unit_pattern(NM(1, 16)) == NM(2, 16)
+    assert unit_pattern(NM(3, 4)) is None and unit_pattern(NM(5, 8)) is None
+    w = _pruned(16, 128, NM(3, 8))
+    assert pack(w, "int8", NM(3, 8)).pattern == NM(4, 8)
+    assert pack(w, "fp32", NM(3, 8)).pattern == NM(3, 8)  # the float kinds keep it (tiled by position)
 
 
 def test_pack_refuses_a_weight_that_breaks_its_pattern():

@@ -93,6 +93,9 @@ def layer_pattern(meta: dict) -> NM:
         raise UserError("quantized N:M needs plain N:M layers (e.g. 2:4); this model uses another pattern") from None
     if 64 % pattern.group:
         raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), not {pattern}")
+    if (64 * pattern.keep // pattern.group) not in (8, 16, 32):
+        raise UserError(f"quantized N:M stores 64-value units, so N/M must be 1/2, 1/4 or 1/8 "
+                        f"(2:4, 1:4, 4:8, 2:8, ...), not {pattern}")
     return pattern
 
 

@@ -77,6 +77,9 @@ def _check_layer(w: torch.Tensor, pattern: NM | None) -> None:
         raise UserError(f"quantized N:M needs 2-d weights with in_features divisible by 64, got {tuple(w.shape)}")
     if pattern is not None and 64 % pattern.group:
         raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), got {pattern}")
+    if pattern is not None and (64 * pattern.keep // pattern.group) not in (8, 16, 32):
+        raise UserError(f"quantized N:M stores 64-value units, so N/M must be 1/2, 1/4 or 1/8 "
+                        f"(2:4, 1:4, 4:8, 2:8, ...), not {pattern}")
 
 
 def quantize_layer(w: torch.Tensor, xtx: torch.Tensor, pattern: NM | None, spec: QuantSpec, damp: float = 0.01,

@@ -31,13 +31,16 @@ _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj
 
 def detect_nm(weight: torch.Tensor) -> NM | None:
     """The sparsest supported N:M (M in 2, 4, 8, 16) the weight follows, or None (dense)."""
-    nonzero = weight.detach() != 0
+    cols = weight.shape[-1]
+    # non-zeros per group of 2, then 4, 8, 16, each from neighbouring pairs of the last (strided adds:
+    # torch reduces a tiny last dimension ten times slower)
+    counts = (weight.detach() != 0).reshape(-1, cols).to(torch.uint8)
     best = None
     for m in SUPPORTED_GROUPS:
-        if weight.shape[-1] % m:
-            continue
-        keep = int(nonzero.reshape(*nonzero.shape[:-1], -1, m).sum(-1).max())
-        keep = max(keep, 1)
+        if cols % m or counts.shape[1] * m != 2 * cols:
+            break
+        counts = counts[:, 0::2] + counts[:, 1::2]
+        keep = max(int(counts.max()), 1)
         if keep < m and (best is None or keep / m < best.density):
             best = NM(keep, m)
     return best

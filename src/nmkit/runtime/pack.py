@@ -49,9 +49,14 @@ class PackedMat:
 
     @property
     def tiled(self) -> bool:
-        """fp32 and bf16 1:4 and 2:4 store values in tiles of 16 rows (see :func:`tile_values`)."""
-        sparse4 = self.pattern is not None and self.pattern.group == 4 and self.keep in (1, 2)
-        return self.kind in ("fp32", "bf16") and sparse4
+        """fp32 and bf16 sparse matrices store values in tiles of 16 rows (see :func:`tile_values`)."""
+        sparse = self.pattern is not None and self.keep < self.group
+        return self.kind in ("fp32", "bf16") and sparse
+
+    @property
+    def by_pairs(self) -> bool:
+        """1:4 and 2:4: positions as 2-bit fields per group of 4 (else 4 bits per kept value)."""
+        return self.group == 4 and self.keep in (1, 2)
 
     @property
     def k64(self) -> int:
@@ -76,7 +81,8 @@ class PackedMat:
             wsum = index = None
             group4 = self.pattern is not None and self.pattern.group == 4
             if self.tiled:
-                index = tile_positions(self.kept_mask(), self.keep)
+                kept = self.kept_mask()
+                index = tile_positions(kept, self.keep) if self.by_pairs else tile_nibbles(kept)
             if self.kind in ("int8", "int4"):
                 wsum = self.codes().sum(-1, dtype=torch.int32).to(torch.int16).contiguous()
                 if group4 and self.pattern.keep in (1, 2):
@@ -132,7 +138,7 @@ class PackedMat:
     def kept_values(self) -> torch.Tensor:
         """float32 (rows, kept per row), dequantized for the integer kinds."""
         if self.tiled:
-            return untile_values(self.values, self.rows, self.cols * self.keep // 4).float()
+            return untile_values(self.values, self.rows, self.cols // self.group * self.keep).float()
         if self.kind == "fp32":
             return self.values
         if self.kind == "bf16":
@@ -186,6 +192,20 @@ def tile_positions(keep: torch.Tensor, n: int) -> torch.Tensor:
     pos = torch.cat([pos, pos.new_zeros(-rows % 16, *pos.shape[1:])])
     words = (pos << (2 * torch.arange(16)).reshape(1, 1, 16, 1)).sum(2)  # row, chunk, slot
     words = words.reshape(-1, 16, cols // 64, n).permute(0, 2, 3, 1).reshape(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def tile_nibbles(keep: torch.Tensor) -> torch.Tensor:
+    """Each kept value's column within its 16 inputs (4 bits; M divides 16), in the row's kept order, as
+    the tiled kernel for M != 4 reads them: int32 word (r // 16 * W + w) * 16 + r % 16 holds values
+    8w..8w+7 of row r, value 8w + i at bits 4i (W = ceil(kept per row / 8); a flat int32 tensor whose
+    words are unsigned bit fields)."""
+    rows, cols = keep.shape
+    pos = (torch.nonzero(keep)[:, 1] % 16).reshape(rows, -1)  # row, kept value
+    pos = torch.cat([pos, pos.new_zeros(rows, -pos.shape[1] % 8)], dim=1)
+    pos = torch.cat([pos, pos.new_zeros(-rows % 16, pos.shape[1])])
+    words = (pos.reshape(pos.shape[0], -1, 8) << (4 * torch.arange(8))).sum(-1)  # row, word
+    words = words.reshape(-1, 16, words.shape[1]).transpose(1, 2).reshape(-1)  # tile, word, lane
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
@@ -261,6 +281,16 @@ def _check_shape(name: str, weight: torch.Tensor, pattern: NM | None) -> None:
                         f"{SUPPORTED_GROUPS}); prune to 2:4, 1:4, 2:8, 4:8 or 8:16")
 
 
+def unit_pattern(pattern: NM) -> NM | None:
+    """The integer kinds store 64-value units spanning 1, 2, 4 or 8 blocks of 64 inputs, so they keep 64,
+    32, 16 or 8 values per 64 inputs: any other pattern (3:8, 1:16) runs as the next denser one it also
+    follows (4:8, 2:16: the extra slots hold zeros); None (dense) when that is the whole group."""
+    keep = pattern.keep
+    while 64 * keep // pattern.group not in (8, 16, 32, 64) or 64 * keep % pattern.group:
+        keep += 1
+    return None if keep == pattern.group else NM(keep, pattern.group)
+
+
 def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: torch.Tensor | None = None,
          group_blocks: int = 1, importance: torch.Tensor | None = None, name: str = "weight") -> PackedMat:
     """Pack a (rows, cols) weight. ``pattern``: the N:M it already follows (zeros where pruned), or
@@ -270,15 +300,16 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     _check_shape(name, weight, pattern)
     w = weight.detach().float().contiguous()
     rows, cols = w.shape
+    if kind in ("int8", "int4") and pattern is not None:
+        pattern = unit_pattern(pattern)
     if pattern is None:
-        keep = torch.ones_like(w, dtype=torch.bool)
+        kept, mask = w, None
     else:
         keep = nm_mask((w != 0).float() + w.abs(), pattern)  # nonzeros first, ties by index
         if bool((w[~keep] != 0).any()):
             raise UserError(f"{name}: weight does not follow {pattern} (a group has more than "
                             f"{pattern.keep} non-zeros); prune it first")
-    kept = w[keep].reshape(rows, -1)
-    mask = None if pattern is None else pack_bits(keep)
+        kept, mask = w[keep].reshape(rows, -1), pack_bits(keep)
     b = None if bias is None else bias.detach().float().contiguous()
     p = PackedMat(kind, rows, cols, pattern, kept, mask, bias=b, group_blocks=group_blocks)
     if p.tiled:
@@ -289,7 +320,8 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
         nb = cols // 64
         imp = None
         if importance is not None:
-            imp = importance.float().expand(rows, cols)[keep].reshape(rows, nb, p.k64)
+            imp = importance.float().expand(rows, cols)
+            imp = (imp if pattern is None else imp[keep]).reshape(rows, nb, p.k64)
         codes, scales = quantize_kept(kept.reshape(rows, nb, p.k64), QuantSpec(8 if kind == "int8" else 4,
                                                                                  group_blocks), imp)
         p.scales = scales

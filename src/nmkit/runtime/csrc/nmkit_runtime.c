@@ -20,6 +20,10 @@
  *                     index: the values' positions in their groups, 2 bits each: uint32 word
  *                     ((r/16 * cols/64 + c) * keep + s) * 16 + r%16 holds slot s of groups 16c..16c+15
  *                     of row r, group 16c+j at bits 2j
+ *   kind F32 / BF16, any other sparse N:M (M dividing 16; "tiled" too): values tiled as above (V = the
+ *                     row's kept count); index: each kept value's column within its 16 inputs, 4 bits,
+ *                     in the row's kept order: uint32 word (r/16 * ceil(V/8) + w) * 16 + r%16 holds
+ *                     values 8w..8w+7 of row r, value 8w+i at bits 4i (vpermps reads just those bits)
  *   mask            : rows x cols/8 bytes, bit j of byte b <-> column 8b + j (little endian, so 8 bytes
  *                     are the uint64 mask of one 64-input block); NULL when keep == group (dense)
  * "N:M" keeps N (keep) of every M (group) consecutive inputs; group is 2, 4, 8 or 16.
@@ -150,9 +154,11 @@ static inline int n_scales(const nmr_mat *W) { return (W->cols / 64 + W->group_b
 static inline int dense(const nmr_mat *W) { return W->keep == W->group; }
 static inline int k64_of(const nmr_mat *W) { return 64 / W->group * W->keep; }
 static inline int float_tiled(const nmr_mat *W) { return W->kind <= K_BF16 && W->index != NULL; }
+/* Tiled with 2-bit positions in groups of 4 (1:4, 2:4); other tiled patterns carry 4-bit positions. */
+static inline int tiled_by_pairs(const nmr_mat *W) { return W->group == 4 && (W->keep == 1 || W->keep == 2); }
 /* Where row r's v-th kept value (v = group * keep + slot) sits in a tiled fp32 or bf16 matrix. */
 static inline int64_t tiled_at(const nmr_mat *W, int r, int64_t v) {
-    const int64_t tile = (int64_t)(r / 16) * (W->cols / 4) * W->keep * 16;
+    const int64_t tile = (int64_t)(r / 16) * kept_per_row(W) * 16;
     const int l = r % 16;
     if (W->kind == K_F32) return tile + v * 16 + l;
     return tile + v / 2 * 32 + 8 * (l / 4) + 4 * (v % 2) + l % 4;
@@ -169,7 +175,7 @@ static inline __attribute__((always_inline)) float dot_float_row(const nmr_mat *
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (W->cols / 8) : NULL;
     float acc = 0.f;
     int64_t k = 0;
-    if (float_tiled(W)) { /* every group of 4 holds exactly keep values, in column order */
+    if (float_tiled(W)) { /* every group holds exactly keep values, in column order */
         for (int c = 0; c < W->cols; c++) {
             if (!(mk[c >> 3] >> (c & 7) & 1)) continue;
             const int64_t at = tiled_at(W, r, k++);
@@ -597,10 +603,63 @@ static inline __attribute__((always_inline)) T512 void rows_tiled(const nmr_mat 
         _mm512_mask_storeu_ps(y + t * 16, live, out);
     }
 }
+/* Tiled N:M with M dividing 16 (2:8, 4:8, 8:16, 1:2, ...): per 32 inputs, the two 16-input halves sit
+ * in xa and xb; each vector of 16 rows' kept values picks every lane's input with vpermps, whose control
+ * is the lane's 4-bit position (only the low 4 bits are read, so a shift moves on to the next value).
+ * The first K16 values of the 32 lie in xa, the rest in xb. K32 is a compile-time constant in the
+ * common instantiations, so the loop unrolls and the index reloads land at fixed places. */
+static inline __attribute__((always_inline)) T512 void rows_tiled_nibbles(const nmr_mat *W, const float *xf, float *y,
+                                                                          int r0, int r1, const int bf, const int K32) {
+    const int64_t kr = kept_per_row(W), nw = (kr + 7) / 8;
+    const int K16 = K32 / 2, esize = bf ? 2 : 4;
+    for (int t = r0 / 16; t * 16 < r1; t++) {
+        const char *v = (const char *)W->values + (int64_t)t * kr * 16 * esize;
+        const __m512i *ix = (const __m512i *)W->index + (int64_t)t * nw;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512i p = _mm512_setzero_si512();
+        int left = 0;
+        for (int c = 0; c < W->cols; c += 32) {
+            const __m512 xa = _mm512_loadu_ps(xf + c), xb = _mm512_loadu_ps(xf + c + 16);
+            for (int s = 0; s < K32; s += 2, v += 32 * esize) {
+                if (!left) { /* kr and K32 are even, so a pair never straddles two index vectors */
+                    p = _mm512_loadu_si512(ix++);
+                    left = 8;
+                }
+                __m512 w0, w1;
+                TILED_PAIR(w0, w1, v, bf)
+                a0 = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(p, s < K16 ? xa : xb), a0);
+                p = _mm512_srli_epi32(p, 4);
+                a1 = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(p, s + 1 < K16 ? xa : xb), a1);
+                p = _mm512_srli_epi32(p, 4);
+                left -= 2;
+            }
+        }
+        const int n = r1 - t * 16 < 16 ? r1 - t * 16 : 16;
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        __m512 out = _mm512_add_ps(a0, a1);
+        if (W->bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(live, W->bias + t * 16));
+        _mm512_mask_storeu_ps(y + t * 16, live, out);
+    }
+}
 #undef TILED_PAIR
 
+/* One instantiation per common kept count per 32 inputs (constant loop bounds), one generic. */
+static inline __attribute__((always_inline)) T512 void rows_tiled_any(const nmr_mat *W, const float *xf, float *y,
+                                                                      int r0, int r1, const int bf) {
+    if (tiled_by_pairs(W)) {
+        rows_tiled(W, xf, y, r0, r1, bf);
+        return;
+    }
+    switch (32 / W->group * W->keep) {
+    case 4: rows_tiled_nibbles(W, xf, y, r0, r1, bf, 4); break;
+    case 8: rows_tiled_nibbles(W, xf, y, r0, r1, bf, 8); break;
+    case 16: rows_tiled_nibbles(W, xf, y, r0, r1, bf, 16); break;
+    default: rows_tiled_nibbles(W, xf, y, r0, r1, bf, 32 / W->group * W->keep); break;
+    }
+}
+
 static T512 void rows_f32_tiled_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
-    rows_tiled(W, x->f, y, r0, r1, 0);
+    rows_tiled_any(W, x->f, y, r0, r1, 0);
 }
 
 /* bf16: the activations rounded to bf16 (as the other bf16 kernels multiply them), widened once per call. */
@@ -609,7 +668,7 @@ static T512 void rows_bf16_tiled_512(const nmr_mat *W, const xrep *x, float *y, 
     if (!xf) abort(); /* a few KB; the forward pass has no error path for this */
     for (int c = 0; c < W->cols; c += 16)
         _mm512_storeu_ps(xf + c, bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(x->b + c))));
-    rows_tiled(W, xf, y, r0, r1, 1);
+    rows_tiled_any(W, xf, y, r0, r1, 1);
     free(xf);
 }
 
@@ -779,9 +838,9 @@ static T512 void expand_row(const nmr_mat *W, int r, float *wf, uint16_t *wb, in
     const int cols = W->cols, nb = cols / 64;
     const uint8_t *mk = W->mask ? W->mask + (int64_t)r * (cols / 8) : NULL;
     if (float_tiled(W)) { /* the row's kept values sit 16 lanes apart: gather them, then expand as below */
-        const int p16 = 4 * W->keep, l = r % 16;
+        const int p16 = 16 / W->group * W->keep, l = r % 16;
         const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const char *tile = (const char *)W->values + (int64_t)(r / 16) * (cols / 4) * W->keep * 16 * (W->kind == K_F32 ? 4 : 2);
+        const char *tile = (const char *)W->values + (int64_t)(r / 16) * kept_per_row(W) * 16 * (W->kind == K_F32 ? 4 : 2);
         for (int c = 0, k = 0; c < cols; c += 16, k += p16) {
             const __mmask16 live = (__mmask16)((1u << p16) - 1);
             const __m512i v = _mm512_add_epi32(_mm512_set1_epi32(k), lane);
@@ -1109,7 +1168,9 @@ static int mat_ok(const nmr_mat *W) {
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
     if (W->levels && W->kind != K_Q4) return 0;
     if (W->tiles && !(W->kind >= K_Q8 && (dense(W) || (W->group == 4 && (W->keep == 1 || W->keep == 2))))) return 0;
-    return !W->index || (W->group == 4 && (W->keep == 1 || W->keep == 2));
+    if (!W->index) return 1;
+    if (W->kind <= K_BF16) return !dense(W) && 16 % W->group == 0; /* tiled: 2-bit or 4-bit positions */
+    return tiled_by_pairs(W);                                        /* integer gather by position */
 }
 
 
