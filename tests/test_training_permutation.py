@@ -9,6 +9,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from nmkit.errors import UserError
@@ -16,7 +18,7 @@ from nmkit.patterns import NM
 from nmkit.permute_model import PermutedInput
 from nmkit.training import Schedule, SparseTraining
 from nmkit.training.masks import magnitude_mask
-from nmkit.training.permutation import PermuteConfig, hard_assignment, sinkhorn
+from nmkit.training.permutation import PermuteConfig, hard_assignment, l1_l2_penalty, sinkhorn
 from nmkit.training.tinygpt import TinyGPT
 
 STEPS = 12
@@ -57,7 +59,7 @@ def _optimizer(model: nn.Module, sparse: SparseTraining) -> torch.optim.Optimize
 def _train(model, sparse, opt, batches) -> None:
     for b in batches:
         loss = model.loss(b)
-        loss.backward()
+        (loss + sparse.permutation_penalty()).backward()  # zero unless permute="padst"
         opt.step()
         opt.zero_grad()
         sparse.step(loss.item())
@@ -71,12 +73,15 @@ def _scramble_logits(sparse: SparseTraining) -> None:
             w.logits.copy_(torch.randn(w.logits.shape, generator=g, dtype=w.logits.dtype) * 20)
 
 
-@pytest.mark.parametrize("producers", [False, True])
-def test_exported_model_equals_trained_function(producers):
+@pytest.mark.parametrize(
+    ("producers", "mode"), [(False, "learned"), (True, "learned"), (False, "padst"), (True, "padst")]
+)
+def test_exported_model_equals_trained_function(producers, mode):
     model = _model()
-    sparse = _sparse(model, producers=producers)
+    sparse = _sparse(model, permute=mode, producers=producers)
     opt = _optimizer(model, sparse)
-    _scramble_logits(sparse)
+    if mode == "learned":  # padst starts random by itself
+        _scramble_logits(sparse)
     _train(model, sparse, opt, _batches())
     x = _batches(1)[0][:, :-1]
     with torch.no_grad():
@@ -144,11 +149,12 @@ def test_an_unmoved_permutation_exports_a_plain_linear():
     assert all(type(m) is nn.Linear for m in model.blocks[0].children() if hasattr(m, "weight") and m.weight.dim() == 2)
 
 
-def test_deterministic_for_a_seed():
+@pytest.mark.parametrize("mode", ["learned", "padst"])
+def test_deterministic_for_a_seed(mode):
     runs = []
     for _ in range(2):
         model = _model()
-        sparse = _sparse(model)
+        sparse = _sparse(model, permute=mode)
         _train(model, sparse, _optimizer(model, sparse), _batches())
         sparse.finalize()
         runs.append(model.state_dict())
@@ -301,3 +307,71 @@ def test_dynamic_moves_columns_with_the_optimizer_state_and_exports_exactly():
     assert report["valid"] and report["permute"]["layers"]["blocks.0.fc"] == "runtime"
     with torch.no_grad():
         assert torch.equal(model(x), trained)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_l1_l2_penalty_is_zero_exactly_on_permutations(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    assert float(l1_l2_penalty(perm)) == 0.0
+    if n > 1:  # any doubly-stochastic matrix that is not a permutation scores above 0
+        soft = sinkhorn(torch.randn(n, n, generator=g, dtype=torch.float64), 50)
+        assert float(l1_l2_penalty(soft)) > 1e-6
+        mix = 0.9 * perm + 0.1 * torch.roll(perm, 1, dims=0)  # two different permutations blended
+        assert float(l1_l2_penalty(mix)) > 0.0
+        uniform = torch.full((n, n), 1.0 / n, dtype=torch.float64)  # the largest value
+        assert float(l1_l2_penalty(uniform)) == pytest.approx(1 - n**-0.5)
+
+
+def test_padst_starts_random_doubly_stochastic_and_keeps_its_temperature():
+    model = _model()
+    sparse = _sparse(model, permute="padst", seed=7)
+    wrappers = list(sparse.permuted.values())
+    assert all(float(w.anchor.abs().max()) == 0.0 for w in wrappers)  # nothing pulls toward the identity
+    p = wrappers[0].soft().detach()
+    ones = torch.ones(p.shape[:-1], dtype=p.dtype)
+    torch.testing.assert_close(p.sum(-2), ones)  # the last Sinkhorn round normalises columns
+    # rows: sharp random logits converge slowly (20 rounds leave ~4%); the limit is doubly stochastic
+    torch.testing.assert_close(p.sum(-1), ones, rtol=0, atol=0.06)
+    tight = sinkhorn(wrappers[0].logits.detach() / wrappers[0].tau, 400)
+    torch.testing.assert_close(tight.sum(-1), ones, rtol=0, atol=2e-3)
+    torch.testing.assert_close(tight.sum(-2), ones)
+    assert float(p.diagonal(dim1=-2, dim2=-1).mean()) < 0.5  # far from the identity, unlike learned's 0.9
+    # the start is a random order, different per layer, reproducible from the seed
+    assert any(not torch.equal(w.start_perm, torch.arange(len(w.start_perm))) for w in wrappers)
+    assert not torch.equal(wrappers[0].logits, wrappers[1].logits)
+    again = _sparse(_model(), permute="padst", seed=7)
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(wrappers, again.permuted.values(), strict=True))
+    other = _sparse(_model(), permute="padst", seed=8)
+    assert not torch.equal(wrappers[0].logits, next(iter(other.permuted.values())).logits)
+    _train(model, sparse, _optimizer(model, sparse), _batches(3))
+    assert all(float(w.tau) == 1.0 for w in wrappers)
+
+
+def test_padst_penalty_ramps_reaches_the_logits_and_hardens_to_a_valid_permutation():
+    model = _model()
+    sparse = _sparse(model, permute="padst", penalty=0.5)
+    opt = _optimizer(model, sparse)
+    assert float(sparse.permutation_penalty()) == 0.0  # step 0: the ramp starts at 0
+    weights = []
+    for b in _batches(STEPS // 2):  # harden_at 0.5: hard from step 6
+        penalty = sparse.permutation_penalty()
+        if sparse.steps > 0:
+            with torch.no_grad():  # the weight lambda_t = penalty / mean L1-L2 of the soft matrices
+                raw = torch.stack([l1_l2_penalty(w.soft()) for w in sparse.permuted.values()]).mean()
+            weights.append(float(penalty.detach() / raw))
+            penalty.backward()
+            assert all(w.logits.grad.abs().sum() > 0 for w in sparse.permuted.values())
+            opt.zero_grad()
+        _train(model, sparse, opt, [b])
+    torch.testing.assert_close(
+        torch.tensor(weights, dtype=torch.float64), 0.5 * torch.arange(1, 6, dtype=torch.float64) / 6
+    )
+    assert float(sparse.permutation_penalty()) == 0.0  # hard: nothing left to drive
+    for w in sparse.permuted.values():
+        assert bool(w.hardened) and not w.logits.requires_grad
+        assert torch.equal(torch.sort(w.perm).values, torch.arange(len(w.perm)))
+        assert torch.equal(w.perm // w.block, torch.arange(len(w.perm)) // w.block)
+    for mode in ("learned", "oneshot"):  # the penalty belongs to padst only
+        assert float(_sparse(_model(), permute=mode).permutation_penalty()) == 0.0

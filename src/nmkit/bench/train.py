@@ -23,12 +23,12 @@ from nmkit.data import load_text
 from nmkit.errors import UserError
 from nmkit.training import Schedule, SparseTraining, plot_history
 from nmkit.training.core import History
-from nmkit.training.permutation import PermuteConfig
+from nmkit.training.permutation import PermuteConfig, l1_l2_penalty
 from nmkit.training.sparse_ffn import VNMActivationTraining, as_vnm
 from nmkit.training.tinygpt import CharVocab, TinyGPT
 
 ALL_METHODS = ("dense", "ste", "srste", "sste", "decay", "srste_df")
-PERMUTES = ("none", "oneshot", "learned", "dynamic")
+PERMUTES = ("none", "oneshot", "learned", "padst", "dynamic")
 # Paired comparisons reported per pattern: (a, b) -> a - b.
 PAIRS = (
     ("ste", "dense"),
@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--permute",
         default="none",
         help="comma-separated input permutations per sparse method: none, oneshot (searched once on the "
-        "initial |W|), learned (Sinkhorn-relaxed, hardened at --harden-at), dynamic (the search re-run every 50 "
-        "steps until --harden-at); labelled METHOD+PERMUTE",
+        "initial |W|), learned (Sinkhorn-relaxed, anchored at the identity, hardened at --harden-at), padst "
+        "(random start, no anchor, L1-L2 penalty ramped to --permute-penalty, hardened at --harden-at), dynamic "
+        "(the search re-run every 50 steps until --harden-at); labelled METHOD+PERMUTE",
     )
     p.add_argument("--harden-at", type=float, default=0.5, help="learned: fraction of steps to harden at (0.5)")
     p.add_argument(
@@ -60,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--permute-init-diag", type=float, default=0.9, help="learned: soft permutation's diagonal at start (0.9)"
     )
+    p.add_argument("--permute-penalty", type=float, default=0.3, help="padst: final weight of the L1-L2 penalty (0.3)")
+    p.add_argument(
+        "--permute-init-scale", type=float, default=6.0, help="padst: std of the random initial logits (6.0)"
+    )
+    p.add_argument("--permute-tau", type=float, default=1.0, help="padst: Sinkhorn temperature, fixed (1.0)")
     p.add_argument(
         "--ffn-activations",
         default="none",
@@ -148,6 +154,14 @@ def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, 
         "block": getattr(args, "permute_block", 128),
         "init_diag": getattr(args, "permute_init_diag", 0.9),
     }
+    if permute == "padst":  # learned keeps tau_start 1.0 (annealed); padst's is fixed
+        permute_kw.update(
+            penalty=getattr(args, "permute_penalty", 0.3),
+            init_scale=getattr(args, "permute_init_scale", 6.0),
+            tau_start=getattr(args, "permute_tau", 1.0),
+            tau_end=getattr(args, "permute_tau", 1.0),
+            seed=seed,
+        )
     sparse = _sparse_for(method, model, pattern, args.steps, args.srste_lambda, permute, **permute_kw)
     if activations:  # after the weight masks, so the wrappers read the parametrized weights
         VNMActivationTraining(model, activations, targets=["blocks.*.fc", "blocks.*.out"])
@@ -162,12 +176,16 @@ def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, 
     gen = torch.Generator().manual_seed(1000 + seed)  # batch order depends on the seed only
     starts = torch.randint(0, len(train_ids) - args.ctx - 1, (args.steps, args.batch), generator=gen)
     offsets = torch.arange(args.ctx + 1)
+    softness = {}  # step -> mean L1-L2 penalty of the soft permutations (0: already permutations)
     t0 = time.perf_counter()
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr) * g["lr_mult"]
         loss = model.loss(train_ids[starts[step][:, None] + offsets])
-        loss.backward()
+        if perm_params and step % 50 == 0 and not any(bool(w.hardened) for w in sparse.permuted.values()):
+            with torch.no_grad():
+                softness[step] = statistics.fmean(float(l1_l2_penalty(w.soft())) for w in sparse.permuted.values())
+        (loss + sparse.permutation_penalty()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # not the logits: their gradient scales with 1 / tau
         sparse.before_optimizer_step()  # masked decay after clipping, before AdamW (Hu et al.)
         opt.step()
@@ -179,6 +197,12 @@ def run_one(method: str, pattern: str, seed: int, args, train_ids, val_batches, 
     if sparse.permuted:
         moved = [float((w.perm != torch.arange(len(w.perm))).float().mean()) for w in sparse.permuted.values()]
         result["perm_moved"] = statistics.fmean(moved)  # share of inputs not in their own place
+        # share of inputs not where the start pointed (learned: the identity; padst: the random start)
+        result["perm_moved_from_start"] = statistics.fmean(
+            float((w.perm != w.start_perm).float().mean()) for w in sparse.permuted.values()
+        )
+        if softness:
+            result["perm_softness"] = softness
     if method in ("dense", "srste_df"):
         result["val_loss_dense"] = _evaluate(model, val_batches)
     if sparse.permuted:
@@ -231,6 +255,9 @@ def summarize(results: list[dict]) -> dict:
             }
             if all("perm_moved" in r for r in seeds.values()):
                 table[method]["perm_moved_mean"] = _stats([r["perm_moved"] for r in seeds.values()])[0]
+                table[method]["perm_moved_from_start_mean"] = _stats(
+                    [r.get("perm_moved_from_start", 0.0) for r in seeds.values()]
+                )[0]
                 table[method]["export_max_abs_diff"] = max(r["export_max_abs_diff"] for r in seeds.values())
         pairs = {}
         extra = []
@@ -243,6 +270,8 @@ def summarize(results: list[dict]) -> dict:
                 extra += [(label, base), (label, f"{base}+oneshot")]
             elif permute == "oneshot":
                 extra.append((label, base))
+            elif permute == "padst":
+                extra += [(label, base), (label, f"{base}+oneshot"), (label, f"{base}+learned")]
             elif permute == "dynamic":
                 extra += [(label, base), (label, f"{base}+oneshot"), (label, f"{base}+learned")]
         for a, b in (*PAIRS, *extra):
@@ -318,7 +347,8 @@ def markdown(summary: dict, meta: dict) -> str:
         for method, t in s["methods"].items():
             if "perm_moved_mean" in t:
                 lines.append(
-                    f"- {method}: {t['perm_moved_mean']:.1%} of inputs moved; exported model vs trained "
+                    f"- {method}: {t['perm_moved_mean']:.1%} of inputs moved "
+                    f"({t['perm_moved_from_start_mean']:.1%} from where the start pointed); exported model vs trained "
                     f"function, max |diff| {t['export_max_abs_diff']:.1e}"
                 )
         lines += ["", "| paired difference (a - b) | mean | SE | beyond 2 SE |", "|---|---|---|---|"]
@@ -376,6 +406,9 @@ def run(args: argparse.Namespace) -> int:
             "permute_lr_mult",
             "permute_block",
             "permute_init_diag",
+            "permute_penalty",
+            "permute_init_scale",
+            "permute_tau",
             "ffn_activations",
         )
     }
@@ -394,7 +427,12 @@ def run(args: argparse.Namespace) -> int:
                 results.append(r)
                 print(
                     f"nmkit: bench train {pattern} {method:9s} seed {seed}: val {r['val_loss']:.4f} "
-                    f"(nm {r['val_loss_nm']:.4f}) flip {r['flip_rate_mean']:.2e} {r['wall_s']:.1f}s",
+                    f"(nm {r['val_loss_nm']:.4f}) flip {r['flip_rate_mean']:.2e} {r['wall_s']:.1f}s"
+                    + (
+                        f" moved {r['perm_moved']:.1%} ({r['perm_moved_from_start']:.1%} from start)"
+                        if "perm_moved" in r
+                        else ""
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )

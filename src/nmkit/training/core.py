@@ -32,7 +32,17 @@ from nmkit.solvers.transposable import transposable_mask
 from nmkit.training.bidirectional import BidirectionalLinear
 from nmkit.training.masks import column_mask, flips, magnitude_mask, soft_threshold_scale
 from nmkit.training.parametrization import NMWeight
-from nmkit.training.permutation import PERMUTE, PermuteConfig, PermutedLinear, export, oneshot_perm, temperature, window
+from nmkit.training.permutation import (
+    LEARNED,
+    PERMUTE,
+    PermuteConfig,
+    PermutedLinear,
+    export,
+    l1_l2_penalty,
+    oneshot_perm,
+    temperature,
+    window,
+)
 from nmkit.training.schedule import Schedule
 
 METHODS = ("fixed", "ste", "srste", "sste", "decay", "dense")
@@ -103,6 +113,9 @@ class SparseTraining:
     :class:`~nmkit.permute_model.PermutedInput` gather. The learned logits are model parameters
     (:meth:`permutation_parameters`): give them their own optimiser group (no weight decay, and
     leave them out of gradient clipping: their gradient grows as the temperature falls).
+    ``"padst"``: learned, but closer to PA-DST: random start with no identity anchor, fixed temperature,
+    and an L1-L2 penalty that drives each soft matrix to a permutation; add
+    :meth:`permutation_penalty` to the loss every step.
     ``"dynamic"``: like oneshot, but the search re-runs on the current weights every
     ``permute_config.every`` steps until ``harden_at``; it moves weight columns and the optimiser
     state with them, so it needs :meth:`wrap` or :meth:`bind_optimizer`.
@@ -133,7 +146,7 @@ class SparseTraining:
         if method == "sste" and mask_kind != "rows":
             raise UserError("sste uses a soft threshold along rows; use mask_kind='rows'")
         if permute not in PERMUTE:
-            raise UserError(f"permute must be one of None, 'oneshot', 'learned', 'dynamic', got {permute!r}")
+            raise UserError(f"permute must be one of None, 'oneshot', 'learned', 'padst', 'dynamic', got {permute!r}")
         if permute and mask_kind != "rows":
             raise UserError(
                 f"permute={permute!r} reorders inputs, which breaks {mask_kind} masks; use mask_kind='rows'"
@@ -148,7 +161,7 @@ class SparseTraining:
             )
         if permute == "dynamic" and method == "fixed":
             raise UserError("permute='dynamic' recomputes masks as it moves columns; method='fixed' keeps them")
-        if permute in ("learned", "dynamic") and not (schedule and schedule.total_steps):
+        if permute in (*LEARNED, "dynamic") and not (schedule and schedule.total_steps):
             raise UserError(f"permute={permute!r} needs Schedule(total_steps=...) to know when to harden")
         self.permute = permute
         self.permute_config = permute_config or PermuteConfig()
@@ -222,7 +235,7 @@ class SparseTraining:
             self._refresh_backward_mask(layer)
             self.layers.append(layer)
             if self.permute:
-                self._wrap_permuted(name, module, None if self.permute == "learned" else perm)
+                self._wrap_permuted(name, module, None if self.permute in LEARNED else perm)
         if self.mask_kind == "bidirectional":
             self._swap_bidirectional()
 
@@ -233,13 +246,26 @@ class SparseTraining:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         block = window(module.in_features, self.target.group, cfg.block)
-        wrapper = PermutedLinear(module, block, cfg.init_diag, cfg.tau_start, perm, cfg.iters)
+        random = (cfg.init_scale, cfg.seed + len(self.permuted)) if self.permute == "padst" else None
+        wrapper = PermutedLinear(module, block, cfg.init_diag, cfg.tau_start, perm, cfg.iters, random)
         setattr(parent, child, wrapper)
         self.permuted[name] = wrapper
 
     def permutation_parameters(self) -> list[nn.Parameter]:
-        """The learned permutation logits (empty unless ``permute='learned'``)."""
-        return [w.logits for w in self.permuted.values()] if self.permute == "learned" else []
+        """The learned permutation logits (empty unless ``permute`` is ``'learned'`` or ``'padst'``)."""
+        return [w.logits for w in self.permuted.values()] if self.permute in LEARNED else []
+
+    def permutation_penalty(self) -> torch.Tensor:
+        """``permute='padst'``: the term to add to this step's loss, ``lambda_t * l1_l2_penalty(P)``
+        averaged over the still-soft layers, ``lambda_t`` rising linearly from 0 to
+        ``permute_config.penalty`` at ``harden_at``. A zero tensor for the other modes and once hard."""
+        if self.permute != "padst":
+            return torch.zeros(())
+        soft = [w for w in self.permuted.values() if not bool(w.hardened)]
+        lam = self.permute_config.penalty * min(self.steps / self._harden_step(), 1.0)
+        if not soft or lam == 0.0:
+            return torch.zeros(())
+        return lam * torch.stack([l1_l2_penalty(w.soft()) for w in soft]).mean()
 
     def _harden_step(self) -> int:
         return max(1, round(self.permute_config.harden_at * (self.schedule.total_steps or 1)))
@@ -257,11 +283,13 @@ class SparseTraining:
                 budget = self.permute_config.oneshot_budget_s
                 wrapper.reorder(oneshot_perm(dense, layer.param.pattern, budget), self.optimizer)
             self.update_masks()
-        if self.permute != "learned":
+        if self.permute not in LEARNED:
             return
-        tau = temperature(self.steps, harden_step, self.permute_config)
+        # padst keeps its temperature: the penalty, not annealing, makes P a permutation.
+        tau = temperature(self.steps, harden_step, self.permute_config) if self.permute == "learned" else None
         for wrapper in self.permuted.values():
-            wrapper.tau.fill_(tau)
+            if tau is not None:
+                wrapper.tau.fill_(tau)
             if self.steps >= harden_step:
                 wrapper.harden()
 

@@ -20,6 +20,18 @@ Here, per layer:
    or, where the producing layer can take the reordering on its output rows, permutes those rows and
    leaves a plain Linear: free at inference.
 
+``padst`` follows the PA-DST code and AutoShuffleNet (Lyu et al., KDD 2020) more closely: no anchor, so
+nothing holds ``P`` at its start; the logits start random (``init_scale`` times a standard normal, one
+generator per layer seeded from ``seed``), so ``P`` starts as a random, well-mixing doubly-stochastic
+matrix; the temperature stays at ``tau_start``; and what drives ``P`` to a permutation is the exact
+penalty ``sum_rows (|r|_1 - |r|_2) + sum_cols (|c|_1 - |c|_2)`` (zero on a doubly-stochastic matrix
+iff it is a permutation), added to the loss with a weight ramped from 0 to ``penalty`` over the soft
+phase (:meth:`SparseTraining.permutation_penalty`). Hardening is step 2 as above. Why: anchored at
+the identity, ``learned`` never moved an input (the logits must climb ~ln(9(B-1)) against the anchor
+while the weights co-adapt to the current order); from random init there is no privileged order.
+Measured on the tiny GPT from scratch, padst moves inputs but ends worse than no permutation
+(docs/training.md): the soft phase's mixing costs more than any order it finds.
+
 ``oneshot`` is step 2 from step 0 with ``perm`` from nmkit's permutation search on ``|W|``.
 ``dynamic`` (a variant, not from the paper) is step 2 from step 0 too, but re-runs that search on the
 current dense master weight every ``every`` steps until ``harden_at``: the grouping follows the
@@ -42,7 +54,8 @@ from nmkit.patterns import NM
 from nmkit.permute_model import PermutedInput
 from nmkit.solvers.permutation import permute_channels
 
-PERMUTE = (None, "oneshot", "learned", "dynamic")
+PERMUTE = (None, "oneshot", "learned", "padst", "dynamic")
+LEARNED = ("learned", "padst")  # the modes with trained logits
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,12 @@ class PermuteConfig:
     ``block``: the largest window permuted as one (its cost is ``in * block`` logits per layer); a
     layer uses the largest multiple of M dividing its input size that is at most ``block``.
     ``init_diag``: the soft permutation's diagonal at the start (1 would be the identity).
+    ``penalty``: padst: the L1-L2 penalty's final weight (reached at ``harden_at``, linear from 0;
+    the penalty is a mean over rows and columns, so it is in nats-comparable units, 0..1).
+    ``init_scale``: padst: std of the random initial logits (before dividing by the temperature); 6 at
+    block 128 gives rows whose largest entry is ~0.6: small scales (PA-DST's near-uniform start) mix
+    the inputs so much that the layer's signal shrinks (scale 1: ~11x) and short runs suffer.
+    ``seed``: padst: seeds the initial logits (layer i uses ``seed + i``).
     ``iters``: Sinkhorn normalisation rounds. ``oneshot_budget_s``: search time per layer (oneshot,
     dynamic). ``every``: dynamic: steps between two searches.
     ``producers``: ``{consumer name: [producer Linear names]}`` whose output rows can take the
@@ -69,6 +88,9 @@ class PermuteConfig:
     iters: int = 20
     oneshot_budget_s: float = 0.5
     every: int = 50
+    penalty: float = 0.3
+    init_scale: float = 6.0
+    seed: int = 0
     producers: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +100,8 @@ class PermuteConfig:
             raise UserError(f"need 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
         if not 0.0 < self.init_diag < 1.0:
             raise UserError(f"init_diag must be in (0, 1), got {self.init_diag}")
+        if not (self.penalty >= 0.0 and self.init_scale > 0.0):
+            raise UserError(f"need penalty >= 0 and init_scale > 0, got {self.penalty}, {self.init_scale}")
         if self.iters < 1 or self.block < 1 or self.every < 1:
             raise UserError("iters, block and every must be positive")
 
@@ -90,6 +114,15 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
         z = z - torch.logsumexp(z, dim=-1, keepdim=True)
         z = z - torch.logsumexp(z, dim=-2, keepdim=True)
     return z.exp()
+
+
+def l1_l2_penalty(p: torch.Tensor) -> torch.Tensor:
+    """AutoShuffleNet's exact penalty for ``(..., n, n)`` non-negative matrices, as a mean: the average
+    over every row and column of ``|v|_1 - |v|_2``. On doubly-stochastic matrices it is 0 exactly at
+    permutations and at most ``1 - 1/sqrt(n)`` (the uniform matrix)."""
+    rows = p.sum(-1) - p.norm(dim=-1)
+    cols = p.sum(-2) - p.norm(dim=-2)
+    return (rows.mean() + cols.mean()) / 2
 
 
 def hard_assignment(logits: torch.Tensor) -> torch.Tensor:
@@ -118,10 +151,20 @@ class PermutedLinear(nn.Module):
 
     ``inner`` keeps its (N:M-parametrized) weight in the permuted order. After hardening the forward is
     exactly ``PermutedInput(inner, perm)``'s, which is what :func:`export` leaves behind.
+
+    ``init_diag`` anchors the soft permutation near the identity (``learned``); ``random=(scale, seed)``
+    instead starts from random logits with no anchor (``padst``).
     """
 
     def __init__(
-        self, inner: nn.Linear, block: int, init_diag: float, tau: float, perm: torch.Tensor | None, iters: int = 20
+        self,
+        inner: nn.Linear,
+        block: int,
+        init_diag: float,
+        tau: float,
+        perm: torch.Tensor | None,
+        iters: int = 20,
+        random: tuple[float, int] | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -129,13 +172,23 @@ class PermutedLinear(nn.Module):
         n = inner.in_features
         dev = inner.weight.device
         self.block = block
-        self.logits = nn.Parameter(torch.zeros(n // block, block, block, device=dev))
-        # a0 / tau_start gives the diagonal init_diag: exp(c) / (exp(c) + B - 1) = init_diag.
-        c = math.log(init_diag / (1.0 - init_diag) * max(block - 1, 1))
-        self.register_buffer("anchor", torch.eye(block, device=dev) * c * tau)
+        shape = (n // block, block, block)
+        if random is None:
+            self.logits = nn.Parameter(torch.zeros(shape, device=dev))
+            # a0 / tau_start gives the diagonal init_diag: exp(c) / (exp(c) + B - 1) = init_diag.
+            c = math.log(init_diag / (1.0 - init_diag) * max(block - 1, 1))
+            self.register_buffer("anchor", torch.eye(block, device=dev) * c * tau)
+        else:  # own generator: the same start for a seed whatever else used the global RNG
+            scale, seed = random
+            z = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=inner.weight.dtype)
+            self.logits = nn.Parameter(z.to(dev) * scale * tau)
+            self.register_buffer("anchor", torch.zeros(block, block, device=dev))
         self.register_buffer("tau", torch.tensor(float(tau), device=dev))
         self.register_buffer("perm", torch.arange(n, device=dev) if perm is None else perm.to(dev))
         self.register_buffer("hardened", torch.tensor(perm is not None, device=dev))
+        # Where the logits point at the start: "moved" is measured against this, not the identity.
+        start = perm if perm is not None else hard_assignment(self.anchor + self.logits)
+        self.register_buffer("start_perm", start.to(dev))
         if perm is not None:
             self.logits.requires_grad_(False)
 
