@@ -3,10 +3,12 @@
 A profile holds, for one model architecture, thread count, batch and weight kind:
 
 - per-matrix seconds of every (shape, pattern), timed with ``nmr_matmul`` on enough copies of the
-  matrix that they stream from memory as in a real decode step (a single hot copy would sit in cache);
+  matrix that they stream from memory as in a real decode step (a single hot copy would sit in cache),
+  placed on 2 MiB pages as the engine places its weights;
 - the runtime's whole-step seconds (``Engine.forward``) for the dense model and for each pattern applied
-  to every planned layer, which fix the step's fixed part (``overhead``: head, attention, norms) and one
-  scale per pattern that maps isolated matrix time to time inside the step.
+  to every planned layer (timed in interleaved rounds, as ratios to dense), which fix the step's fixed
+  part (``overhead``: head, attention, norms) and one scale per pattern that maps isolated matrix time
+  to time inside the step.
 
 A mixed plan is then predicted as overhead + sum over layers of scale[pattern] * matrix[shape, pattern]:
 exact for the uniform plans it was fitted on (up to timing noise), additive in between.
@@ -31,12 +33,13 @@ from nmkit.models import cache_dir
 from nmkit.patterns import NM
 from nmkit.plan.cost import CANDIDATES, DENSE, ModelShape
 from nmkit.runtime import native
+from nmkit.runtime.arena import Arena, nbytes
 from nmkit.runtime.engine import Engine
 from nmkit.runtime.pack import SUPPORTED_GROUPS, native_matmul, pack
 from nmkit.solvers.nm import nm_mask
 
 STREAM_BYTES = 128 << 20  # copies of a matrix per timing sweep: several times any last-level cache
-VERSION = 1
+VERSION = 3  # 2: whole steps timed interleaved; 3: matrices on huge pages, interleaved
 
 
 @dataclass
@@ -117,39 +120,63 @@ def _prune_like(weight: torch.Tensor, pattern: str) -> torch.Tensor:
     return w if pattern == DENSE else w * nm_mask(w.abs(), NM.parse(pattern))
 
 
-def time_matrix(shape: tuple[int, int], pattern: str, batch: int, kind: str, threads: int, reps: int = 7) -> float:
-    """Median seconds of one ``nmr_matmul`` of a (out, in) matrix, streamed from memory."""
-    gen = torch.Generator().manual_seed(0)
-    one = pack(_prune_like(torch.randn(shape, generator=gen), pattern), kind,
-               None if pattern == DENSE else NM.parse(pattern))
+def _streamed_copies(shape: tuple[int, int], pattern: str, kind: str, gen: torch.Generator) -> tuple[list, Arena]:
+    """Enough packed copies of a (out, in) matrix that a sweep streams from memory as in a real decode
+    step (a single hot copy would sit in cache), placed like the engine places weights: in one mapping
+    on 2 MiB pages (4 KiB pages slow a stream by a third, and ordinary allocations get them by chance)."""
+    nm = None if pattern == DENSE else NM.parse(pattern)
+    one = pack(_prune_like(torch.randn(shape, generator=gen), pattern), kind, nm)
     copies = max(4, min(4096, STREAM_BYTES // max(one.nbytes(), 1)))
     mats = [one] + [pack(_prune_like(torch.randn(shape, generator=gen), pattern), kind, one.pattern)
                     for _ in range(copies - 1)]
+    arena = Arena([nbytes(t) for m in mats for t in m.tensors()])
+    for m in mats:
+        m.relocate(arena.place)
+    return mats, arena
+
+
+def time_matrices(shape: tuple[int, int], patterns: tuple[str, ...], batch: int, kind: str, threads: int,
+                  reps: int = 7) -> dict[str, float]:
+    """Median seconds of one ``nmr_matmul`` of a (out, in) matrix per pattern, streamed from memory; each
+    repetition sweeps every pattern in turn, so a drift of the machine hits all of them alike."""
+    gen = torch.Generator().manual_seed(0)
+    sets = {p: _streamed_copies(shape, p, kind, gen) for p in patterns}
     x = torch.randn(batch, shape[1], generator=gen)
     isa = native.isa_code()
-    for m in mats:  # warm-up: pages touched, threads started
-        native_matmul(m, x, isa, threads)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for mats, _ in sets.values():  # warm-up: pages touched, threads started
         for m in mats:
             native_matmul(m, x, isa, threads)
-        samples.append((time.perf_counter() - t0) / len(mats))
-    return statistics.median(samples)
-
-
-def time_step(model: nn.Module, kind: str, threads: int, batch: int, steps: int = 32, reps: int = 3) -> float:
-    """Median seconds of one ``Engine.forward`` of ``batch`` tokens (after one cached token)."""
-    engine = Engine(model, weights=kind, threads=threads, max_seq=steps * batch + 2)
-    samples = []
+    samples: dict[str, list[float]] = {p: [] for p in patterns}
     for _ in range(reps):
-        engine.reset()
-        engine.forward([1])
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.forward([1] * batch)
-        samples.append((time.perf_counter() - t0) / steps)
-    return statistics.median(samples)
+        for p, (mats, _) in sets.items():
+            t0 = time.perf_counter()
+            for m in mats:
+                native_matmul(m, x, isa, threads)
+            samples[p].append((time.perf_counter() - t0) / len(mats))
+    return {p: statistics.median(s) for p, s in samples.items()}
+
+
+def time_step(engine: Engine, batch: int, steps: int = 32) -> float:
+    """Mean seconds of one ``Engine.forward`` of ``batch`` tokens (after one cached token)."""
+    engine.reset()
+    engine.forward([1])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.forward([1] * batch)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_steps(engines: dict[str, Engine], batch: int, rounds: int = 7, steps: int = 32) -> dict[str, float]:
+    """Whole-step seconds per engine, interleaved: each round times every engine in turn, so a drift
+    of the machine hits all of them alike. A pattern's figure is the dense median times the median of
+    its per-round ratio to dense (the two sides of each ratio were timed moments apart)."""
+    samples: dict[str, list[float]] = {p: [] for p in engines}
+    for _ in range(rounds):
+        for p, engine in engines.items():
+            samples[p].append(time_step(engine, batch, steps))
+    base = samples[DENSE]
+    dense = statistics.median(base)
+    return {p: dense * statistics.median(t / b for t, b in zip(s, base, strict=True)) for p, s in samples.items()}
 
 
 @torch.no_grad()
@@ -159,21 +186,24 @@ def measure(model: nn.Module, shape: ModelShape, kind: str, threads: int, batch:
     matrices: dict[str, dict[str, float]] = {}
     for out, inp in dict.fromkeys(shape.layers.values()):
         log(f"timing {out}x{inp} matrices ({', '.join(patterns)})")
-        matrices[f"{out}x{inp}"] = {p: time_matrix((out, inp), p, batch, kind, threads) for p in patterns}
+        matrices[f"{out}x{inp}"] = time_matrices((out, inp), patterns, batch, kind, threads)
     modules = dict(model.named_modules())
-    steps: dict[str, float] = {}
-    for p in patterns:
-        log(f"timing whole decode steps with every planned layer {p}")
+    engines: dict[str, Engine] = {}
+    for p in (DENSE, *(q for q in patterns if q != DENSE)):
+        log(f"packing the model with every planned layer {p}")
         saved = {}
         for name in shape.layers:
             w = modules[name].weight
             saved[name] = w.data
             w.data = _prune_like(w, p).to(w.dtype)
-        try:
-            steps[p] = time_step(model, kind, threads, batch)
+        try:  # the engine packs its own copy of the weights: the model is restored at once
+            engines[p] = Engine(model, weights=kind, threads=threads, max_seq=32 * batch + 2)
         finally:
             for name, data in saved.items():
                 modules[name].weight.data = data
+    log(f"timing whole decode steps, {', '.join(engines)} interleaved")
+    steps = {p: t for p, t in time_steps(engines, batch).items() if p in patterns}
+    del engines
 
     def summed(p: str) -> float:
         return sum(matrices[f"{o}x{i}"][p] for o, i in shape.layers.values())
