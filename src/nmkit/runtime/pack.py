@@ -291,6 +291,17 @@ def unit_pattern(pattern: NM) -> NM | None:
     return None if keep == pattern.group else NM(keep, pattern.group)
 
 
+def integer_pattern(pattern: NM) -> NM | None:
+    """The pattern the integer kinds pack ``pattern`` as. 2:8 runs as 2:4: a 2:8 weight follows 2:4 (at
+    most two non-zeros in any 4 of its 8), and 2:4 decodes from 16-row tiles while 2:8 goes row by row,
+    which made whole SmolLM2 steps 1.3-1.6x (INT4) and 1.15-1.3x (INT8) slower than the same weights
+    packed as 2:4, and slower than dense (``benchmarks/int_pattern_speed.py``). Otherwise
+    :func:`unit_pattern`."""
+    if pattern == NM(2, 8):
+        return NM(2, 4)
+    return unit_pattern(pattern)
+
+
 def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: torch.Tensor | None = None,
          group_blocks: int = 1, importance: torch.Tensor | None = None, name: str = "weight") -> PackedMat:
     """Pack a (rows, cols) weight. ``pattern``: the N:M it already follows (zeros where pruned), or
@@ -301,7 +312,7 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     w = weight.detach().float().contiguous()
     rows, cols = w.shape
     if kind in ("int8", "int4") and pattern is not None:
-        pattern = unit_pattern(pattern)
+        pattern = integer_pattern(pattern)
     if pattern is None:
         kept, mask = w, None
     else:
