@@ -19,7 +19,7 @@ from nmkit.errors import UserError
 from nmkit.outputs import check_output_dir
 from nmkit.patterns import NM
 from nmkit.quant.gptq import quantize_model
-from nmkit.quant.nm_quant import QuantSpec
+from nmkit.quant.nm_quant import QuantSpec, check_pattern
 from nmkit.quant.storage import FORMAT_VERSION, bits_per_weight, packed_layer, write_quantized
 from nmkit.report import machine, now
 from nmkit.runtime.pack import PackedMat
@@ -91,11 +91,7 @@ def layer_pattern(meta: dict) -> NM:
         pattern = NM.parse(found.pop())
     except Exception:  # noqa: BLE001 - any non-N:M pattern (50%, transposable...) means the same
         raise UserError("quantized N:M needs plain N:M layers (e.g. 2:4); this model uses another pattern") from None
-    if 64 % pattern.group:
-        raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), not {pattern}")
-    if (64 * pattern.keep // pattern.group) not in (8, 16, 32):
-        raise UserError(f"quantized N:M stores 64-value units, so N/M must be 1/2, 1/4 or 1/8 "
-                        f"(2:4, 1:4, 4:8, 2:8, ...), not {pattern}")
+    check_pattern(pattern)
     return pattern
 
 

@@ -31,7 +31,7 @@ from nmkit.oneshot.stats import InputStats, collect_block_stats
 from nmkit.oneshot.targets import Target, find_targets
 from nmkit.patterns import NM
 from nmkit.quant.model_fit import fit_quantized, teacher_states
-from nmkit.quant.nm_quant import QuantSpec, dequantize, fit_levels, quantize_kept
+from nmkit.quant.nm_quant import QuantSpec, check_pattern, dequantize, fit_levels, quantize_kept
 from nmkit.solvers.nm import nm_mask
 
 
@@ -75,11 +75,8 @@ def kept_mask(w: torch.Tensor, pattern: NM | None) -> torch.Tensor:
 def _check_layer(w: torch.Tensor, pattern: NM | None) -> None:
     if w.dim() != 2 or w.shape[1] % 64:
         raise UserError(f"quantized N:M needs 2-d weights with in_features divisible by 64, got {tuple(w.shape)}")
-    if pattern is not None and 64 % pattern.group:
-        raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), got {pattern}")
-    if pattern is not None and (64 * pattern.keep // pattern.group) not in (8, 16, 32):
-        raise UserError(f"quantized N:M stores 64-value units, so N/M must be 1/2, 1/4 or 1/8 "
-                        f"(2:4, 1:4, 4:8, 2:8, ...), not {pattern}")
+    if pattern is not None:
+        check_pattern(pattern)
 
 
 def quantize_layer(w: torch.Tensor, xtx: torch.Tensor, pattern: NM | None, spec: QuantSpec, damp: float = 0.01,

@@ -19,9 +19,25 @@ from dataclasses import dataclass
 import torch
 
 from nmkit.errors import UserError
+from nmkit.patterns import NM
 
 _CLIP_GRID = torch.linspace(0.70, 1.0, 16)
 
+
+
+def units_hold(keep: int, group: int) -> bool:
+    """Whether ``keep:group`` fits the runtime's 64-value units: a unit spans 1, 2, 4 or 8 blocks of 64
+    inputs, so a block must keep exactly 64, 32, 16 or 8 values."""
+    return 64 * keep % group == 0 and 64 * keep // group in (8, 16, 32, 64)
+
+
+def check_pattern(pattern: NM) -> None:
+    """Refuse, with one line, an N:M that quantized storage cannot hold."""
+    if 64 % pattern.group:
+        raise UserError(f"quantized N:M needs M dividing 64 (2, 4, 8, 16), not {pattern}")
+    if not units_hold(pattern.keep, pattern.group):
+        raise UserError(f"quantized N:M stores 64-value units, so N/M must be 1/2, 1/4 or 1/8 "
+                        f"(2:4, 1:4, 4:8, 2:8, ...), not {pattern}")
 
 @dataclass(frozen=True)
 class QuantSpec:

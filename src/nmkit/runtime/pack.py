@@ -17,6 +17,7 @@ from nmkit.errors import UserError
 from nmkit.formats.nm import pack_bits, unpack_bits
 from nmkit.patterns import NM
 from nmkit.quant import QuantSpec, dequantize, quantize_kept
+from nmkit.quant.nm_quant import units_hold
 from nmkit.runtime.native import KINDS, MatStruct, lib
 from nmkit.solvers.nm import nm_mask
 
@@ -286,7 +287,7 @@ def unit_pattern(pattern: NM) -> NM | None:
     32, 16 or 8 values per 64 inputs: any other pattern (3:8, 1:16) runs as the next denser one it also
     follows (4:8, 2:16: the extra slots hold zeros); None (dense) when that is the whole group."""
     keep = pattern.keep
-    while 64 * keep // pattern.group not in (8, 16, 32, 64) or 64 * keep % pattern.group:
+    while not units_hold(keep, pattern.group):
         keep += 1
     return None if keep == pattern.group else NM(keep, pattern.group)
 
