@@ -97,7 +97,7 @@ def test_packing_keeps_pattern_and_error_bounds(pattern, kind):
         assert bool((err <= step.unsqueeze(-1) / 2 + clip + 1e-6).all())
 
 
-def test_integer_kinds_run_patterns_their_units_cannot_hold_or_decode_slowly_as_denser_ones():
+def test_integer_kinds_run_patterns_their_units_cannot_hold_as_denser_ones():
     from nmkit.runtime.pack import unit_pattern
 
     assert unit_pattern(NM(2, 4)) == NM(2, 4) and unit_pattern(NM(1, 8)) == NM(1, 8)
@@ -106,10 +106,12 @@ def test_integer_kinds_run_patterns_their_units_cannot_hold_or_decode_slowly_as_
     w = _pruned(16, 128, NM(3, 8))
     assert pack(w, "int8", NM(3, 8)).pattern == NM(4, 8)
     assert pack(w, "fp32", NM(3, 8)).pattern == NM(3, 8)  # the float kinds keep it (tiled by position)
-    w28 = _pruned(16, 128, NM(2, 8))
-    for kind in ("int8", "int4"):  # 2:8 follows 2:4, which decodes from tiles
-        p = pack(w28, kind, NM(2, 8))
-        assert p.pattern == NM(2, 4) and torch.equal(p.dense_weight() != 0, w28 != 0)
+    for pattern, tiled in ((NM(2, 8), True), (NM(4, 8), True), (NM(8, 16), True), (NM(1, 8), False)):
+        w = _pruned(16, 128, pattern)
+        for kind in ("int8", "int4"):  # 4 or 8 kept per 16 inputs decode from 16-row tiles
+            p = pack(w, kind, pattern)
+            assert p.pattern == pattern and p.quant_tiled == tiled and (p.decode_tiles() is not None) == tiled
+            assert torch.equal(p.dense_weight() != 0, (w != 0) & (p.dense_weight() != 0))
 
 
 def test_pack_refuses_a_weight_that_breaks_its_pattern():

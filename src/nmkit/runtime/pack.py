@@ -94,8 +94,9 @@ class PackedMat:
 
     @property
     def quant_tiled(self) -> bool:
-        """Integer kinds that decode from tiles of 16 rows (see :func:`quant_tiles`): dense, 1:4 and 2:4."""
-        return self.kind in ("int8", "int4") and (self.pattern is None or (self.group == 4 and self.keep in (1, 2)))
+        """Integer kinds that decode from tiles of 16 rows (see :func:`quant_tiles`): dense, and patterns
+        keeping 4 or 8 of every 16 inputs (1:4, 2:4, 2:8, 4:8, 4:16, 8:16, 1:2)."""
+        return self.kind in ("int8", "int4") and (self.pattern is None or self.k64 in (16, 32))
 
     def decode_tiles(self) -> torch.Tensor | None:
         """The integer kinds' decode stream (:func:`quant_tiles`), derived once; None for other kinds."""
@@ -220,11 +221,22 @@ def _fields(pos: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
+def _nibble_fields(pos: torch.Tensor) -> torch.Tensor:
+    """4-bit fields (..., 64) -> (..., 32) bytes, field i in qword (i/8) % 4 at bit 4 * ((i/32) * 8 + i % 8):
+    the order in which one vpmultishiftqb over the broadcast 32 bytes lines field i up with byte i."""
+    i = torch.arange(64)
+    bit = 64 * ((i // 8) % 4) + 4 * ((i // 32) * 8 + i % 8)
+    packed = torch.zeros(*pos.shape[:-1], 32, dtype=torch.int64)
+    packed.scatter_add_(-1, (bit // 8).expand(pos.shape), pos.long() << (bit % 8))
+    return packed.to(torch.uint8)
+
+
 def quant_tiles(p: PackedMat) -> torch.Tensor:
     """The integer kinds' decode stream, uint8: for each tile of 16 rows (the last zero-padded) and each
     64-input block, 32 bytes of fp16 weight scales (one per row, repeated over group_blocks), 32 bytes of
-    int16 code sums, then for 1:4 and 2:4 the positions (16 bytes per vector, :func:`_fields`), then the
-    codes: k64/4 vectors of 64 bytes, vector j holding for each row (dword lane) its kept values 4j..4j+3
+    int16 code sums, then for sparse rows the positions (1:4 and 2:4: in the group of 4, 16 bytes per
+    vector, :func:`_fields`; else in the window of 16 inputs, 32 bytes per vector, :func:`_nibble_fields`),
+    then the codes: k64/4 vectors of 64 bytes, vector j holding for each row (dword lane) its kept values 4j..4j+3
     of the block, so window w (inputs 16w..16w+15) is vectors w*k64/64 .. (w+1)*k64/64 - 1. INT8: the codes;
     INT4: vector pairs in one 64 bytes, the even one in the low nibbles (codes + 8, or level indices)."""
     rows, nb, k64 = p.rows, p.cols // 64, p.k64
@@ -244,8 +256,9 @@ def quant_tiles(p: PackedMat) -> torch.Tensor:
         return tiled(t.reshape(rows, nb, k64 // 4, 4)).permute(0, 1, 3, 2, 4).reshape(tiles, nb, k64 // 4, 64)
 
     if p.pattern is not None:
-        pos = (torch.nonzero(p.kept_mask())[:, 1] % 4).reshape(rows, nb, k64)
-        parts.append(_fields(vectors(pos)).reshape(tiles, nb, -1))
+        pos = (torch.nonzero(p.kept_mask())[:, 1] % (4 if p.by_pairs else 16)).reshape(rows, nb, k64)
+        fields = _fields if p.by_pairs else _nibble_fields
+        parts.append(fields(vectors(pos)).reshape(tiles, nb, -1))
     codes = p.codes()
     if p.kind == "int8":
         parts.append(vectors(codes).view(torch.uint8).reshape(tiles, nb, -1))
@@ -292,17 +305,6 @@ def unit_pattern(pattern: NM) -> NM | None:
     return None if keep == pattern.group else NM(keep, pattern.group)
 
 
-def integer_pattern(pattern: NM) -> NM | None:
-    """The pattern the integer kinds pack ``pattern`` as. 2:8 runs as 2:4: a 2:8 weight follows 2:4 (at
-    most two non-zeros in any 4 of its 8), and 2:4 decodes from 16-row tiles while 2:8 goes row by row,
-    which made whole SmolLM2 steps 1.3-1.6x (INT4) and 1.15-1.3x (INT8) slower than the same weights
-    packed as 2:4, and slower than dense (``benchmarks/int_pattern_speed.py``). Otherwise
-    :func:`unit_pattern`."""
-    if pattern == NM(2, 8):
-        return NM(2, 4)
-    return unit_pattern(pattern)
-
-
 def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: torch.Tensor | None = None,
          group_blocks: int = 1, importance: torch.Tensor | None = None, name: str = "weight") -> PackedMat:
     """Pack a (rows, cols) weight. ``pattern``: the N:M it already follows (zeros where pruned), or
@@ -313,7 +315,7 @@ def pack(weight: torch.Tensor, kind: str, pattern: NM | None = None, *, bias: to
     w = weight.detach().float().contiguous()
     rows, cols = w.shape
     if kind in ("int8", "int4") and pattern is not None:
-        pattern = integer_pattern(pattern)
+        pattern = unit_pattern(pattern)
     if pattern is None:
         kept, mask = w, None
     else:

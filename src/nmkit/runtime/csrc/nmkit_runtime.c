@@ -83,8 +83,8 @@ typedef struct {
                              * quantized kinds: 16 bytes per unit (order: see q_unit_x_index); fp32: the
                              * tiled layout above; else NULL */
     const int8_t *levels;   /* Q4 only, optional: 16 int8 levels, nibble n stands for levels[n] (else n - 8) */
-    const uint8_t *tiles;   /* quantized dense, 1:4 and 2:4, optional: the decode stream in tiles of 16 rows
-                             * (see q_tiles; built by nmkit/runtime/pack.py:quant_tiles) */
+    const uint8_t *tiles;   /* quantized kinds, dense or 4 or 8 kept per 16 inputs, optional: the decode stream
+                             * in tiles of 16 rows (see q_tiles; built by nmkit/runtime/pack.py:quant_tiles) */
 } nmr_mat;
 
 typedef struct {
@@ -412,25 +412,27 @@ Q_ROWS(q_rows_p4, 4, 0)
 Q_ROWS(q_rows_p4_index, 4, 1)
 Q_ROWS(q_rows_p8, 8, 0)
 
-/* Quantized dense, 1:4 and 2:4 rows from W->tiles, 16 rows at a time: each dword lane is one row, so the
- * int32 dot products of a 64-input block build up in the lanes (no gather across rows, no horizontal sums),
- * and the block's scales, code sums and positions are one vector each for all 16 rows. Per tile and block
- * the stream holds: 16 fp16 weight scales, 16 int16 code sums, for 1:4 and 2:4 the 2-bit positions (16
- * bytes per code vector), then the codes (vector j: every row's kept values 4j..4j+3 of the block; INT4
- * keeps two vectors per 64 bytes, the even one in the low nibbles). Activations of a 16-input window are
- * broadcast to each 128-bit lane and vpshufb picks every row's inputs (index = 4 x group + position);
- * dense rows take one broadcast dword of 4 inputs per vector. ZPW: code vectors per window (4 dense, 2
- * for 2:4, 1 for 1:4), a constant in each instance so the loops unroll. */
+/* Quantized dense and sparse (M dividing 16, 4 or 8 kept per 16 inputs) rows from W->tiles, 16 rows at a
+ * time: each dword lane is one row, so the int32 dot products of a 64-input block build up in the lanes
+ * (no gather across rows, no horizontal sums), and the block's scales, code sums and positions are one
+ * vector each for all 16 rows. Per tile and block the stream holds: 16 fp16 weight scales, 16 int16 code
+ * sums, for sparse rows the positions, then the codes (vector j: every row's kept values 4j..4j+3 of the
+ * block; INT4 keeps two vectors per 64 bytes, the even one in the low nibbles). Activations of a 16-input
+ * window are broadcast to each 128-bit lane and vpshufb picks every row's inputs: for 1:4 and 2:4 the
+ * index is 4 x group + a 2-bit position (16 bytes per code vector); for the other patterns (NIB) it is
+ * the value's column within its window, 4 bits (32 bytes per code vector). Dense rows take one broadcast
+ * dword of 4 inputs per vector. ZPW: code vectors per window (4 dense, 2 for 2:4 or 4:8, 1 for 1:4 or
+ * 2:8), a constant in each instance so the loops unroll. */
 static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W, const xrep *x, float *y, int r0,
-                                                               int r1, const int ZPW) {
-    const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW;
-    const int block_bytes = 64 + (sparse ? nvec * 16 : 0) + nvec * (q4 ? 32 : 64);
+                                                               int r1, const int ZPW, const int NIB) {
+    const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW, pos_bytes = NIB ? 32 : 16;
+    const int block_bytes = 64 + (sparse ? nvec * pos_bytes : 0) + nvec * (q4 ? 32 : 64);
     int8_t tab[64]; /* INT4 nibble n -> its code: levels[n] or n - 8, for any bits above the nibble */
     for (int i = 0; i < 64; i++) tab[i] = (int8_t)(W->levels ? W->levels[i % 16] : i % 16 - 8);
     const __m512i table = _mm512_loadu_si512(tab);
     uint8_t fa[64], b0[64], b1[64];
     for (int i = 0; i < 64; i++) { /* byte i: row i/4, value 4z + i%4 of the window, in group (4z + i%4)/keep */
-        fa[i] = (uint8_t)(2 * ((i / 16) * 8 + i % 8));
+        fa[i] = (uint8_t)(NIB ? 4 * ((i / 32) * 8 + i % 8) : 2 * ((i / 16) * 8 + i % 8));
         b0[i] = (uint8_t)(4 * ((i % 4) / W->keep));
         b1[i] = (uint8_t)(4 * ((4 + i % 4) / W->keep));
     }
@@ -439,7 +441,7 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
         const uint8_t *p = W->tiles + (int64_t)t * nb * block_bytes;
         __m512 acc = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++, p += block_bytes) {
-            const uint8_t *ip = p + 64, *vp = ip + (sparse ? nvec * 16 : 0), *xb = x->q + b * 64;
+            const uint8_t *ip = p + 64, *vp = ip + (sparse ? nvec * pos_bytes : 0), *xb = x->q + b * 64;
             __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
             for (int j = 0; j < nvec; j++) {
                 __m512i wj;
@@ -453,9 +455,16 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
                 __m512i xj;
                 if (sparse) {
                     const __m512i xw = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + j / ZPW * 16)));
-                    const __m512i fields = _mm512_multishift_epi64_epi8(
-                        fields_at, _mm512_broadcast_i64x2(_mm_loadu_si128((const __m128i *)(ip + j * 16))));
-                    const __m512i idx = _mm512_ternarylogic_epi32(fields, _mm512_set1_epi8(3), (j % ZPW) ? base1 : base0, 0xEA);
+                    __m512i idx;
+                    if (NIB) { /* 4 qwords of nibbles, byte i's in qword (i/8) % 4 (pack.py:_nibble_fields) */
+                        const __m512i fields = _mm512_multishift_epi64_epi8(
+                            fields_at, _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(ip + j * 32))));
+                        idx = _mm512_and_si512(fields, _mm512_set1_epi8(15));
+                    } else {
+                        const __m512i fields = _mm512_multishift_epi64_epi8(
+                            fields_at, _mm512_broadcast_i64x2(_mm_loadu_si128((const __m128i *)(ip + j * 16))));
+                        idx = _mm512_ternarylogic_epi32(fields, _mm512_set1_epi8(3), (j % ZPW) ? base1 : base0, 0xEA);
+                    }
                     xj = _mm512_shuffle_epi8(xw, idx);
                 } else {
                     xj = _mm512_set1_epi32(*(const int32_t *)(xb + j * 4));
@@ -476,13 +485,16 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
     }
 }
 
-static T512 void q_tiles_dense(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 4); }
-static T512 void q_tiles_2of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2); }
-static T512 void q_tiles_1of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1); }
+static T512 void q_tiles_dense(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 4, 0); }
+static T512 void q_tiles_2of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, 0); }
+static T512 void q_tiles_1of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1, 0); }
+static T512 void q_tiles_8of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, 1); }
+static T512 void q_tiles_4of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1, 1); }
 
 static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
     if (W->tiles) {
         if (dense(W)) q_tiles_dense(W, x, y, r0, r1);
+        else if (W->group != 4) (k64_of(W) == 32 ? q_tiles_8of16 : q_tiles_4of16)(W, x, y, r0, r1); /* kept per 16 */
         else if (W->keep == 2) q_tiles_2of4(W, x, y, r0, r1);
         else q_tiles_1of4(W, x, y, r0, r1);
         return;
@@ -1167,7 +1179,7 @@ static int mat_ok(const nmr_mat *W) {
     if (W->cols % 64 || (!dense(W) && !W->mask)) return 0;
     if (W->kind >= K_Q8 && (!W->scales || !W->wsum || W->cols > Q_MAX_CHUNKS * 16 * 64)) return 0;
     if (W->levels && W->kind != K_Q4) return 0;
-    if (W->tiles && !(W->kind >= K_Q8 && (dense(W) || (W->group == 4 && (W->keep == 1 || W->keep == 2))))) return 0;
+    if (W->tiles && !(W->kind >= K_Q8 && (dense(W) || k64_of(W) == 16 || k64_of(W) == 32))) return 0;
     if (!W->index) return 1;
     if (W->kind <= K_BF16) return !dense(W) && 16 % W->group == 0; /* tiled: 2-bit or 4-bit positions */
     return tiled_by_pairs(W);                                        /* integer gather by position */
