@@ -39,7 +39,7 @@ from nmkit.runtime.pack import SUPPORTED_GROUPS, native_matmul, pack
 from nmkit.solvers.nm import nm_mask
 
 STREAM_BYTES = 128 << 20  # copies of a matrix per timing sweep: several times any last-level cache
-VERSION = 3  # 2: whole steps timed interleaved; 3: matrices on huge pages, interleaved
+VERSION = 4  # 2: whole steps timed interleaved; 3: matrices on huge pages, interleaved; 4: integer 2:8/4:8 tiles
 
 
 @dataclass
