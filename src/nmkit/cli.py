@@ -253,7 +253,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         quant_opts = quant_options(args)
     elif args.quant_group is not None:
         raise UserError("--quant-group needs --quant w8 or w4")
-    device = _device(args.device)
+    device = preflight.torch_device(args.device)
     method = METHODS[args.method]
     # What killed runs left beside --out first: a complete output needs no resume.
     saved = args.resume and method.calibrated and resume.output_saved(args.out)
@@ -448,18 +448,6 @@ def _permutation_summary(changes: list, budget_s: float) -> dict:
     return {"layers": len(changes), "budget_s": budget_s,
             "kept_gain": sum(c.kept for c in changes) / kept_default - 1 if kept_default else 0.0,
             "per_layer": [{"name": c.name, "gain": c.gain} for c in changes]}
-
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device must be cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but this torch build sees no CUDA device")
-    return torch.device(name)
 
 
 def _recorded(model: str) -> dict:

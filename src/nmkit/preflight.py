@@ -177,3 +177,17 @@ def hidden_size(model_dir: str | Path) -> int | None:
         if isinstance(cfg.get(key), int):
             return cfg[key]
     return None
+
+
+def torch_device(name: str | None):
+    """``--device``: cpu, cuda or cuda:N (default: cuda where torch sees one, else cpu); cuda without a CUDA
+    device is one line here, not an error from deep inside the work."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but this torch build sees no CUDA device")
+    return torch.device(name)

@@ -24,8 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 from nmkit import calibration as calibration_set
 from nmkit import faults, models, preflight, resume, sidecar
 from nmkit.errors import UserError
@@ -62,9 +60,9 @@ def _check_flags(args: argparse.Namespace) -> None:
 def run_streamed(args: argparse.Namespace) -> int:
     """The ``nmkit prune`` command for ``--stream`` / ``--nproc``: launch the ranks, or be one of them."""
     _check_flags(args)
+    device = preflight.torch_device(args.device)  # refused here, before any worker starts
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ranks = from_environment(device)
     if ranks.size != args.nproc:
         raise UserError(f"started with {ranks.size} ranks but --nproc {args.nproc}; give the same number")

@@ -6,11 +6,11 @@ then read only that row and the layer's X^T X, which every rank holds after the 
 rows [a, b) on one rank gives bit for bit the rows [a, b) of the whole solve.
 
 The rule, per block: whole layers first, shared out longest first to the least loaded rank (LPT); then
-the layer of the longest piece is cut into one more row range, again and again (at most one range per
-rank), and the plan whose busiest rank has the least work wins (fewest cuts on ties). A piece costs its
-rows' share of the layer's work plus the layer's fixed cost (SparseGPT's factorisation of the damped
-Hessian), which every rank holding a piece of the layer repeats: a layer is cut only where that
-shortens the block.
+the layer of the longest piece (among equals, one that can still be cut) is cut into one more row range,
+again and again (at most one range per rank), and the plan whose busiest rank has the least work wins
+(fewest cuts on ties). A piece costs its rows' share of the layer's work plus the layer's fixed cost
+(SparseGPT's factorisation of the damped Hessian), which every rank holding a piece of the layer repeats:
+a layer is cut only where that shortens the block.
 """
 
 from __future__ import annotations
@@ -88,11 +88,16 @@ def plan_block(jobs: dict[str, Job], size: int) -> Plan:
         job = jobs[name]
         return job.fixed + -(-job.rows // parts[name]) * job.per_row
 
-    while jobs:
-        name = max(sorted(jobs), key=largest_piece)
+    def can_cut(name: str) -> bool:
         job = jobs[name]
-        if not job.splittable or parts[name] >= min(size, job.rows):
-            break  # the longest piece cannot be cut: nothing shortens the block further
+        return job.splittable and parts[name] < min(size, job.rows)
+
+    while jobs:
+        # Among equally long pieces a cuttable one first: stopping at an uncut tie left ranks idle (4 ranks,
+        # wanda on down_proj + o_proj of the tiny Llama: 3 busy, the run refused).
+        name = max(sorted(jobs), key=lambda n: (largest_piece(n), can_cut(n)))
+        if not can_cut(name):
+            break  # no longest piece can be cut: nothing shortens the block further
         parts[name] += 1
         plan, load = _lpt(jobs, parts, size)
         if load < best_load:
