@@ -19,13 +19,13 @@ from nmkit.training.sparse_ffn import VNMActivationLinear, VNMActivationTraining
 PATTERNS = [VNM(8, 2, 8), VNM(4, 3, 8), VNM(16, 1, 4), VNM(5, 2, 16)]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tokens=st.integers(1, 40), groups=st.integers(1, 5), which=st.integers(0, len(PATTERNS) - 1),
-       seed=st.integers(0, 2**16))
-def test_selection_satisfies_the_pattern(tokens, groups, which, seed):
+       seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_selection_satisfies_the_pattern(tokens, groups, which, seed, dtype):
     pattern = PATTERNS[which]
     m = pattern.group
-    x = torch.randn(tokens, groups * m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = torch.randn(tokens, groups * m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
     sel = select_vnm(x, pattern)
     dense = sel.dense(groups * m)
     blocks = -(-tokens // pattern.v)
@@ -35,7 +35,7 @@ def test_selection_satisfies_the_pattern(tokens, groups, which, seed):
     padded = F.pad(x, (0, 0, 0, blocks * pattern.v - tokens)).reshape(blocks, pattern.v, groups, m)
     cols = torch.zeros(blocks, groups, m, dtype=torch.bool)
     cols.scatter_(2, sel.offsets, True)
-    norms = padded.square().sum(1)
+    norms = padded.to(torch.promote_types(dtype, torch.float32)).square().sum(1)  # ranked at least in fp32
     for b in range(blocks):
         for g in range(groups):
             c = cols[b, g]
@@ -51,6 +51,25 @@ def test_selection_satisfies_the_pattern(tokens, groups, which, seed):
     lo = picked.masked_fill(~kept4, float("inf")).min(-1).values
     hi = picked.masked_fill(kept4, -1.0).max(-1).values
     assert (lo >= hi).all()
+
+
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_native_top_mask_equals_topk_mask_ties_included(size):
+    from nmkit.dynamic.vnm_activations import _top_mask
+    from nmkit.solvers.nm import topk_mask
+
+    g = torch.Generator().manual_seed(size)
+    scores = torch.randint(0, 4, (300, size), generator=g).float()  # few values: many ties
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in range(1, size):
+            assert torch.equal(_top_mask(scores.to(dtype), k), topk_mask(scores.to(dtype), k)), (dtype, k)
+
+
+def test_nan_activations_raise_one_clear_line():
+    x = torch.randn(8, 16)
+    x[3, 5] = float("nan")
+    with pytest.raises(UserError, match="activations contain NaN"):
+        select_vnm(x, VNM(8, 2, 8))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
