@@ -231,11 +231,20 @@ def _nibble_fields(pos: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
+def _mask8_fields(keep: torch.Tensor) -> torch.Tensor:
+    """(tiles, nb, 16 rows, 64 inputs) kept bits -> (tiles, nb, 8 vectors, 16) bytes: for vector j the 16
+    rows' bit masks of inputs 8j..8j+7 (row r's byte at r, input 8j + b at bit b): read as two uint64,
+    the masks under which vpcompressb packs 8 rows' kept input indices."""
+    bits = keep.reshape(*keep.shape[:3], 8, 8).long() << torch.arange(8)
+    return bits.sum(-1).transpose(2, 3).to(torch.uint8)
+
+
 def quant_tiles(p: PackedMat) -> torch.Tensor:
     """The integer kinds' decode stream, uint8: for each tile of 16 rows (the last zero-padded) and each
     64-input block, 32 bytes of fp16 weight scales (one per row, repeated over group_blocks), 32 bytes of
     int16 code sums, then for sparse rows the positions (1:4 and 2:4: in the group of 4, 16 bytes per
-    vector, :func:`_fields`; else in the window of 16 inputs, 32 bytes per vector, :func:`_nibble_fields`),
+    vector, :func:`_fields`; 4:8 and 1:2 (4 of every 8 inputs): bit masks, 16 bytes per vector,
+    :func:`_mask8_fields`; else in the window of 16 inputs, 32 bytes per vector, :func:`_nibble_fields`),
     then the codes: k64/4 vectors of 64 bytes, vector j holding for each row (dword lane) its kept values 4j..4j+3
     of the block, so window w (inputs 16w..16w+15) is vectors w*k64/64 .. (w+1)*k64/64 - 1. INT8: the codes;
     INT4: vector pairs in one 64 bytes, the even one in the low nibbles (codes + 8, or level indices)."""
@@ -255,10 +264,14 @@ def quant_tiles(p: PackedMat) -> torch.Tensor:
     def vectors(t: torch.Tensor) -> torch.Tensor:  # (rows, nb, k64) -> (tiles, nb, k64/4 vectors, 64)
         return tiled(t.reshape(rows, nb, k64 // 4, 4)).permute(0, 1, 3, 2, 4).reshape(tiles, nb, k64 // 4, 64)
 
-    if p.pattern is not None:
-        pos = (torch.nonzero(p.kept_mask())[:, 1] % (4 if p.by_pairs else 16)).reshape(rows, nb, k64)
-        fields = _fields if p.by_pairs else _nibble_fields
-        parts.append(fields(vectors(pos)).reshape(tiles, nb, -1))
+    if p.pattern is not None and p.by_pairs:
+        pos = (torch.nonzero(p.kept_mask())[:, 1] % 4).reshape(rows, nb, k64)
+        parts.append(_fields(vectors(pos)).reshape(tiles, nb, -1))
+    elif p.pattern is not None and k64 == 32 and 8 % p.group == 0:  # 4:8, 1:2
+        parts.append(_mask8_fields(tiled(p.kept_mask().reshape(rows, nb, 64))).reshape(tiles, nb, -1))
+    elif p.pattern is not None:
+        pos = (torch.nonzero(p.kept_mask())[:, 1] % 16).reshape(rows, nb, k64)
+        parts.append(_nibble_fields(vectors(pos)).reshape(tiles, nb, -1))
     codes = p.codes()
     if p.kind == "int8":
         parts.append(vectors(codes).view(torch.uint8).reshape(tiles, nb, -1))

@@ -418,25 +418,35 @@ Q_ROWS(q_rows_p8, 8, 0)
  * vector each for all 16 rows. Per tile and block the stream holds: 16 fp16 weight scales, 16 int16 code
  * sums, for sparse rows the positions, then the codes (vector j: every row's kept values 4j..4j+3 of the
  * block; INT4 keeps two vectors per 64 bytes, the even one in the low nibbles). Activations of a 16-input
- * window are broadcast to each 128-bit lane and vpshufb picks every row's inputs: for 1:4 and 2:4 the
- * index is 4 x group + a 2-bit position (16 bytes per code vector); for the other patterns (NIB) it is
- * the value's column within its window, 4 bits (32 bytes per code vector). Dense rows take one broadcast
- * dword of 4 inputs per vector. ZPW: code vectors per window (4 dense, 2 for 2:4 or 4:8, 1 for 1:4 or
- * 2:8), a constant in each instance so the loops unroll. */
+ * window are broadcast to each 128-bit lane and vpshufb picks every row's inputs. POS says how its
+ * control comes about:
+ *   P_PAIRS (1:4, 2:4): 4 x group + a 2-bit position, 16 bytes per code vector;
+ *   P_MASK8 (4:8, 1:2: each 8 inputs keep 4, so vector j is inputs 8j..8j+7): the 16 rows' bit masks of
+ *            those 8 inputs, 16 bytes; vpcompressb of the inputs' window indices under 8 rows' masks gives
+ *            those rows' 4 indices each, in order (4 bits of position per kept value would read as many
+ *            bytes as dense INT4);
+ *   P_NIBBLES (2:8, 4:16, 8:16): the value's column within its window, 4 bits, 32 bytes per code vector.
+ * Dense rows take one broadcast dword of 4 inputs per vector. ZPW: code vectors per window (4 dense, 2 for
+ * 2:4 or 4:8, 1 for 1:4 or 2:8), a constant in each instance so the loops unroll. */
+enum { P_PAIRS = 0, P_NIBBLES = 1, P_MASK8 = 2 };
 static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W, const xrep *x, float *y, int r0,
-                                                               int r1, const int ZPW, const int NIB) {
-    const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW, pos_bytes = NIB ? 32 : 16;
+                                                               int r1, const int ZPW, const int POS) {
+    const int nb = W->cols / 64, q4 = W->kind == K_Q4, sparse = ZPW < 4, nvec = 4 * ZPW;
+    const int pos_bytes = POS == P_NIBBLES ? 32 : 16;
     const int block_bytes = 64 + (sparse ? nvec * pos_bytes : 0) + nvec * (q4 ? 32 : 64);
     int8_t tab[64]; /* INT4 nibble n -> its code: levels[n] or n - 8, for any bits above the nibble */
     for (int i = 0; i < 64; i++) tab[i] = (int8_t)(W->levels ? W->levels[i % 16] : i % 16 - 8);
     const __m512i table = _mm512_loadu_si512(tab);
     uint8_t fa[64], b0[64], b1[64];
     for (int i = 0; i < 64; i++) { /* byte i: row i/4, value 4z + i%4 of the window, in group (4z + i%4)/keep */
-        fa[i] = (uint8_t)(NIB ? 4 * ((i / 32) * 8 + i % 8) : 2 * ((i / 16) * 8 + i % 8));
+        fa[i] = (uint8_t)(POS == P_NIBBLES ? 4 * ((i / 32) * 8 + i % 8) : 2 * ((i / 16) * 8 + i % 8));
         b0[i] = (uint8_t)(4 * ((i % 4) / W->keep));
         b1[i] = (uint8_t)(4 * ((4 + i % 4) / W->keep));
     }
     const __m512i fields_at = _mm512_loadu_si512(fa), base0 = _mm512_loadu_si512(b0), base1 = _mm512_loadu_si512(b1);
+    uint8_t i0[64], i1[64];
+    for (int i = 0; i < 64; i++) i0[i] = (uint8_t)(i % 8), i1[i] = (uint8_t)(8 + i % 8);
+    const __m512i in8_0 = _mm512_loadu_si512(i0), in8_1 = _mm512_loadu_si512(i1);
     for (int t = r0 / 16; t * 16 < r1; t++) {
         const uint8_t *p = W->tiles + (int64_t)t * nb * block_bytes;
         __m512 acc = _mm512_setzero_ps();
@@ -456,7 +466,13 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
                 if (sparse) {
                     const __m512i xw = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + j / ZPW * 16)));
                     __m512i idx;
-                    if (NIB) { /* 4 qwords of nibbles, byte i's in qword (i/8) % 4 (pack.py:_nibble_fields) */
+                    if (POS == P_MASK8) { /* byte 8r + b: input b of the 8 (+ 8 for an odd vector), row r */
+                        uint64_t m[2];
+                        memcpy(m, ip + j * 16, 16);
+                        const __m512i lo = _mm512_maskz_compress_epi8(_cvtu64_mask64(m[0]), (j & 1) ? in8_1 : in8_0);
+                        const __m512i hi = _mm512_maskz_compress_epi8(_cvtu64_mask64(m[1]), (j & 1) ? in8_1 : in8_0);
+                        idx = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+                    } else if (POS == P_NIBBLES) { /* 4 qwords of nibbles, byte i's in qword (i/8) % 4 (pack.py:_nibble_fields) */
                         const __m512i fields = _mm512_multishift_epi64_epi8(
                             fields_at, _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(ip + j * 32))));
                         idx = _mm512_and_si512(fields, _mm512_set1_epi8(15));
@@ -485,16 +501,24 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
     }
 }
 
-static T512 void q_tiles_dense(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 4, 0); }
-static T512 void q_tiles_2of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, 0); }
-static T512 void q_tiles_1of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1, 0); }
-static T512 void q_tiles_8of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, 1); }
-static T512 void q_tiles_4of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1, 1); }
+static T512 void q_tiles_dense(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    q_tiles(W, x, y, r0, r1, 4, P_PAIRS);
+}
+static T512 void q_tiles_2of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, P_PAIRS); }
+static T512 void q_tiles_1of4(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 1, P_PAIRS); }
+static T512 void q_tiles_4of8(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) { q_tiles(W, x, y, r0, r1, 2, P_MASK8); }
+static T512 void q_tiles_8of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    q_tiles(W, x, y, r0, r1, 2, P_NIBBLES);
+}
+static T512 void q_tiles_4of16(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
+    q_tiles(W, x, y, r0, r1, 1, P_NIBBLES);
+}
 
 static T512 void rows_quant_512(const nmr_mat *W, const xrep *x, float *y, int r0, int r1) {
     if (W->tiles) {
         if (dense(W)) q_tiles_dense(W, x, y, r0, r1);
-        else if (W->group != 4) (k64_of(W) == 32 ? q_tiles_8of16 : q_tiles_4of16)(W, x, y, r0, r1); /* kept per 16 */
+        else if (W->group != 4 && k64_of(W) == 32) (W->group == 16 ? q_tiles_8of16 : q_tiles_4of8)(W, x, y, r0, r1);
+        else if (W->group != 4) q_tiles_4of16(W, x, y, r0, r1); /* 2:8, 4:16 */
         else if (W->keep == 2) q_tiles_2of4(W, x, y, r0, r1);
         else q_tiles_1of4(W, x, y, r0, r1);
         return;
