@@ -50,7 +50,7 @@ def test_kernels_match_reference_on_every_isa(pattern, kind, shape):
                     assert err < 2e-5, (isa, group_blocks, tokens, threads, float(err))
 
 
-@pytest.mark.parametrize("pattern", [None, NM(2, 4), NM(1, 4), NM(2, 8)], ids=str)
+@pytest.mark.parametrize("pattern", [None, NM(2, 4), NM(1, 4), NM(2, 8), NM(4, 8), NM(8, 16)], ids=str)
 def test_int4_level_tables_match_reference_on_every_isa(pattern):
     # a fitted 16-level table: the kernels look each nibble up instead of subtracting 8
     g = torch.Generator().manual_seed(3)
