@@ -32,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predicted step speedup over dense to reach, e.g. 1.5")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="tokens per step (1: decode; default 1)")
     p.add_argument("--threads", type=int, default=2, metavar="T", help="CPU threads (--device cpu; default 2)")
-    p.add_argument("--weights", default="fp32", choices=("fp32", "bf16"),
-                   help="CPU runtime weight kind (as `nmkit.runtime.bench MODEL@KIND`; default fp32)")
+    p.add_argument("--weights", default="fp32", choices=("fp32", "bf16", "int8", "int4"),
+                   help="CPU runtime weight kind (as `nmkit.runtime.bench MODEL@KIND`; default fp32); int8/int4 "
+                        "(experimental) time the runtime's integer kernels, while the sensitivities stay those of "
+                        "the unquantized weights; their mixed plans ran slower than predicted (docs/plan.md)")
     p.add_argument("--patterns", default=",".join(CANDIDATES),
                    help=f"candidate patterns, N:M keeps N of every M (default {','.join(CANDIDATES)})")
     p.add_argument("--method", default="wanda", help="pruning method the sensitivities use, and the plan "
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     model = models.load(source)
     shape = model_shape(model)
     costs = [_cost_model(d, model, shape, args) for d in devs]
+    if args.weights in ("int8", "int4"):
+        _log(f"{args.weights} plans are experimental: one measured at 1.04x was predicted at 1.165x (docs/plan.md); "
+             "check a plan with benchmarks/plan_speed.py --weights " + args.weights)
     if args.target_speedup is None:  # --profile alone
         return 0
     # reachability needs no sensitivities: refuse an impossible target before the calibration pass
