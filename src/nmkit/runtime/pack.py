@@ -211,22 +211,13 @@ def tile_nibbles(keep: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
-def _fields(pos: torch.Tensor) -> torch.Tensor:
-    """2-bit fields (..., 64) -> (..., 16) bytes, field i in qword (i/8) % 2 at bit 2 * ((i/16) * 8 + i % 8):
-    the order in which one vpmultishiftqb over the broadcast 16 bytes lines field i up with byte i."""
+def _fields(pos: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """``width``-bit fields (..., 64) -> (..., 8 * width) bytes, field i in qword (i/8) % width at bit
+    width * ((i / (8 * width)) * 8 + i % 8): the order in which one vpmultishiftqb over the broadcast
+    8 * width bytes lines field i up with byte i (2-bit pair positions, 4-bit nibble columns)."""
     i = torch.arange(64)
-    bit = 64 * ((i // 8) % 2) + 2 * ((i // 16) * 8 + i % 8)
-    packed = torch.zeros(*pos.shape[:-1], 16, dtype=torch.int64)
-    packed.scatter_add_(-1, (bit // 8).expand(pos.shape), pos.long() << (bit % 8))
-    return packed.to(torch.uint8)
-
-
-def _nibble_fields(pos: torch.Tensor) -> torch.Tensor:
-    """4-bit fields (..., 64) -> (..., 32) bytes, field i in qword (i/8) % 4 at bit 4 * ((i/32) * 8 + i % 8):
-    the order in which one vpmultishiftqb over the broadcast 32 bytes lines field i up with byte i."""
-    i = torch.arange(64)
-    bit = 64 * ((i // 8) % 4) + 4 * ((i // 32) * 8 + i % 8)
-    packed = torch.zeros(*pos.shape[:-1], 32, dtype=torch.int64)
+    bit = 64 * ((i // 8) % width) + width * ((i // (8 * width)) * 8 + i % 8)
+    packed = torch.zeros(*pos.shape[:-1], 8 * width, dtype=torch.int64)
     packed.scatter_add_(-1, (bit // 8).expand(pos.shape), pos.long() << (bit % 8))
     return packed.to(torch.uint8)
 
@@ -244,7 +235,7 @@ def quant_tiles(p: PackedMat) -> torch.Tensor:
     64-input block, 32 bytes of fp16 weight scales (one per row, repeated over group_blocks), 32 bytes of
     int16 code sums, then for sparse rows the positions (1:4 and 2:4: in the group of 4, 16 bytes per
     vector, :func:`_fields`; 4:8 and 1:2 (4 of every 8 inputs): bit masks, 16 bytes per vector,
-    :func:`_mask8_fields`; else in the window of 16 inputs, 32 bytes per vector, :func:`_nibble_fields`),
+    :func:`_mask8_fields`; else in the window of 16 inputs, 32 bytes per vector, 4-bit :func:`_fields`),
     then the codes: k64/4 vectors of 64 bytes, vector j holding for each row (dword lane) its kept values 4j..4j+3
     of the block, so window w (inputs 16w..16w+15) is vectors w*k64/64 .. (w+1)*k64/64 - 1. INT8: the codes;
     INT4: vector pairs in one 64 bytes, the even one in the low nibbles (codes + 8, or level indices)."""
@@ -271,7 +262,7 @@ def quant_tiles(p: PackedMat) -> torch.Tensor:
         parts.append(_mask8_fields(tiled(p.kept_mask().reshape(rows, nb, 64))).reshape(tiles, nb, -1))
     elif p.pattern is not None:
         pos = (torch.nonzero(p.kept_mask())[:, 1] % 16).reshape(rows, nb, k64)
-        parts.append(_nibble_fields(vectors(pos)).reshape(tiles, nb, -1))
+        parts.append(_fields(vectors(pos), 4).reshape(tiles, nb, -1))
     codes = p.codes()
     if p.kind == "int8":
         parts.append(vectors(codes).view(torch.uint8).reshape(tiles, nb, -1))
@@ -289,11 +280,7 @@ def position_fields(keep: torch.Tensor, units: int) -> torch.Tensor:
     rows = keep.shape[0]
     pos = (torch.nonzero(keep)[:, 1] % 4).reshape(rows, -1)
     pos = torch.cat([pos, pos.new_zeros(rows, units * 64 - pos.shape[1])], dim=1).reshape(rows, units, 64)
-    i = torch.arange(64)
-    bit = 64 * ((i // 8) % 2) + 2 * ((i // 16) * 8 + i % 8)
-    packed = torch.zeros(rows, units, 16, dtype=torch.int64)
-    packed.scatter_add_(2, (bit // 8).expand(rows, units, 64), pos << (bit % 8))
-    return packed.to(torch.uint8).reshape(rows, -1).contiguous()
+    return _fields(pos).reshape(rows, -1).contiguous()
 
 
 def _check_shape(name: str, weight: torch.Tensor, pattern: NM | None) -> None:

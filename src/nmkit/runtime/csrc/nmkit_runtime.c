@@ -472,7 +472,7 @@ static inline __attribute__((always_inline)) T512 void q_tiles(const nmr_mat *W,
                         const __m512i lo = _mm512_maskz_compress_epi8(_cvtu64_mask64(m[0]), (j & 1) ? in8_1 : in8_0);
                         const __m512i hi = _mm512_maskz_compress_epi8(_cvtu64_mask64(m[1]), (j & 1) ? in8_1 : in8_0);
                         idx = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
-                    } else if (POS == P_NIBBLES) { /* 4 qwords of nibbles, byte i's in qword (i/8) % 4 (pack.py:_nibble_fields) */
+                    } else if (POS == P_NIBBLES) { /* 4 qwords of nibbles, byte i's in qword (i/8) % 4 (pack.py:_fields, width 4) */
                         const __m512i fields = _mm512_multishift_epi64_epi8(
                             fields_at, _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(ip + j * 32))));
                         idx = _mm512_and_si512(fields, _mm512_set1_epi8(15));
