@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     shape = model_shape(model)
     costs = [_cost_model(d, model, shape, args) for d in devs]
     if args.weights in ("int8", "int4"):
-        _log(f"{args.weights} plans are experimental: one measured at 1.04x was predicted at 1.165x (docs/plan.md); "
-             "check a plan with benchmarks/plan_speed.py --weights " + args.weights)
+        _log(f"{args.weights} plans are experimental: a mixed one ran slower than predicted (docs/plan.md); "
+             f"check yours with benchmarks/plan_speed.py --weights {args.weights}")
     if args.target_speedup is None:  # --profile alone
         return 0
     # reachability needs no sensitivities: refuse an impossible target before the calibration pass
